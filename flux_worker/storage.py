@@ -1,0 +1,114 @@
+"""Read and write OUTPUT and manifests through fsspec, with retries for transient storage faults.
+
+pyarrow's own S3 filesystem ignores `AWS_ENDPOINT_URL`, so every byte goes through fsspec (s3fs honours
+it). Storage options may hold credentials: they are passed around, never logged or written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Environment variables a worker needs to reach the same object store as the driver.
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage variables set here, to be handed to Ray workers (never logged)."""
+    return {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """Turn `key=value` flags into fsspec options; `client_kwargs.endpoint_url=...` nests with dots."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--storage-option {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        node = options
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    if "endpoint_url" in options:  # s3fs takes the endpoint inside client_kwargs
+        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
+    return options
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding `url` and the path inside it, with no instance caching across options."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        # Fresh listings: a re-run must see parts written since the filesystem was created.
+        options.setdefault("use_listings_cache", False)
+        options.setdefault("skip_instance_cache", True)
+    fs, path = url_to_fs(url, **options)
+    return fs, path.rstrip("/")
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+
+
+def uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URL for a path, for the metadata's image_uri."""
+    protocol = protocol_of(fs)
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+TRANSIENT = (OSError, TimeoutError, ConnectionError)
+
+
+def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay: float = 0.2) -> T:
+    """Run a storage action, retrying transient faults with exponential backoff and full jitter."""
+    for attempt in range(1, tries + 1):
+        try:
+            return action()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except TRANSIENT as error:
+            if attempt == tries:
+                raise
+            delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
+            log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(error).__name__, error,
+                        attempt, tries - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one object whole: a single put on object stores, write-then-rename on local disk."""
+    if protocol_of(fs) in ("file", "local"):
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    return with_retries(lambda: fs.cat_file(path), f"read {path}")

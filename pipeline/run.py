@@ -1,0 +1,165 @@
+"""Run a job: read and validate the manifest, plan, render on a Ray actor pool, commit the ledger.
+
+    manifest ──read+validate──▶ plan ──▶ Ray Data map_batches(Renderer, actor pool) ──▶ metadata parts
+                 │                 │                                                ──▶ summary.json, _SUCCESS
+                 ▼                 ▼
+           failures part     skip keys done
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from tqdm import tqdm
+
+from flux_worker.presets import resolve_preset
+from flux_worker.renderer import Renderer
+from flux_worker.storage import filesystem, storage_env, write_bytes
+from pipeline import ledger
+from pipeline.manifest import read_manifest
+from pipeline.plan import plan_images, split_blocks
+from schemas import FailureRecord, JobSpec, RunSummary
+
+log = logging.getLogger(__name__)
+
+
+def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) -> RunSummary:
+    """Render every image of `job.manifest` not yet in `job.output`; returns what this run did."""
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
+    preset = resolve_preset(job.model.name)
+    fs, root = filesystem(job.output.uri, job.output.storage_options)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
+                         started_at=datetime.now(timezone.utc))
+
+    ledger.check_job(fs, root, job, new_version=new_version)
+    manifest = read_manifest(
+        job.manifest,
+        job.storage_options,
+        limits=preset.limits,
+        model_name=job.model.name,
+        adapter_names=set(job.model.adapters),
+    )
+    seconds["read"] = time.monotonic() - started
+
+    mark = time.monotonic()
+    ledger.clear_failures(fs, root)
+    ledger.write_failures(fs, root, f"{run_id}-validate", manifest.failures)
+    done = ledger.done_keys(fs, root)
+    plan = plan_images(manifest, job, preset, done)
+    seconds["plan"] = time.monotonic() - mark
+    log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render",
+             manifest.total_rows, len({(f.source, f.row) for f in manifest.failures}), plan.expected,
+             plan.already_done, plan.table.num_rows)
+
+    mark = time.monotonic()
+    failures = list(manifest.failures)
+    rendered = 0
+    if plan.table.num_rows:
+        writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields)
+        render_failures = _render_plan(job, plan.table, writer, root, run_id, progress)
+        writer.flush()
+        rendered = writer.written
+        failures += render_failures
+    seconds["render"] = time.monotonic() - mark
+
+    summary.manifest_files = len(manifest.files)
+    summary.manifest_rows = manifest.total_rows
+    summary.invalid_rows = len({(f.source, f.row) for f in manifest.failures})
+    summary.images_expected = plan.expected
+    summary.images_already_done = plan.already_done
+    summary.images_planned = plan.table.num_rows
+    summary.images_rendered = rendered
+    summary.images_failed = plan.table.num_rows - rendered
+    summary.images_total_done = plan.already_done + rendered
+    summary.images_per_second = rendered / seconds["render"] if rendered else 0.0
+    summary.failures_by_reason = dict(Counter(f"{f.stage}:{f.field or '-'}" for f in failures))
+    summary.finished_at = datetime.now(timezone.utc)
+    seconds["total"] = time.monotonic() - started
+    summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    body = (summary.model_dump_json(indent=2) + "\n").encode()
+    write_bytes(fs, f"{root}/summary.json", body)
+    write_bytes(fs, f"{root}/_SUCCESS", body)
+    return summary
+
+
+def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, root: str, run_id: str,
+                 progress: bool) -> list[FailureRecord]:
+    """Stream the plan through the actor pool; commit finished images, collect failed ones."""
+    _ensure_ray(job)
+    on_gpu = job.gpus_per_replica > 0
+    cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    threads = job.cpus_per_replica or max(1, cores // job.replicas)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours below shows images/s and ETA
+    context.print_on_execution_start = False
+
+    blocks = split_blocks(plan, job.replicas, job.batch_size)
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        Renderer,
+        fn_constructor_kwargs={
+            "model": job.model.model_dump(mode="json"),
+            "output_uri": job.output.uri,
+            "storage_options": job.output.storage_options,
+            "batch_invariant": job.batch_invariant,
+            "threads": None if on_gpu and not job.cpus_per_replica else threads,
+            "max_retries": job.max_retries,
+            "jpeg_quality": job.output.jpeg_quality,
+            "webp_quality": job.output.webp_quality,
+        },
+        batch_size=job.batch_size,
+        batch_format="pyarrow",
+        concurrency=job.replicas,
+        num_gpus=job.gpus_per_replica if on_gpu else None,
+        num_cpus=job.cpus_per_replica or (1 if on_gpu else threads),
+        runtime_env={"env_vars": storage_env()},
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    failures: list[FailureRecord] = []
+    seen: set[str] = set()
+    bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            # A batch retried after a lost actor may come back twice; the ledger keeps each key once.
+            fresh = pc.invert(pc.is_in(batch.column("key"), value_set=pa.array(list(seen), pa.string())))
+            batch = batch.filter(fresh)
+            seen.update(batch.column("key").to_pylist())
+            ok = pc.is_null(batch.column("error"))
+            writer.add(batch.filter(ok))
+            for row in batch.filter(pc.invert(ok)).to_pylist():
+                failures.append(FailureRecord(
+                    stage="write" if row["error"].startswith("write:") else "render", source=row["source"],
+                    row=row["row"], request_id=row["request_id"], key=row["key"], variant=row["variant"],
+                    reason=row["error"], attempts=row["attempts"], at=datetime.now(timezone.utc)))
+            bar.update(batch.num_rows)
+            bar.set_postfix(failed=len(failures), refresh=False)
+    finally:
+        bar.close()
+        writer.flush()
+    fs, _ = filesystem(job.output.uri, job.output.storage_options)
+    ledger.write_failures(fs, root, f"{run_id}-render", failures)
+    return failures
+
+
+def _ensure_ray(job: JobSpec) -> None:
+    """Join the job's Ray cluster, or start a local one; storage settings travel to every worker."""
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=job.ray_address,
+        runtime_env={"env_vars": storage_env()},
+        log_to_driver=os.environ.get("FLUXBATCH_WORKER_LOGS", "1") != "0",
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )
+

@@ -1,0 +1,110 @@
+"""The job spec: what to render (`ModelSpec`, `RenderDefaults`), where (`OutputSpec`), and how wide.
+
+A job is loaded from YAML and overridden by CLI flags. `identity()` is the part of a job that decides
+the bytes of an image; a re-run over the same OUTPUT must agree with it (see `_job.json`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas.request import OutputFormat
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class ModelSpec(BaseModel):
+    """Which pipeline to load: a preset name, a hub id or a local folder, plus adapters by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="flux.1-schnell", description="preset name, hub id or local path")
+    revision: str | None = Field(default=None, description="hub revision (commit) to pin")
+    dtype: Dtype = Field(default="auto", description="auto: bf16 on GPUs, fp32 on CPU")
+    # Rows refer to adapters by these names, so a manifest can never point the workers at a file.
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> safetensors path")
+    max_sequence_length: int | None = Field(default=None, ge=16, le=512)
+
+
+class RenderDefaults(BaseModel):
+    """Values for manifest columns a row leaves null; unset here means the model preset's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    output_format: OutputFormat = OutputFormat.png
+
+
+class OutputSpec(BaseModel):
+    """Where the run writes, and how images are encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(description="any fsspec URL: a local folder, s3://bucket/prefix ...")
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    webp_quality: int = Field(default=95, ge=1, le=100)
+    # Credentials may live here; they are never written to _job.json, logs or summaries.
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+
+class JobSpec(BaseModel):
+    """One render job: the manifest, the model, the output and the size of the actor pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(description="a Parquet file, a folder of them or a glob; local or s3://")
+    output: OutputSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    defaults: RenderDefaults = Field(default_factory=RenderDefaults)
+    replicas: int = Field(default=1, ge=1, le=4096)
+    batch_size: int = Field(default=4, ge=1, le=256)
+    gpus_per_replica: float = Field(default=0, ge=0, le=64, description="0 renders on CPU")
+    cpus_per_replica: int | None = Field(default=None, ge=1, description="default: all cores / replicas")
+    max_retries: int = Field(default=3, ge=0, le=100, description="tries per image after the first")
+    batch_invariant: bool = Field(
+        default=True,
+        description="render each image alone through the transformer, so its bytes never depend on its "
+        "batch-mates; False batches same-shape images for throughput (last-bit differences)",
+    )
+    ray_address: str | None = Field(default=None, description="None starts or joins a local Ray")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
+    )
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("manifest is empty; give a Parquet file, folder or glob")
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> JobSpec:
+        """Load a job from YAML; `overrides` are dotted keys (`model.name`) that win over the file."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a job file must be a mapping of fields, got {type(data).__name__}")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return cls.model_validate(data)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "defaults": self.defaults.model_dump(mode="json"),
+            "output": self.output.model_dump(mode="json", exclude={"uri"}),
+        }

@@ -1,0 +1,128 @@
+"""The rows fluxbatch writes: one `ImageRecord` per image, one `FailureRecord` per refused row or image.
+
+The Arrow schemas are the on-disk contract of `metadata/part-*.parquet` and `failures/part-*.parquet`;
+extra manifest columns are appended to the metadata after these.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+ADAPTERS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))
+
+
+class ImageRecord(BaseModel):
+    """One rendered image and every parameter that made it."""
+
+    key: str
+    request_id: str
+    variant: int
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    max_sequence_length: int
+    adapters: list[dict]
+    output_format: str
+    model_id: str
+    model_revision: str
+    dtype: str
+    image_uri: str
+    bytes: int
+    sha256: str
+    render_seconds: float
+    worker: str
+    started_at: datetime
+    finished_at: datetime
+
+
+IMAGE_RECORD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("request_id", pa.string()),
+        ("variant", pa.int32()),
+        ("prompt", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float64()),
+        ("seed", pa.uint64()),
+        ("max_sequence_length", pa.int32()),
+        ("adapters", ADAPTERS_TYPE),
+        ("output_format", pa.string()),
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("dtype", pa.string()),
+        ("image_uri", pa.string()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("render_seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class FailureRecord(BaseModel):
+    """Why a row (validation) or an image (render, write) did not make it, with what to fix."""
+
+    stage: str  # "read", "validate", "render" or "write"
+    source: str | None = None  # manifest file
+    row: int | None = None  # row number in that file, from 0
+    request_id: str | None = None
+    key: str | None = None
+    variant: int | None = None
+    field: str | None = None
+    reason: str
+    attempts: int = 1
+    at: datetime
+
+
+FAILURE_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("request_id", pa.string()),
+        ("key", pa.string()),
+        ("variant", pa.int32()),
+        ("field", pa.string()),
+        ("reason", pa.string()),
+        ("attempts", pa.int32()),
+        ("at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+# A planned image, as the driver hands it to a renderer; extra manifest columns follow these.
+PLAN_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("request_id", pa.string()),
+        ("variant", pa.int32()),
+        ("prompt", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float64()),
+        ("seed", pa.uint64()),
+        ("max_sequence_length", pa.int32()),
+        ("adapters", ADAPTERS_TYPE),
+        ("output_format", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+    ]
+)
+
+# What a renderer returns per planned image: the record (null on failure), where it came from, and
+# the error of its last try (null on success).
+RESULT_SCHEMA = pa.schema(
+    list(IMAGE_RECORD_SCHEMA)
+    + [("source", pa.string()), ("row", pa.int64()), ("error", pa.string()), ("attempts", pa.int32())]
+)

@@ -1,0 +1,272 @@
+"""The manifest row (`RenderRequest`) and the bounds each of its fields must satisfy.
+
+Validation errors are data: `row_errors` turns a pydantic error into one `RowError` per field, with a
+message that names the field and says what to do, so the driver can write them to the failures table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+MAX_PROMPT_CHARS = 4000
+MAX_ID_CHARS = 256
+MAX_IMAGES_PER_ROW = 64
+MAX_ADAPTERS = 8
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+SEED_MAX = 2**64 - 1
+# Control characters other than tab and newline never belong in a prompt or an id.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+    @property
+    def extension(self) -> str:
+        return {"png": "png", "jpeg": "jpg", "webp": "webp"}[self.value]
+
+
+class ModelLimits(BaseModel):
+    """The image sizes a model renders well; passed as validation context so rows are checked per model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    min_side: int = 256
+    max_side: int = 2048
+    max_steps: int = MAX_STEPS
+
+
+class AdapterRef(BaseModel):
+    """A LoRA adapter by the name the job's model spec declares it under, with its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, value: float) -> float:
+        if not math.isfinite(value) or abs(value) > 10:
+            raise ValueError(f"adapter scale must be a finite number in [-10, 10], got {value}")
+        return value
+
+
+# Columns fluxbatch reads from a manifest; every other column is carried through to the metadata.
+MANIFEST_COLUMNS = (
+    "id",
+    "prompt",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "seed",
+    "num_images",
+    "adapters",
+    "output_format",
+)
+
+
+class RenderRequest(BaseModel):
+    """One manifest row. Unset fields take the job's defaults, then the model preset's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | None = None
+    prompt: str
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    adapters: tuple[AdapterRef, ...] = ()
+    output_format: OutputFormat | None = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_text(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"id must be text or an integer, got {type(value).__name__}")
+        text = str(value)
+        if not text.strip():
+            raise ValueError("id is empty; leave the column null to derive an id from the row")
+        if len(text) > MAX_ID_CHARS:
+            raise ValueError(f"id is {len(text)} characters; at most {MAX_ID_CHARS} are allowed")
+        if _CONTROL.search(text) or "\n" in text or "\t" in text:
+            raise ValueError("id contains control characters")
+        return text
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            raise ValueError(f"prompt must be text, got {kind}")
+        if not value.strip():
+            raise ValueError("prompt is empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+        if _CONTROL.search(value):
+            raise ValueError("prompt contains control characters (only tab and newline are allowed)")
+        return value
+
+    @field_validator("width", "height", mode="before")
+    @classmethod
+    def _integral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _as_int(value, info.field_name)
+
+    @field_validator("steps", "seed", "num_images", mode="before")
+    @classmethod
+    def _integral_counts(cls, value: Any, info: ValidationInfo) -> Any:
+        return _as_int(value, info.field_name)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return None
+        limits = _limits(info)
+        if value % 16:
+            raise ValueError(f"{info.field_name} must be a multiple of 16, got {value}")
+        if not limits.min_side <= value <= limits.max_side:
+            raise ValueError(
+                f"{info.field_name} must be between {limits.min_side} and {limits.max_side} "
+                f"for this model, got {value}"
+            )
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        if value is not None and not 1 <= value <= limits.max_steps:
+            raise ValueError(f"steps must be between 1 and {limits.max_steps}, got {value}")
+        return value
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _guidance(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"guidance must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"guidance must be a finite number, got {value}")
+        if not 0.0 <= value <= MAX_GUIDANCE:
+            raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE}, got {value}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= SEED_MAX:
+            raise ValueError(f"seed must be an unsigned 64-bit integer (0 to 2**64-1), got {value}")
+        return value
+
+    @field_validator("num_images", mode="before")
+    @classmethod
+    def _default_images(cls, value: Any) -> Any:
+        return 1 if value is None else value
+
+    @field_validator("num_images")
+    @classmethod
+    def _num_images(cls, value: int) -> int:
+        if not 1 <= value <= MAX_IMAGES_PER_ROW:
+            raise ValueError(f"num_images must be between 1 and {MAX_IMAGES_PER_ROW}, got {value}")
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_text(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError("model must be a non-empty preset name or path, or null for the job's model")
+        return value
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ValueError("adapters must be a list of {name, scale} entries")
+        items = list(value)
+        if len(items) > MAX_ADAPTERS:
+            raise ValueError(f"at most {MAX_ADAPTERS} adapters per row, got {len(items)}")
+        names = [item.get("name") if isinstance(item, dict) else None for item in items]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter is named twice")
+        return items
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"output_format must be one of png, jpeg, webp; got {type(value).__name__}")
+        text = value.strip().lower()
+        text = "jpeg" if text == "jpg" else text
+        if text not in {"png", "jpeg", "webp"}:
+            raise ValueError(f"output_format must be one of png, jpeg, webp; got {value!r}")
+        return text
+
+
+def _limits(info: ValidationInfo) -> ModelLimits:
+    context = info.context or {}
+    return context.get("limits") or ModelLimits()
+
+
+def _as_int(value: Any, field: str | None) -> Any:
+    """Accept integers and integral floats (Parquet often stores ints as doubles); refuse the rest."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be an integer, got a boolean")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"{field} must be an integer, got {value}")
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "__index__"):  # numpy integers
+        return int(value)
+    raise ValueError(f"{field} must be an integer, got {type(value).__name__}")
+
+
+class RowError(BaseModel):
+    """One reason a row cannot render: the field at fault (None for the whole row) and what to do."""
+
+    field: str | None
+    reason: str
+
+
+def row_errors(error: ValidationError) -> list[RowError]:
+    """Flatten a pydantic error into one plain message per field, without pydantic's boilerplate."""
+    out: list[RowError] = []
+    for item in error.errors(include_url=False):
+        loc = item.get("loc") or ()
+        field = str(loc[0]) if loc else None
+        message = str(item.get("msg", "invalid"))
+        message = message.removeprefix("Value error, ")
+        if item.get("type") == "missing":
+            message = f"{field} is required"
+        elif item.get("type") == "extra_forbidden":
+            message = f"{field} is not a known field"
+        elif len(loc) > 1:
+            message = f"{'.'.join(str(p) for p in loc)}: {message}"
+        out.append(RowError(field=field, reason=message))
+    return out
