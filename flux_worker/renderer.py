@@ -21,11 +21,12 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from diffusers import FluxPipeline
 
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.encode import encode_image
 from flux_worker.loading import load_pipeline
-from flux_worker.presets import model_revision
+from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import filesystem, uri, write_bytes
 from schemas import PLAN_SCHEMA, RESULT_SCHEMA, ModelSpec, OutputFormat
 
@@ -67,12 +68,15 @@ class Renderer:
         jpeg_quality: int = 95,
         webp_quality: int = 95,
         embedding_cache_bytes: int = 256 * 2**20,
+        pipeline: tuple[FluxPipeline, ModelPreset] | None = None,
     ):
+        _quiet_libraries()
         if threads:
             torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=num_cpus; match it explicitly
         self.spec = ModelSpec.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe, self.preset = load_pipeline(self.spec, self.device)
+        # A tensor-parallel rank hands in its own, already sharded pipeline (flux_worker/tensor_parallel.py).
+        self.pipe, self.preset = pipeline or load_pipeline(self.spec, self.device)
         self.model_id = self.preset.name
         self.revision = model_revision(self.preset, self.spec)
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
@@ -139,18 +143,23 @@ class Renderer:
         # CPU generators: the same seed gives the same noise on any device, one generator per image.
         generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
         with torch.inference_mode():
-            images = self.pipe(
-                prompt_embeds=torch.cat(embeds),
-                pooled_prompt_embeds=torch.cat(pooled),
-                width=first["width"],
-                height=first["height"],
-                num_inference_steps=first["steps"],
-                guidance_scale=first["guidance"],
-                max_sequence_length=first["max_sequence_length"],
-                generator=generators,
-            ).images
+            images = self._generate(first, torch.cat(embeds), torch.cat(pooled), generators)
         seconds = (time.perf_counter() - start) / len(rows)
         return [Rendered(row, image, seconds, started_at) for row, image in zip(rows, images)]
+
+    def _generate(self, first: dict[str, Any], embeds: torch.Tensor, pooled: torch.Tensor,
+                  generators: list[torch.Generator]) -> list[Any]:
+        """Denoise and decode one same-shape batch; a tensor-parallel rank overrides this."""
+        return self.pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            width=first["width"],
+            height=first["height"],
+            num_inference_steps=first["steps"],
+            guidance_scale=first["guidance"],
+            max_sequence_length=first["max_sequence_length"],
+            generator=generators,
+        ).images
 
     def _encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         found = self.cache.get(prompt, max_sequence_length)
@@ -204,6 +213,17 @@ class Renderer:
         log.warning("image %s (row %s of %s) failed after %d tries: %s", row["key"], row["row"],
                     row["source"], tries, reason)
         return {**row, "error": reason, "attempts": tries}
+
+
+def _quiet_libraries() -> None:
+    """Worker logs reach the driver's terminal: keep library progress bars and notices out of them."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _describe(error: BaseException) -> str:

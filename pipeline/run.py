@@ -122,6 +122,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
         num_gpus=job.gpus_per_replica if on_gpu else None,
         num_cpus=job.cpus_per_replica or (1 if on_gpu else threads),
         runtime_env={"env_vars": storage_env()},
+        # Ray Data's defaults, stated: a lost actor is restarted and its batch re-run.
         max_restarts=-1,
         max_task_retries=-1,
     )

@@ -1,0 +1,48 @@
+"""What the render tests check again and again: the output layout of a run."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pyarrow as pa
+
+from flux_worker.storage import filesystem
+from pipeline import ledger
+from schemas import JobSpec
+
+
+def make_job(manifest: str, output: str, model: str, **fields: Any) -> JobSpec:
+    data: dict[str, Any] = {"manifest": manifest, "output": {"uri": output}, "model": {"name": model}}
+    data.update(fields)
+    return JobSpec.model_validate(data)
+
+
+def metadata(output: str, storage_options: dict | None = None) -> pa.Table:
+    fs, root = filesystem(output, storage_options)
+    table = ledger.read_table(fs, root, "metadata")
+    assert table is not None, f"no metadata parts under {output}"
+    return table
+
+
+def failures(output: str, storage_options: dict | None = None) -> pa.Table | None:
+    fs, root = filesystem(output, storage_options)
+    return ledger.read_table(fs, root, "failures")
+
+
+def assert_images_match_metadata(output: str, storage_options: dict | None = None) -> pa.Table:
+    """Every metadata row points at an existing image with its recorded bytes, and every image has a row."""
+    fs, root = filesystem(output, storage_options)
+    table = metadata(output, storage_options)
+    keys = table.column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "a key appears twice in the metadata"
+    files = {p for p in fs.find(f"{root}/images")}
+    recorded = set()
+    for row in table.to_pylist():
+        _, path = filesystem(row["image_uri"], storage_options)
+        data = fs.cat_file(path)
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert len(data) == row["bytes"]
+        recorded.add(path)
+    assert files == recorded, f"images without metadata: {sorted(files - recorded)[:3]}"
+    return table
