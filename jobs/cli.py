@@ -174,6 +174,10 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `fluxbatch` console script."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plan":
         from flux_worker.memory_plan import plan_main

@@ -118,13 +118,11 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
         },
         batch_size=job.batch_size,
         batch_format="pyarrow",
-        concurrency=job.replicas,
+        compute=ray.data.ActorPoolStrategy(size=job.replicas),
         num_gpus=job.gpus_per_replica if on_gpu else None,
         num_cpus=job.cpus_per_replica or (1 if on_gpu else threads),
-        runtime_env={"env_vars": storage_env()},
-        # Ray Data's defaults, stated: a lost actor is restarted and its batch re-run.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Ray Data restarts a lost actor and re-runs its batch (max_restarts=-1 is its default).
+        runtime_env={"env_vars": worker_env()},
     )
     failures: list[FailureRecord] = []
     seen: set[str] = set()
@@ -152,13 +150,18 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     return failures
 
 
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: the storage settings, and quiet library imports."""
+    return {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", **storage_env()}
+
+
 def _ensure_ray(job: JobSpec) -> None:
     """Join the job's Ray cluster, or start a local one; storage settings travel to every worker."""
     if ray.is_initialized():
         return
     ray.init(
         address=job.ray_address,
-        runtime_env={"env_vars": storage_env()},
+        runtime_env={"env_vars": worker_env()},
         log_to_driver=os.environ.get("FLUXBATCH_WORKER_LOGS", "1") != "0",
         configure_logging=True,
         logging_level=logging.WARNING,
