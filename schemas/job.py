@@ -50,6 +50,14 @@ class OutputSpec(BaseModel):
     uri: str = Field(description="any fsspec URL: a local folder, s3://bucket/prefix ...")
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     webp_quality: int = Field(default=95, ge=1, le=100)
+    # Images are always written as files by the renderers (the ledger relies on it); a packed layout is
+    # built from those files and the metadata after the render (pipeline/writers.py), so resume still works.
+    layout: Literal["files", "webdataset", "hf-parquet"] = Field(
+        default="files",
+        description="files: images + metadata Parquet; webdataset: also OUTPUT/webdataset/NNNNN.tar shards; "
+        "hf-parquet: also OUTPUT/hf/*.parquet with an Image column for the datasets library",
+    )
+    shard_size: int = Field(default=1000, ge=1, le=1_000_000, description="images per tar shard or Parquet file")
     # Credentials may live here; they are never written to _job.json, logs or summaries.
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
@@ -106,5 +114,6 @@ class JobSpec(BaseModel):
         return {
             "model": self.model.model_dump(mode="json"),
             "defaults": self.defaults.model_dump(mode="json"),
-            "output": self.output.model_dump(mode="json", exclude={"uri"}),
+            # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
+            "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),
         }
