@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from flux_worker.fast_path import apply_fast_path
 from flux_worker.presets import ModelPreset, resolve_preset
 from schemas import ModelSpec
 
@@ -51,7 +52,9 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu") -> tuple[FluxPipeline, M
     pipe.set_progress_bar_config(disable=True)
     for name, adapter_path in spec.adapters.items():
         load_adapter(pipe, name, adapter_path)
-    return pipe.to(device), preset
+    pipe = pipe.to(device)
+    apply_fast_path(pipe, spec, device)
+    return pipe, preset
 
 
 def load_adapter(pipe: FluxPipeline, name: str, path: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.request import OutputFormat
 
@@ -28,6 +28,24 @@ class ModelSpec(BaseModel):
     # Rows refer to adapters by these names, so a manifest can never point the workers at a file.
     adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> safetensors path")
     max_sequence_length: int | None = Field(default=None, ge=16, le=512)
+    # GPU fast path (flux_worker/fast_path.py); each trades something, see benchmarks/README.md.
+    compile: bool = Field(default=False, description="torch.compile the transformer's repeated blocks (regional)")
+    fuse_qkv: bool = Field(default=False, description="fuse the attention Q, K and V projections into one matmul")
+    quantize: Literal["fp8"] | None = Field(
+        default=None, description="fp8: torchao float8 weights and dynamic per-row activations (GPUs with fp8 only)"
+    )
+    cache: Literal["first-block"] | None = Field(
+        default=None, description="first-block: skip the other blocks on steps whose first block barely changed"
+    )
+    cache_threshold: float = Field(default=0.12, gt=0, le=1, description="First-Block-Cache's relative-change bound")
+
+    @model_validator(mode="after")
+    def _fast_path_with_adapters(self) -> ModelSpec:
+        # Fused or fp8 linears no longer hold the separate q/k/v weights a LoRA adapter patches.
+        if self.adapters and (self.fuse_qkv or self.quantize):
+            option = "fuse_qkv" if self.fuse_qkv else f"quantize={self.quantize!r}"
+            raise ValueError(f"model.{option} cannot be combined with model.adapters; drop one of them")
+        return self
 
 
 class RenderDefaults(BaseModel):
@@ -85,6 +103,13 @@ class JobSpec(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
     )
+
+    @model_validator(mode="after")
+    def _fp8_needs_gpus(self) -> JobSpec:
+        if self.model.quantize == "fp8" and self.gpus_per_replica == 0:
+            raise ValueError("model.quantize='fp8' renders on GPUs with fp8 matmuls only; set gpus_per_replica "
+                             "or drop model.quantize")
+        return self
 
     @field_validator("manifest")
     @classmethod
