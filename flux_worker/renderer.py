@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import groupby
@@ -68,6 +69,7 @@ class Renderer:
         jpeg_quality: int = 95,
         webp_quality: int = 95,
         embedding_cache_bytes: int = 256 * 2**20,
+        write_threads: int = 4,
         pipeline: tuple[FluxPipeline, ModelPreset] | None = None,
     ):
         _quiet_libraries()
@@ -86,24 +88,33 @@ class Renderer:
         self.quality = {"jpeg_quality": jpeg_quality, "webp_quality": webp_quality}
         self.cache = EmbeddingCache(embedding_cache_bytes)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        # Encoding and uploads run here while the next image renders; a batch returns once all are written.
+        self._writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="fluxbatch-write")
         self._active_adapters: tuple = ()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         extras = [f for f in batch.schema if f.name not in PLAN_COLUMNS]
         ordered = sorted(rows, key=group_key)
+        if self.batch_invariant:  # one image per call anyway: each is its own group, so its write starts at once
+            groups = [[row] for row in ordered]
+        else:
+            groups = [list(group) for _, group in groupby(ordered, key=group_key)]
+        pending: list[dict[str, Any] | Future] = []
+        for group in groups:
+            pending.extend(self._render_group(group, tries=1))
         results: dict[str, dict[str, Any]] = {}
-        for _, group in groupby(ordered, key=group_key):
-            for outcome in self._render_group(list(group), tries=1):
-                results[outcome["key"]] = outcome
+        for outcome in pending:  # every image is written (or failed) before its row is returned
+            done = outcome.result() if isinstance(outcome, Future) else outcome
+            results[done["key"]] = done
         out = [results[row["key"]] for row in rows]
         schema = pa.schema(list(RESULT_SCHEMA) + extras)
         return pa.Table.from_pylist(out, schema=schema)
 
     # -- one group ---------------------------------------------------------------------------------
 
-    def _render_group(self, group: list[dict[str, Any]], tries: int) -> Iterator[dict[str, Any]]:
-        """Render and write a group; on error split it, and retry a lone image until its tries run out."""
+    def _render_group(self, group: list[dict[str, Any]], tries: int) -> Iterator[dict[str, Any] | Future]:
+        """Render a group and queue its writes; on error split it, and retry a lone image until its tries run out."""
         try:
             rendered = self._render(group)
         except Exception as error:  # noqa: BLE001 - any failure is reported per row, never raised
@@ -121,10 +132,7 @@ class Renderer:
             yield self._failure(group[0], f"render: {_describe(error)}", tries)
             return
         for item in rendered:
-            try:
-                yield self._write(item, tries)
-            except Exception as error:  # noqa: BLE001
-                yield self._failure(item.row, f"write: {_describe(error)}", tries)
+            yield self._writes.submit(self._write_or_fail, item, tries)
 
     def _render(self, group: list[dict[str, Any]]) -> list[Rendered]:
         first = group[0]
@@ -186,6 +194,12 @@ class Renderer:
         self._active_adapters = wanted
 
     # -- results -----------------------------------------------------------------------------------
+
+    def _write_or_fail(self, item: Rendered, tries: int) -> dict[str, Any]:
+        try:
+            return self._write(item, tries)
+        except Exception as error:  # noqa: BLE001
+            return self._failure(item.row, f"write: {_describe(error)}", tries)
 
     def _write(self, item: Rendered, tries: int) -> dict[str, Any]:
         row = item.row
