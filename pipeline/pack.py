@@ -1,0 +1,189 @@
+"""Pack a run's finished images into the job's layout: WebDataset tar shards or Hugging Face Parquet files.
+
+    OUTPUT/webdataset/00000.tar ...   or   OUTPUT/hf/00000.parquet ...
+    OUTPUT/<folder>/_stats/00000.json     one per shard: count, bytes, formats, digest of its keys
+    OUTPUT/<folder>/_stats.json           the shards' stats summed
+
+The images packed are those of the current manifest that the ledger holds, in ledger order (metadata parts
+by name, which starts with the run's UTC time, so in commit order) and `shard_size` to a shard. The ledger
+only grows, so on a re-run the full shards hold the same images: a shard whose stats show the same digest
+is left alone, and only the shards that gained images are written again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flux_worker.storage import filesystem, read_bytes, with_retries, write_bytes
+from pipeline import ledger
+from pipeline.manifest import Manifest, request_id_of
+from pipeline.plan import image_key
+from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
+from schemas import JobSpec
+
+log = logging.getLogger(__name__)
+
+# layout -> (folder under OUTPUT, shard file suffix)
+LAYOUTS = {"webdataset": ("webdataset", ".tar"), "hf-parquet": ("hf", ".parquet")}
+READ_THREADS = 8  # image reads overlap; on object stores each is a round trip
+
+
+class CorruptImageError(RuntimeError):
+    """An image file no longer matches the sha256 its metadata row recorded."""
+
+
+@dataclass
+class PackResult:
+    """What packing did: shards in the layout, how many were written and how many were already current."""
+
+    layout: str
+    folder: str
+    shards: int
+    written: int
+    unchanged: int
+    images: int
+
+
+def expected_keys(manifest: Manifest) -> set[str]:
+    """The keys of every image the manifest asks for; only these are packed, whatever else OUTPUT holds."""
+    return {image_key(request_id_of(row.request), variant)
+            for row in manifest.rows for variant in range(row.request.num_images)}
+
+
+def shard_name(index: int, suffix: str) -> str:
+    return f"{index:05d}{suffix}"
+
+
+def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
+    """Write the layout `job.output.layout` names from the images in OUTPUT's ledger whose key is in `keys`."""
+    layout = job.output.layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"output.layout {layout!r} has nothing to pack; packed layouts: {', '.join(LAYOUTS)}")
+    folder_name, suffix = LAYOUTS[layout]
+    fs, root = filesystem(job.output.uri, job.output.storage_options)
+    folder = f"{root}/{folder_name}"
+    table = _ledger_records(fs, root, keys)
+    size = job.output.shard_size
+    count = -(-table.num_rows // size)
+    written = unchanged = 0
+    stats: list[dict[str, Any]] = []
+    for index in range(count):
+        records = table.slice(index * size, size)
+        digest = _digest(layout, records)
+        name = shard_name(index, suffix)
+        previous = _read_stats(fs, f"{folder}/_stats/{index:05d}.json")
+        if previous and previous.get("digest") == digest and fs.exists(f"{folder}/{name}"):
+            stats.append(previous)
+            unchanged += 1
+            continue
+        shard_stats = _write_shard(fs, layout, f"{folder}/{name}", records, table.schema)
+        shard_stats = {"shard": name, **shard_stats, "digest": digest,
+                       "written_at": datetime.now(timezone.utc).isoformat()}
+        write_bytes(fs, f"{folder}/_stats/{index:05d}.json", _json(shard_stats))
+        stats.append(shard_stats)
+        written += 1
+    _remove_stale_shards(fs, folder, suffix, count)
+    total = {
+        "layout": layout,
+        "shard_size": size,
+        "shards": count,
+        "images": sum(s["count"] for s in stats),
+        "image_bytes": sum(s["image_bytes"] for s in stats),
+        "shard_bytes": sum(s["shard_bytes"] for s in stats),
+        "formats": _sum_counts(s["formats"] for s in stats),
+        "written_at": datetime.now(timezone.utc).isoformat(),
+    }
+    write_bytes(fs, f"{folder}/_stats.json", _json(total))
+    log.info("packed %d images into %d %s shards (%d written, %d unchanged)", total["images"], count, layout,
+             written, unchanged)
+    return PackResult(layout=layout, folder=folder, shards=count, written=written, unchanged=unchanged,
+                      images=total["images"])
+
+
+def _ledger_records(fs: fsspec.AbstractFileSystem, root: str, keys: set[str]) -> pa.Table:
+    """The ledger's rows for `keys`, in commit order, each key once."""
+    table = ledger.read_table(fs, root, "metadata")
+    if table is None:
+        return pa.table({"key": pa.array([], pa.string())})
+    table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string())))
+    seen: set[str] = set()
+    first = []
+    for index, key in enumerate(table.column("key").to_pylist()):
+        if key not in seen:
+            seen.add(key)
+            first.append(index)
+    return table.take(pa.array(first, pa.int64())) if len(first) != table.num_rows else table
+
+
+def _digest(layout: str, records: pa.Table) -> str:
+    """Names a shard's content: its layout and each image's key and sha256, in order."""
+    digest = hashlib.sha256(layout.encode())
+    for key, sha in zip(records.column("key").to_pylist(), records.column("sha256").to_pylist()):
+        digest.update(f"\x1f{key}:{sha}".encode())
+    return digest.hexdigest()
+
+
+def _write_shard(fs: fsspec.AbstractFileSystem, layout: str, dest: str, records: pa.Table,
+                 schema: pa.Schema) -> dict[str, Any]:
+    writer: ShardWriter = WebDatasetWriter(fs, dest) if layout == "webdataset" else HFParquetWriter(fs, dest, schema)
+    rows = records.to_pylist()
+    try:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for record, data in zip(rows, pool.map(lambda r: _read_image(fs, r), rows)):
+                writer.write(record, data)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def _read_image(fs: fsspec.AbstractFileSystem, record: dict[str, Any]) -> bytes:
+    data = read_bytes(fs, record["image_uri"])
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CorruptImageError(
+            f"image {record['image_uri']} (key {record['key']}) does not match the sha256 in its metadata row; "
+            "delete that row's metadata part or the image, and re-run to render it again"
+        )
+    return data
+
+
+def _read_stats(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    if not with_retries(lambda: fs.exists(path), f"stat {path}"):
+        return None
+    return json.loads(read_bytes(fs, path))
+
+
+def _remove_stale_shards(fs: fsspec.AbstractFileSystem, folder: str, suffix: str, count: int) -> None:
+    """Shards past the new count (the manifest shrank, or shard_size grew) would be read as data: drop them."""
+    if not fs.exists(folder):
+        return
+    for path in fs.ls(folder, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        stem = name.removesuffix(suffix)
+        if name.endswith(suffix) and stem.isdigit() and int(stem) >= count:
+            fs.rm_file(path)
+            stats = f"{folder}/_stats/{stem}.json"
+            if fs.exists(stats):
+                fs.rm_file(stats)
+
+
+def _sum_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for item in counts:
+        for name, value in item.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def _json(document: dict[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
