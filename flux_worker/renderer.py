@@ -27,6 +27,7 @@ from diffusers import FluxPipeline
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.encode import encode_image
 from flux_worker.loading import load_pipeline
+from flux_worker.metrics import RendererMetrics
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import filesystem, uri, write_bytes
 from schemas import PLAN_SCHEMA, RESULT_SCHEMA, ModelSpec, OutputFormat
@@ -90,6 +91,7 @@ class Renderer:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         # Encoding and uploads run here while the next image renders; a batch returns once all are written.
         self._writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="fluxbatch-write")
+        self.metrics = RendererMetrics(self.model_id, output_uri)
         self._active_adapters: tuple = ()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -108,6 +110,8 @@ class Renderer:
             done = outcome.result() if isinstance(outcome, Future) else outcome
             results[done["key"]] = done
         out = [results[row["key"]] for row in rows]
+        self.metrics.record_batch(out)
+        self.metrics.record_gpu_memory(self.device)
         schema = pa.schema(list(RESULT_SCHEMA) + extras)
         return pa.Table.from_pylist(out, schema=schema)
 

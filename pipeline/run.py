@@ -25,8 +25,9 @@ from flux_worker.renderer import Renderer
 from flux_worker.storage import filesystem, storage_env, write_bytes
 from pipeline import ledger
 from pipeline.manifest import read_manifest
-from pipeline.pack import expected_keys, pack_images
+from pipeline.metrics import DriverMetrics, failure_reason
 from pipeline.plan import plan_images, split_blocks
+from pipeline.report import write_report
 from schemas import FailureRecord, JobSpec, RunSummary
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,14 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     rendered = 0
     if plan.table.num_rows:
         writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields)
-        render_failures = _render_plan(job, plan.table, writer, root, run_id, progress)
+        _ensure_ray(job)
+        metrics = DriverMetrics(job.output.uri)
+        metrics.count_failures(manifest.failures)
+        render_failures = _render_plan(job, plan.table, writer, root, run_id, progress, metrics)
         writer.flush()
         rendered = writer.written
         failures += render_failures
     seconds["render"] = time.monotonic() - mark
-    if job.output.layout != "files":
-        # Shards are packed from the finished image files and the ledger, so resume never depends on them.
-        mark = time.monotonic()
-        pack_images(job, expected_keys(manifest))
-        seconds["pack"] = time.monotonic() - mark
 
     summary.manifest_files = len(manifest.files)
     summary.manifest_rows = manifest.total_rows
@@ -88,18 +87,19 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     summary.images_failed = plan.table.num_rows - rendered
     summary.images_total_done = plan.already_done + rendered
     summary.images_per_second = rendered / seconds["render"] if rendered else 0.0
-    summary.failures_by_reason = dict(Counter(f"{f.stage}:{f.field or '-'}" for f in failures))
+    summary.failures_by_reason = dict(Counter(failure_reason(f) for f in failures))
     summary.finished_at = datetime.now(timezone.utc)
     seconds["total"] = time.monotonic() - started
     summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
     body = (summary.model_dump_json(indent=2) + "\n").encode()
     write_bytes(fs, f"{root}/summary.json", body)
+    write_report(fs, root, summary)
     write_bytes(fs, f"{root}/_SUCCESS", body)
     return summary
 
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, root: str, run_id: str,
-                 progress: bool) -> list[FailureRecord]:
+                 progress: bool, metrics: DriverMetrics) -> list[FailureRecord]:
     """Stream the plan through the actor pool; commit finished images, collect failed ones."""
     _ensure_ray(job)
     on_gpu = job.gpus_per_replica > 0
@@ -133,6 +133,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     failures: list[FailureRecord] = []
     seen: set[str] = set()
     bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
+    metrics.set_pending(plan.num_rows)
     try:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             # A batch retried after a lost actor may come back twice; the ledger keeps each key once.
@@ -141,11 +142,14 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
             seen.update(batch.column("key").to_pylist())
             ok = pc.is_null(batch.column("error"))
             writer.add(batch.filter(ok))
+            already_failed = len(failures)
             for row in batch.filter(pc.invert(ok)).to_pylist():
                 failures.append(FailureRecord(
                     stage="write" if row["error"].startswith("write:") else "render", source=row["source"],
                     row=row["row"], request_id=row["request_id"], key=row["key"], variant=row["variant"],
                     reason=row["error"], attempts=row["attempts"], at=datetime.now(timezone.utc)))
+            metrics.count_failures(failures[already_failed:])
+            metrics.set_pending(plan.num_rows - len(seen))
             bar.update(batch.num_rows)
             bar.set_postfix(failed=len(failures), refresh=False)
     finally:

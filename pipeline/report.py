@@ -1,0 +1,157 @@
+"""`report.html`: a run's summary, a contact sheet of thumbnails with their prompts, and its failures table.
+
+One self-contained file: thumbnails are inline base64 JPEGs and the style is inline, so the report opens
+offline, from a laptop, an object-store console or an e-mail attachment. It shows at most `thumbnails`
+images (this run's first ones; the output's newest when this run rendered none) and `failure_rows`
+failures, and says how many it left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from flux_worker.storage import read_bytes, with_retries, write_bytes
+from pipeline import ledger
+from schemas import RunSummary
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+THUMBNAIL_PIXELS = 192
+SHEET_COLUMNS = ["key", "request_id", "variant", "prompt", "width", "height", "seed", "image_uri", "render_seconds"]
+FAILURE_COLUMNS = ["stage", "source", "row", "request_id", "field", "reason", "attempts"]
+
+
+def write_report(fs: fsspec.AbstractFileSystem, root: str, summary: RunSummary, *, thumbnails: int = 120,
+                 failure_rows: int = 500) -> str | None:
+    """Write OUTPUT/report.html for the run in `summary`; returns its path, or None (logged) if it could not.
+
+    The images and the ledger are what a run is for: a report that cannot be written never fails the run.
+    """
+    path = f"{root}/{REPORT_FILE}"
+    try:
+        images = sheet_rows(fs, root, summary.run_id, thumbnails)
+        failures = ledger.read_table(fs, root, "failures")
+        document = render_report(summary, images, failures, fs, failure_rows=failure_rows)
+        write_bytes(fs, path, document.encode())
+    except Exception as error:  # noqa: BLE001
+        log.warning("%s not written: %s", path, error)
+        return None
+    return path
+
+
+def sheet_rows(fs: fsspec.AbstractFileSystem, root: str, run_id: str, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` metadata rows for the contact sheet, read part by part so a huge output stays cheap."""
+    folder = f"{root}/metadata"
+    found = with_retries(lambda: fs.find(folder) if fs.exists(folder) else [], f"list {folder}")
+    parts = sorted(p for p in found if p.endswith(".parquet"))
+    ours = [p for p in parts if f"part-{run_id}-" in p]
+    rows: list[dict[str, Any]] = []
+    for part in ours or list(reversed(parts)):
+        table = pq.read_table(pa.BufferReader(read_bytes(fs, part)))
+        present = [c for c in SHEET_COLUMNS if c in table.column_names]
+        rows += table.select(present).slice(0, limit - len(rows)).to_pylist()
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def thumbnail(fs: fsspec.AbstractFileSystem, image_uri: str) -> str | None:
+    """A data: URI of a small JPEG of the image, or None when it cannot be read (the sheet says so)."""
+    try:
+        data = read_bytes(fs, fs._strip_protocol(image_uri))
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=80)
+    except Exception as error:  # noqa: BLE001 - a missing preview must not fail the run
+        log.warning("no thumbnail for %s: %s", image_uri, error)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
+                  fs: fsspec.AbstractFileSystem, *, failure_rows: int = 500) -> str:
+    """The report as one HTML string: summary tables, contact sheet, failures table."""
+    e = html.escape
+    counts = [
+        ("manifest files", summary.manifest_files), ("manifest rows", summary.manifest_rows),
+        ("invalid rows", summary.invalid_rows), ("images expected", summary.images_expected),
+        ("already done before this run", summary.images_already_done), ("planned", summary.images_planned),
+        ("rendered", summary.images_rendered), ("failed", summary.images_failed),
+        ("done in total", f"{summary.images_total_done} / {summary.images_expected}"),
+        ("images per second", f"{summary.images_per_second:.3f}"),
+    ]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>fluxbatch report {e(summary.run_id)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>fluxbatch run {e(summary.run_id)}</h1>",
+        f"<p class='meta'>output <code>{e(summary.output)}</code> · model <code>{e(summary.model_id)}</code>"
+        f"{' @ ' + e(summary.model_revision) if summary.model_revision else ''} · started "
+        f"{e(summary.started_at.isoformat(timespec='seconds'))}"
+        + (f" · finished {e(summary.finished_at.isoformat(timespec='seconds'))}" if summary.finished_at else "")
+        + f" · <b>{'complete' if summary.complete else 'incomplete'}</b></p>",
+        "<div class='tables'>",
+        _table("counts", ["", ""], counts),
+        _table("seconds per stage", ["stage", "seconds"], [(k, f"{v:.2f}") for k, v in summary.seconds.items()]),
+        _table("failures by reason", ["reason", "count"],
+               sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)]),
+        "</div>",
+        f"<h2>contact sheet <span class='note'>{len(images)} image(s)</span></h2><div class='sheet'>",
+    ]
+    for row in images:
+        src = thumbnail(fs, row["image_uri"])
+        picture = f"<img src='{src}' alt='{e(row['key'])}'>" if src else "<div class='missing'>no preview</div>"
+        seconds = f" · {row['render_seconds']:.2f}s" if row.get("render_seconds") is not None else ""
+        parts.append(
+            f"<figure>{picture}<figcaption><span class='prompt'>{e(row['prompt'])}</span>"
+            f"<span class='note'>{e(str(row['request_id']))} #{row['variant']} · {row['width']}×{row['height']}"
+            f" · seed {row['seed']}{seconds}</span></figcaption></figure>"
+        )
+    parts.append("</div>")
+    total = failures.num_rows if failures is not None else 0
+    shown = min(total, failure_rows)
+    parts.append(f"<h2>failures <span class='note'>{total} row(s)"
+                 f"{f', first {shown} shown' if shown < total else ''}</span></h2>")
+    if failures is not None and total:
+        present = [c for c in FAILURE_COLUMNS if c in failures.column_names]
+        rows = [[r.get(c) for c in present] for r in failures.select(present).slice(0, shown).to_pylist()]
+        parts.append(_table(None, present, rows))
+    else:
+        parts.append("<p>No failures.</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _table(title: str | None, header: list[str], rows: list) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>"
+                   for row in rows)
+    caption = f"<caption>{e(title)}</caption>" if title else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px}
+.meta,.note{color:#666;font-weight:normal;font-size:13px}code{font-size:12px}
+.tables{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start}
+table{border-collapse:collapse;background:#fff}caption{text-align:left;font-weight:600;padding:4px 0}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
+.sheet{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:12px}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:4px}
+figure img,.missing{display:block;width:192px;height:192px;object-fit:contain;margin:auto;background:#eee}
+.missing{line-height:192px;text-align:center;color:#999}
+figcaption{display:flex;flex-direction:column;gap:2px;padding-top:4px}.prompt{font-size:13px}
+"""
