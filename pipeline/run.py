@@ -26,6 +26,7 @@ from flux_worker.storage import filesystem, storage_env, write_bytes
 from pipeline import ledger
 from pipeline.manifest import read_manifest
 from pipeline.metrics import DriverMetrics, failure_reason
+from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
 from pipeline.report import write_report
 from schemas import FailureRecord, JobSpec, RunSummary
@@ -76,6 +77,11 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
         rendered = writer.written
         failures += render_failures
     seconds["render"] = time.monotonic() - mark
+    if job.output.layout != "files":
+        # Shards are packed from the finished image files and the ledger, so resume never depends on them.
+        mark = time.monotonic()
+        pack_images(job, expected_keys(manifest))
+        seconds["pack"] = time.monotonic() - mark
 
     summary.manifest_files = len(manifest.files)
     summary.manifest_rows = manifest.total_rows
