@@ -78,6 +78,8 @@ def uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# Marks a local file still being written; `os.replace` gives it its final name once whole.
+TMP_MARK = ".tmp-"
 
 
 def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay: float = 0.2) -> T:
@@ -102,7 +104,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if protocol_of(fs) in ("file", "local"):
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+        tmp = f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

@@ -62,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
                         help="default image format (default png)")
     render.add_argument("--max-retries", type=int, help="tries per image after the first (default 3)")
+    render.add_argument("--max-renderer-deaths", type=int,
+                        help="re-runs of a batch whose renderer process died, before its images count as failed "
+                        "(default 3)")
+    render.add_argument("--commit-seconds", type=float,
+                        help="commit finished images to the metadata at least this often (default 30)")
     render.add_argument("--no-batch-invariant", action="store_true",
                         help="batch same-shape images through the transformer (faster on GPUs; an image's "
                         "last bits may then depend on its batch-mates)")
     render.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     render.add_argument("--new-version", action="store_true",
-                        help="accept job parameters that differ from OUTPUT/_job.json")
+                        help="if the job's parameters differ from every version in OUTPUT, render a new version "
+                        "into OUTPUT/_versions/<n>/ instead of refusing")
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     validate = sub.add_parser("validate", help="check a manifest; print each bad row with its reason",
@@ -106,7 +112,8 @@ def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
                          ("gpus_per_replica", "gpus_per_replica"), ("cpus_per_replica", "cpus_per_replica"),
                          ("width", "defaults.width"), ("height", "defaults.height"), ("steps", "defaults.steps"),
                          ("guidance", "defaults.guidance"), ("output_format", "defaults.output_format"),
-                         ("max_retries", "max_retries"), ("ray_address", "ray_address")]:
+                         ("max_retries", "max_retries"), ("ray_address", "ray_address"),
+                         ("max_renderer_deaths", "max_renderer_deaths"), ("commit_seconds", "commit_seconds")]:
         overrides[dotted] = getattr(args, flag, None)
     if getattr(args, "no_batch_invariant", False):
         overrides["batch_invariant"] = False

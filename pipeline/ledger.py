@@ -2,6 +2,10 @@
 
 A metadata part is written in one put after its images exist, so it is whole or absent, and every row
 in it points at a complete image. A re-run reads the keys of all parts and renders only the rest.
+
+Versions: OUTPUT holds the first job rendered into it. A job with other render parameters is refused,
+unless the user asks for a new version: that renders into OUTPUT/_versions/<n>/ (n = 2, 3, ...) with the
+same layout, leaving every earlier version whole. A later run of any recorded job resumes its version.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -17,11 +22,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import read_bytes, with_retries, write_bytes
+from flux_worker.storage import TMP_MARK, protocol_of, read_bytes, with_retries, write_bytes
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
+VERSIONS = "_versions"
 
 
 class JobMismatchError(ValueError):
@@ -50,25 +56,79 @@ def read_table(fs: fsspec.AbstractFileSystem, root: str, which: str) -> pa.Table
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
-def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_version: bool = False) -> None:
-    """Write `_job.json` on a first run; on a re-run refuse a job whose identity differs, saying how."""
-    path = f"{root}/{JOB_FILE}"
+def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_version: bool = False) -> str:
+    """The folder this job renders into: OUTPUT or the version whose `_job.json` matches the job.
+
+    A first run writes OUTPUT/_job.json. A job matching no recorded version is refused with what differs,
+    or, with `new_version`, gets the next OUTPUT/_versions/<n>/ so no image of another version is touched.
+    """
     identity = job.identity()
-    if with_retries(lambda: fs.exists(path), f"stat {path}") and not new_version:
-        recorded = json.loads(read_bytes(fs, path)).get("identity", {})
+    if not with_retries(lambda: fs.exists(f"{root}/{JOB_FILE}"), f"stat {root}/{JOB_FILE}"):
+        _write_job(fs, root, job, version=1)
+        return root
+    versions = [(1, root)] + _versions(fs, root)
+    differences: list[str] = []
+    for _, folder in versions:
+        recorded = json.loads(read_bytes(fs, f"{folder}/{JOB_FILE}")).get("identity", {})
         differences = _differences(recorded, identity)
-        if differences:
-            raise JobMismatchError(
-                f"{root} was rendered by a job with other parameters: {'; '.join(differences)}. "
-                "Use a new OUTPUT, or pass --new-version to render this job as a new version in place."
-            )
-        return
+        if not differences:
+            return folder
+    latest, folder = versions[-1]
+    if not new_version:
+        which = root if latest == 1 else f"{root} (latest version: {folder})"
+        raise JobMismatchError(
+            f"{which} was rendered by a job with other parameters: {'; '.join(differences)}. "
+            "Use a new OUTPUT, or pass --new-version to render this job as a new version "
+            f"in {root}/{VERSIONS}/{latest + 1}/."
+        )
+    folder = f"{root}/{VERSIONS}/{latest + 1}"
+    log.warning("job parameters differ from %s (%s); rendering a new version into %s",
+                root, "; ".join(differences), folder)
+    _write_job(fs, folder, job, version=latest + 1)
+    return folder
+
+
+def _versions(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, str]]:
+    """The recorded versions after the first, oldest first: OUTPUT/_versions/<n> holding a `_job.json`."""
+    base = f"{root}/{VERSIONS}"
+    if not with_retries(lambda: fs.exists(base), f"stat {base}"):
+        return []
+    entries = with_retries(lambda: fs.ls(base, detail=False), f"list {base}")
+    found = []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        folder = f"{base}/{name}"
+        if name.isdigit() and with_retries(lambda f=folder: fs.exists(f"{f}/{JOB_FILE}"), f"stat {folder}"):
+            found.append((int(name), folder))
+    return sorted(found)
+
+
+def _write_job(fs: fsspec.AbstractFileSystem, folder: str, job: JobSpec, version: int) -> None:
     document = {
-        "identity": identity,
+        "identity": job.identity(),
         "job": job.model_dump(mode="json"),  # storage options are excluded by the schema
+        "version": version,
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_bytes(fs, path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(fs, f"{folder}/{JOB_FILE}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+
+
+def remove_partial_files(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete temporary files a killed writer left on local disk (`write_bytes` renames them when whole).
+
+    Object stores need nothing: a put is atomic. No metadata row ever points at one of these files.
+    """
+    if protocol_of(fs) not in ("file", "local") or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if TMP_MARK in name:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    if removed:
+        log.warning("removed %d partial files left in %s by an interrupted run", removed, root)
+    return removed
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

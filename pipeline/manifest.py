@@ -52,14 +52,17 @@ def list_manifest_files(url: str, storage_options: dict[str, Any] | None = None)
     """The Parquet files a manifest URL names: itself, the *.parquet under a folder, or a glob's matches."""
     fs, path = filesystem(url, storage_options)
     if any(ch in path for ch in "*?["):
-        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        # glob(detail=True) lists once; calling isfile per match would cost one request each on S3.
+        found = with_retries(lambda: fs.glob(path, detail=True), f"list {url}")
+        files = sorted(p for p, info in found.items() if info.get("type") == "file")
         if not files:
             raise ManifestError(f"no files match the manifest glob {url!r}")
-    elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith((".parquet", ".pq")))
+    elif with_retries(lambda: fs.isdir(path), f"stat {url}"):
+        found = with_retries(lambda: fs.find(path), f"list {url}")
+        files = sorted(p for p in found if p.endswith((".parquet", ".pq")))
         if not files:
             raise ManifestError(f"the manifest folder {url!r} holds no .parquet files")
-    elif fs.exists(path):
+    elif with_retries(lambda: fs.exists(path), f"stat {url}"):
         files = [path]
     else:
         raise ManifestError(f"no manifest at {url!r}")
@@ -77,21 +80,19 @@ def read_manifest(
     manifest = Manifest(files=list_manifest_files(url, storage_options))
     context = {"limits": limits or ModelLimits()}
     first_seen: dict[str, tuple[str, int]] = {}
-    extra_types: dict[str, pa.Field] = {}
     now = datetime.now(timezone.utc)
+    tables: list[tuple[str, pa.Table]] = []
     for source in manifest.files:
         table = _read_table(source, storage_options, manifest, now)
-        if table is None:
+        if table is not None:
+            tables.append((source, table.rename_columns(_carried_names(table.column_names, source))))
+    # Files may disagree on an extra column's type; the metadata holds one type per column.
+    extra_types = _extra_types([table for _, table in tables])
+    for source, table in tables:
+        converted = _rows(source, table, extra_types, manifest, now)
+        if converted is None:
             continue
-        extras = [name for name in table.column_names if name not in MANIFEST_COLUMNS]
-        renamed = {name: (f"manifest_{name}" if name in _RESERVED else name) for name in extras}
-        for name in extras:
-            if renamed[name] != name:
-                log.warning("%s: column %r is a fluxbatch output column; carried as %r", source, name, renamed[name])
-            extra_types.setdefault(renamed[name], table.schema.field(name).with_name(renamed[name]))
-        known = [name for name in table.column_names if name in MANIFEST_COLUMNS]
-        known_rows = table.select(known).to_pylist()
-        extra_rows = table.select(extras).to_pylist() if extras else [{}] * table.num_rows
+        known_rows, extra_rows = converted
         manifest.total_rows += table.num_rows
         for index, (values, extra) in enumerate(zip(known_rows, extra_rows)):
             failure = _check_row(values, context, model_name, adapter_names)
@@ -114,11 +115,97 @@ def read_manifest(
                 )
                 continue
             first_seen[request_id] = (source, index)
-            manifest.rows.append(
-                ValidRow(source, index, request, {renamed[k]: v for k, v in extra.items()})
-            )
+            manifest.rows.append(ValidRow(source, index, request, extra))
     manifest.extra_fields = list(extra_types.values())
     return manifest
+
+
+def _carried_names(names: list[str], source: str) -> list[str]:
+    """Extra columns keep their names, except those fluxbatch writes itself (`key` becomes `manifest_key`)."""
+    taken = set(names)
+    out = []
+    for name in names:
+        if name in MANIFEST_COLUMNS or name not in _RESERVED:
+            out.append(name)
+            continue
+        new = f"manifest_{name}"
+        while new in taken:
+            new = f"manifest_{new}"
+        taken.add(new)
+        log.warning("%s: column %r is a fluxbatch output column; carried as %r", source, name, new)
+        out.append(new)
+    return out
+
+
+def _extra_types(tables: list[pa.Table]) -> dict[str, pa.Field]:
+    """One Arrow type per extra column over all files: the common type, widened, else text."""
+    found: dict[str, list[pa.DataType]] = {}
+    for table in tables:
+        for item in table.schema:
+            if item.name not in MANIFEST_COLUMNS:
+                found.setdefault(item.name, []).append(item.type)
+    fields = {}
+    for name, types in found.items():
+        try:
+            unified = pa.unify_schemas([pa.schema([(name, t)]) for t in types], promote_options="permissive")
+            fields[name] = unified.field(name)
+        except (pa.ArrowException, TypeError):
+            log.warning("extra column %r has different types across files (%s); carried as text",
+                        name, ", ".join(sorted({str(t) for t in types})))
+            fields[name] = pa.field(name, pa.string())
+    return fields
+
+
+def _rows(source: str, table: pa.Table, extra_types: dict[str, pa.Field], manifest: Manifest,
+          now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """The file's rows as Python values: manifest columns as stored, extras in their run-wide type."""
+    known: dict[str, list[Any]] = {}
+    extras: dict[str, list[Any]] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            if name in MANIFEST_COLUMNS:
+                known[name] = column.to_pylist()
+            else:
+                extras[name] = _carry(column, extra_types[name].type)
+        except (pa.ArrowException, ValueError, OverflowError, UnicodeDecodeError) as error:
+            manifest.failures.append(FailureRecord(
+                stage="read", source=source, field=name, at=now,
+                reason=f"column {name!r} ({column.type}) cannot be read: {_first_line(error)}"))
+            return None
+    count = table.num_rows
+    known_rows = [{name: values[i] for name, values in known.items()} for i in range(count)]
+    extra_rows = [{name: values[i] for name, values in extras.items()} for i in range(count)]
+    return known_rows, extra_rows
+
+
+def _carry(column: pa.ChunkedArray, target: pa.DataType) -> list[Any]:
+    if column.type == target:
+        return column.to_pylist()
+    try:
+        return column.cast(target).to_pylist()
+    except (pa.ArrowException, ValueError, OverflowError):
+        if not pa.types.is_string(target):
+            raise
+        return [None if v is None else _as_text(v) for v in column.to_pylist()]
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def _short(reason: str, limit: int = 400) -> str:
+    """Reasons may quote a value; a 100 KB cell must not become a 100 KB failure row."""
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def _read_table(source: str, storage_options: dict[str, Any] | None, manifest: Manifest,
@@ -127,14 +214,23 @@ def _read_table(source: str, storage_options: dict[str, Any] | None, manifest: M
         manifest.failures.append(FailureRecord(stage="read", source=source, reason=reason, at=now))
 
     fs, path = filesystem(source, storage_options)
+    data = with_retries(lambda: fs.cat_file(path), f"read {source}")
+    if not data:
+        fail("the file is empty (0 bytes), not a Parquet file")
+        return None
     try:
-        data = with_retries(lambda: fs.cat_file(path), f"read {source}")
-        table = pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowException, OSError, ValueError) as error:
-        fail(f"not a readable Parquet file: {str(error).splitlines()[0][:300]}")
+        # ParquetFile reads files with repeated column names, so they can be reported below by name.
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
+    except (pa.ArrowException, OSError, ValueError, IndexError, TypeError) as error:
+        fail(f"not a readable Parquet file ({len(data)} bytes): {_first_line(error)}")
+        return None
+    repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if repeated:
+        fail(f"column {repeated[0]!r} appears more than once; every column name must be unique")
         return None
     if "prompt" not in table.column_names:
-        fail(f"no 'prompt' column; the file has: {', '.join(table.column_names) or 'no columns'}")
+        shown = ", ".join(repr(n) for n in table.column_names[:20]) or "no columns"
+        fail(f"no 'prompt' column; the file has: {shown}")
         return None
     return table
 
@@ -144,7 +240,9 @@ def _check_row(values: dict[str, Any], context: dict, model_name: str | None,
     try:
         request = RenderRequest.model_validate(values, context=context)
     except ValidationError as error:
-        return [(e.field, e.reason) for e in row_errors(error)]
+        return [(e.field, _short(e.reason)) for e in row_errors(error)]
+    except Exception as error:  # noqa: BLE001 - a row must never crash the job, whatever it holds
+        return [(None, _short(f"row cannot be checked: {type(error).__name__}: {_first_line(error)}"))]
     errors: list[tuple[str | None, str]] = []
     if request.model is not None and model_name is not None and request.model != model_name:
         errors.append(("model", f"row asks for model {request.model!r}, but this job renders {model_name!r}; "

@@ -22,12 +22,14 @@ from tqdm import tqdm
 
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
-from flux_worker.storage import filesystem, storage_env, write_bytes
+from flux_worker.storage import filesystem, storage_env, uri, write_bytes
 from pipeline import ledger
+from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.metrics import DriverMetrics, failure_reason
 from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
+from pipeline.ray_auth import keep_token_auth
 from pipeline.report import write_report
 from schemas import FailureRecord, JobSpec, RunSummary
 
@@ -44,7 +46,11 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                          started_at=datetime.now(timezone.utc))
 
-    ledger.check_job(fs, root, job, new_version=new_version)
+    version_root = ledger.check_job(fs, root, job, new_version=new_version)
+    if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
+        job = job.model_copy(update={"output": job.output.model_copy(update={"uri": uri(fs, version_root)})})
+        root, summary.output = version_root, job.output.uri
+    ledger.remove_partial_files(fs, root)
     manifest = read_manifest(
         job.manifest,
         job.storage_options,
@@ -68,7 +74,7 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     failures = list(manifest.failures)
     rendered = 0
     if plan.table.num_rows:
-        writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields)
+        writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields, seconds=job.commit_seconds)
         _ensure_ray(job)
         metrics = DriverMetrics(job.output.uri)
         metrics.count_failures(manifest.failures)
@@ -114,6 +120,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below shows images/s and ETA
     context.print_on_execution_start = False
+    context.max_errored_blocks = -1  # a batch past max_renderer_deaths becomes failure rows, not a crash
 
     blocks = split_blocks(plan, job.replicas, job.batch_size)
     dataset = ray.data.from_arrow(blocks).map_batches(
@@ -133,12 +140,15 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
         compute=ray.data.ActorPoolStrategy(size=job.replicas),
         num_gpus=job.gpus_per_replica if on_gpu else None,
         num_cpus=job.cpus_per_replica or (1 if on_gpu else threads),
-        # Ray Data restarts a lost actor and re-runs its batch (max_restarts=-1 is its default).
+        # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times (lost_batches.py).
+        max_restarts=-1,
+        max_task_retries=job.max_renderer_deaths,
         runtime_env={"env_vars": worker_env()},
     )
     failures: list[FailureRecord] = []
     seen: set[str] = set()
     bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
+    dropped = DroppedBatchErrors.install()
     metrics.set_pending(plan.num_rows)
     try:
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -159,8 +169,10 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
             bar.update(batch.num_rows)
             bar.set_postfix(failed=len(failures), refresh=False)
     finally:
+        dropped.remove()
         bar.close()
         writer.flush()
+    failures += lost_image_failures(plan, seen, dropped.last, job.max_renderer_deaths)
     fs, _ = filesystem(job.output.uri, job.output.storage_options)
     ledger.write_failures(fs, root, f"{run_id}-render", failures)
     return failures
@@ -175,6 +187,7 @@ def _ensure_ray(job: JobSpec) -> None:
     """Join the job's Ray cluster, or start a local one; storage settings travel to every worker."""
     if ray.is_initialized():
         return
+    keep_token_auth(job.ray_address)
     ray.init(
         address=job.ray_address,
         runtime_env={"env_vars": worker_env()},

@@ -94,6 +94,16 @@ class JobSpec(BaseModel):
     gpus_per_replica: float = Field(default=0, ge=0, le=64, description="0 renders on CPU")
     cpus_per_replica: int | None = Field(default=None, ge=1, description="default: all cores / replicas")
     max_retries: int = Field(default=3, ge=0, le=100, description="tries per image after the first")
+    max_renderer_deaths: int = Field(
+        default=3, ge=0, le=100,
+        description="times a batch is re-run after the renderer process rendering it died (killed, OOM-killed, "
+        "node lost); past that its images are recorded as failed and the next run tries them again",
+    )
+    commit_seconds: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="commit finished images to the metadata at least this often; a killed driver loses at most "
+        "this much work (their images are rendered again by the next run)",
+    )
     batch_invariant: bool = Field(
         default=True,
         description="render each image alone through the transformer, so its bytes never depend on its "

@@ -206,7 +206,7 @@ class RenderRequest(BaseModel):
         items = list(value)
         if len(items) > MAX_ADAPTERS:
             raise ValueError(f"at most {MAX_ADAPTERS} adapters per row, got {len(items)}")
-        names = [item.get("name") if isinstance(item, dict) else None for item in items]
+        names = [item.get("name") for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)]
         if len(set(names)) != len(names):
             raise ValueError("an adapter is named twice")
         return items
@@ -265,7 +265,7 @@ def row_errors(error: ValidationError) -> list[RowError]:
         if item.get("type") == "missing":
             message = f"{field} is required"
         elif item.get("type") == "extra_forbidden":
-            message = f"{field} is not a known field"
+            message = f"{'.'.join(str(p) for p in loc)} is not a known field"
         elif len(loc) > 1:
             message = f"{'.'.join(str(p) for p in loc)}: {message}"
         out.append(RowError(field=field, reason=message))

@@ -25,7 +25,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": always a cluster of our own, never one another process started with `ray start`.
+        ray.init(address="local", num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -1,0 +1,63 @@
+"""Batches Ray Data gave up on: their images become failure rows carrying the last error seen.
+
+A renderer process that dies (SIGKILL, OOM killer, node lost) is replaced and its batch re-run, up to
+`JobSpec.max_renderer_deaths` times. Past that Ray Data drops the batch (`max_errored_blocks=-1`) and
+logs why; this module keeps that last error so the failures table can say it, and the next run renders
+those images again like any other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from schemas import FailureRecord
+
+RAY_DATA_LOGGER = "ray.data"
+
+
+class DroppedBatchErrors(logging.Handler):
+    """Remembers the error of each batch Ray Data drops, while installed on Ray Data's logger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else ""
+            self.errors.append(f"{type(error).__name__}: {first}"[:400])
+
+    @property
+    def last(self) -> str | None:
+        return self.errors[-1] if self.errors else None
+
+    @classmethod
+    def install(cls) -> DroppedBatchErrors:
+        handler = cls()
+        logging.getLogger(RAY_DATA_LOGGER).addHandler(handler)
+        return handler
+
+    def remove(self) -> None:
+        logging.getLogger(RAY_DATA_LOGGER).removeHandler(self)
+
+
+def lost_image_failures(plan: pa.Table, returned: set[str], last_error: str | None,
+                        max_renderer_deaths: int) -> list[FailureRecord]:
+    """A failure row for every planned image that never came back from the actor pool."""
+    if len(returned) >= plan.num_rows:
+        return []
+    now = datetime.now(timezone.utc)
+    tries = max_renderer_deaths + 1
+    reason = (f"lost: the batch holding this image failed {tries} times (its renderer process died, or it "
+              f"raised); last error: {last_error or 'unknown, see the worker logs'}")
+    columns = plan.select(["key", "source", "row", "request_id", "variant"]).to_pylist()
+    return [
+        FailureRecord(stage="render", source=row["source"], row=row["row"], request_id=row["request_id"],
+                      key=row["key"], variant=row["variant"], reason=reason, attempts=tries, at=now)
+        for row in columns if row["key"] not in returned
+    ]
