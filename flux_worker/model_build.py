@@ -57,11 +57,17 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
-def build_pipeline(size: str = "tiny", seed: int = 0) -> FluxPipeline:
-    """A random-weight FluxPipeline of the given size, the same weights for the same seed."""
+def _dims(size: str | OfflineSize) -> OfflineSize:
+    if isinstance(size, OfflineSize):
+        return size
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    dims = SIZES[size]
+    return SIZES[size]
+
+
+def build_pipeline(size: str | OfflineSize = "tiny", seed: int = 0) -> FluxPipeline:
+    """A random-weight FluxPipeline of the given size (a name in SIZES or your own), the same weights per seed."""
+    dims = _dims(size)
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
     text_encoder = CLIPTextModel(
@@ -134,17 +140,17 @@ def build_pipeline(size: str = "tiny", seed: int = 0) -> FluxPipeline:
     )
 
 
-def build_model(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def build_model(path: str | Path, size: str | OfflineSize = "tiny", seed: int = 0) -> Path:
     """Write a random-weight pipeline to `path` (safetensors only) with its fluxbatch preset."""
     folder = Path(path).expanduser()
     pipe = build_pipeline(size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
-    dims = SIZES[size]
+    dims = _dims(size)
     write_preset(
         folder,
         ModelPreset(
-            name=f"offline-{size}",
+            name=f"offline-{size if isinstance(size, str) else 'custom'}",
             source=str(folder),
             steps=4,
             guidance=3.5,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
 from flux_worker.storage import filesystem, storage_env, uri, write_bytes
+from flux_worker.tensor_parallel import replica_stage, resolve_gpus_per_replica
 from pipeline import ledger
 from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
 from pipeline.manifest import read_manifest
@@ -114,7 +115,8 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
                  progress: bool, metrics: DriverMetrics) -> list[FailureRecord]:
     """Stream the plan through the actor pool; commit finished images, collect failed ones."""
     _ensure_ray(job)
-    on_gpu = job.gpus_per_replica > 0
+    gpus = resolve_gpus_per_replica(job)  # "auto": the memory planner picks the tensor-parallel degree
+    on_gpu = gpus > 0
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     threads = job.cpus_per_replica or max(1, cores // job.replicas)
     context = ray.data.DataContext.get_current()
@@ -123,23 +125,27 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     context.max_errored_blocks = -1  # a batch past max_renderer_deaths becomes failure rows, not a crash
 
     blocks = split_blocks(plan, job.replicas, job.batch_size)
+    stage, kwargs = Renderer, {
+        "model": job.model.model_dump(mode="json"),
+        "output_uri": job.output.uri,
+        "storage_options": job.output.storage_options,
+        "batch_invariant": job.batch_invariant,
+        "threads": None if on_gpu and not job.cpus_per_replica else threads,
+        "max_retries": job.max_retries,
+        "jpeg_quality": job.output.jpeg_quality,
+        "webp_quality": job.output.webp_quality,
+    }
+    resources = {"num_gpus": gpus if on_gpu else None, "num_cpus": job.cpus_per_replica or (1 if on_gpu else threads)}
+    if gpus > 1:
+        # One pool member per tensor-parallel group; its rank actors hold the GPUs (flux_worker/tensor_parallel.py).
+        stage, kwargs, resources = replica_stage(job, int(gpus), kwargs)
     dataset = ray.data.from_arrow(blocks).map_batches(
-        Renderer,
-        fn_constructor_kwargs={
-            "model": job.model.model_dump(mode="json"),
-            "output_uri": job.output.uri,
-            "storage_options": job.output.storage_options,
-            "batch_invariant": job.batch_invariant,
-            "threads": None if on_gpu and not job.cpus_per_replica else threads,
-            "max_retries": job.max_retries,
-            "jpeg_quality": job.output.jpeg_quality,
-            "webp_quality": job.output.webp_quality,
-        },
+        stage,
+        fn_constructor_kwargs=kwargs,
         batch_size=job.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=job.replicas),
-        num_gpus=job.gpus_per_replica if on_gpu else None,
-        num_cpus=job.cpus_per_replica or (1 if on_gpu else threads),
+        **resources,
         # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times (lost_batches.py).
         max_restarts=-1,
         max_task_retries=job.max_renderer_deaths,

@@ -91,7 +91,11 @@ class JobSpec(BaseModel):
     defaults: RenderDefaults = Field(default_factory=RenderDefaults)
     replicas: int = Field(default=1, ge=1, le=4096)
     batch_size: int = Field(default=4, ge=1, le=256)
-    gpus_per_replica: float = Field(default=0, ge=0, le=64, description="0 renders on CPU")
+    gpus_per_replica: float | Literal["auto"] = Field(
+        default=0,
+        description="0 renders on CPU; a fraction shares a GPU; 2 or more (a whole number) shards the transformer "
+        "over a tensor-parallel group on one node; auto asks the memory planner",
+    )
     cpus_per_replica: int | None = Field(default=None, ge=1, description="default: all cores / replicas")
     max_retries: int = Field(default=3, ge=0, le=100, description="tries per image after the first")
     max_renderer_deaths: int = Field(
@@ -113,6 +117,17 @@ class JobSpec(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
     )
+
+    @field_validator("gpus_per_replica")
+    @classmethod
+    def _gpus_per_replica(cls, value: float | str) -> float | str:
+        if value == "auto":
+            return value
+        if not 0 <= value <= 64:
+            raise ValueError(f"gpus_per_replica {value} is outside 0..64")
+        if value > 1 and value != int(value):
+            raise ValueError(f"gpus_per_replica {value}: a tensor-parallel replica takes whole GPUs (2, 4, 8 ...)")
+        return value
 
     @model_validator(mode="after")
     def _fp8_needs_gpus(self) -> JobSpec:

@@ -1,0 +1,436 @@
+"""The memory planner: how many GPUs a replica needs, and where each component of the pipeline lives.
+
+Every figure comes from the models' configs: each component is built on the `meta` device (no memory,
+no download) and its parameters counted; the transformer's `_tp_plan` says which of them are split
+across the ranks and which every rank keeps whole. Activations are estimated from the same configs:
+
+- transformer, per rank: tokens x (4 D replicated + 17 D / N sharded) values, D = heads x head_dim.
+  A single-stream block holds the residual, its norm, the all-reduced output and the modulated sum
+  whole (4 D), and q, k, v, the attention output, the MLP projection and its activation, and their
+  concatenation split over the N ranks (3 D + D + 4 D + 4 D + 5 D = 17 D).
+- VAE decode: pixels x (3 x block_out_channels[1] + 2 x block_out_channels[0]) values: the widest
+  step, the first full-resolution resnet (its input, norm and activation) next to the upsampled map.
+- text encoders: tokens x (4 hidden + 2 ffn), plus T5's attention scores with their position bias.
+
+The peak on a GPU is the weights it holds plus the largest activation of the stages that run there;
+`reserve` covers the CUDA context, cuBLAS and NCCL workspaces and allocator slack.
+
+    fluxbatch plan --model flux.1-dev --gpu-memory 24GiB --dtype bf16 --resolution 1024 --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+RESERVE_BYTES = 1 * GIB  # CUDA context + cuBLAS/NCCL workspaces + allocator fragmentation, per GPU
+MAX_GPUS = 8  # a group never spans nodes, and GPU nodes have at most 8
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+# -- the published configs (config.json of each component in the Hugging Face repos) ---------------
+
+FLUX1_TRANSFORMER = {
+    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+    "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
+}
+CLIP_L = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
+    "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 77, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "projection_dim": 768, "vocab_size": 49408,
+}
+T5_XXL = {
+    "architectures": ["T5EncoderModel"], "model_type": "t5", "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+    "dense_act_fn": "gelu_new", "feed_forward_proj": "gated-gelu", "is_gated_act": True, "num_heads": 64,
+    "num_layers": 24, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False, "vocab_size": 32128,
+}
+FLUX1_VAE = {
+    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
+    "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+    "use_post_quant_conv": False, "mid_block_add_attention": True,
+}
+FLUX2_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
+    "eps": 1e-06, "guidance_embeds": True, "in_channels": 128, "joint_attention_dim": 15360, "mlp_ratio": 3.0,
+    "num_attention_heads": 48, "num_layers": 8, "num_single_layers": 48, "patch_size": 1, "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
+MISTRAL_SMALL_3_1 = {
+    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+    "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
+    "vision_feature_layer": -1, "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "mistral", "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+        "intermediate_size": 32768, "max_position_embeddings": 131072, "num_attention_heads": 32,
+        "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
+        "sliding_window": None, "vocab_size": 131072,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "pixtral", "head_dim": 64, "hidden_act": "silu", "hidden_size": 1024, "image_size": 1540,
+        "intermediate_size": 4096, "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 24,
+        "patch_size": 14, "rope_theta": 10000.0,
+    },
+}
+FLUX2_VAE = {
+    "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3, "out_channels": 3, "latent_channels": 32, "layers_per_block": 2, "norm_num_groups": 32,
+    "patch_size": [2, 2], "sample_size": 1024, "use_quant_conv": True, "use_post_quant_conv": True,
+}
+
+# name -> (components' configs, text tokens). The Flux.1 pair differ only in guidance_embeds.
+KNOWN_MODELS: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
+    "flux.1-dev": ({"transformer": FLUX1_TRANSFORMER, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL,
+                    "vae": FLUX1_VAE}, 512),
+    "flux.1-schnell": ({"transformer": {**FLUX1_TRANSFORMER, "guidance_embeds": False}, "text_encoder": CLIP_L,
+                        "text_encoder_2": T5_XXL, "vae": FLUX1_VAE}, 256),
+    # Planned only: the renderer drives FluxPipeline; see docs/tensor-parallel.md.
+    "flux.2-dev": ({"transformer": FLUX2_TRANSFORMER, "text_encoder": MISTRAL_SMALL_3_1, "vae": FLUX2_VAE}, 512),
+}
+
+
+class PlanError(ValueError):
+    """The model cannot be planned (unknown name, unreadable folder, a bad memory size)."""
+
+
+# -- counting ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One pipeline component as the planner sees it: parameter counts and the config they came from."""
+
+    name: str
+    params: int  # all parameters
+    sharded: int  # of which the _tp_plan splits across ranks (transformer only)
+    config: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def replicated(self) -> int:
+        return self.params - self.sharded
+
+
+def model_configs(model: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """The configs of a known preset, or read from a local diffusers folder; plus its text length."""
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model]
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file():
+        known = ", ".join(KNOWN_MODELS)
+        raise PlanError(f"{model!r} is neither a known model ({known}) nor a diffusers folder with model_index.json")
+    configs = {}
+    for name in ("transformer", *TEXT_ENCODERS, "vae"):
+        path = folder / name / "config.json"
+        if path.is_file():
+            configs[name] = json.loads(path.read_text())
+    from flux_worker.presets import resolve_preset
+
+    return configs, resolve_preset(str(folder)).max_sequence_length
+
+
+def count_component(name: str, config: dict[str, Any]) -> Component:
+    """Build the component on the meta device and count its parameters (and the _tp_plan's share)."""
+    return _count(name, json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=64)
+def _count(name: str, config_json: str) -> Component:
+    import torch
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        module = _build(config)
+    params = sum(p.numel() for p in module.parameters())
+    sharded = 0
+    plan = getattr(type(module), "_tp_plan", None) if name == "transformer" else None  # diffusers' plan only
+    if plan:
+        from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+
+        specs = resolve_tp_shard_specs(module, plan, 1)
+        found = dict(module.named_parameters())
+        sharded = sum(found[key].numel() for key, spec in specs.items() if spec.dim is not None)
+    return Component(name, params, sharded, config)
+
+
+def _build(config: dict[str, Any]) -> Any:
+    if "_class_name" in config:
+        import diffusers
+
+        cls = getattr(diffusers, config["_class_name"])
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    import transformers
+
+    cls = getattr(transformers, config["architectures"][0])
+    settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    hf_config = transformers.AutoConfig.for_model(config["model_type"], **settings)
+    return cls(hf_config)
+
+
+# -- activations ------------------------------------------------------------------------------------
+
+
+def image_tokens(config_vae: dict[str, Any], width: int, height: int) -> int:
+    """Latent tokens of one image: the VAE's downsampling, then Flux's 2x2 patches."""
+    scale = 2 ** (len(config_vae["block_out_channels"]) - 1) * 2
+    return (width // scale) * (height // scale)
+
+
+def transformer_activation_bytes(config: dict[str, Any], tokens: int, batch: int, degree: int,
+                                 value_bytes: int) -> int:
+    """Peak activations of one transformer forward on one rank of a TP-`degree` group."""
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    return batch * tokens * (4 * width + 17 * width // degree) * value_bytes
+
+
+def vae_decode_bytes(config: dict[str, Any], width: int, height: int, batch: int, value_bytes: int) -> int:
+    """Peak activations of decoding `batch` images: the widest full-resolution step of the decoder."""
+    channels = config.get("decoder_block_out_channels") or config["block_out_channels"]
+    return batch * width * height * (3 * channels[1] + 2 * channels[0]) * value_bytes
+
+
+def encoder_activation_bytes(config: dict[str, Any], tokens: int, batch: int, value_bytes: int) -> int:
+    """Peak activations of one text encoder over `batch` prompts of `tokens` tokens."""
+    text = config.get("text_config", config)
+    hidden = text.get("d_model") or text["hidden_size"]
+    ffn = text.get("d_ff") or text["intermediate_size"]
+    heads = text.get("num_heads") or text["num_attention_heads"]
+    if "max_position_embeddings" in text and text["max_position_embeddings"] < tokens:
+        tokens = text["max_position_embeddings"]  # CLIP stops at 77
+    total = batch * tokens * (4 * hidden + 2 * ffn) * value_bytes
+    if config.get("model_type") == "t5":
+        total += batch * heads * tokens * tokens * 2 * 4  # eager attention: fp32 scores + position bias
+    layers = text.get("num_hidden_layers")
+    if "text_config" in config and layers:
+        total += batch * tokens * hidden * (layers + 1) * value_bytes  # Flux.2 keeps every layer's hidden states
+    return total
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryPlan:
+    """The planner's answer for one model on one card size."""
+
+    model: str
+    gpu_memory: int
+    dtype: str
+    width: int
+    height: int
+    batch_size: int
+    reserve: int
+    components: dict[str, Component]
+    tp_degree: int | None  # None: even MAX_GPUS cards cannot hold the transformer
+    where: dict[str, str]  # component -> "GPU 0-1 (sharded)", "GPU 1", "CPU (offload)"
+    peak_per_gpu: list[int]  # predicted peak bytes on each rank's GPU
+    cpu_bytes: int  # weights offloaded to host memory, per replica
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.tp_degree is not None
+
+    def describe(self) -> str:
+        """The plan as `fluxbatch plan` prints it."""
+        lines = [
+            f"model {self.model}: {self.dtype}, {self.width}x{self.height}, batch {self.batch_size}, "
+            f"card {_gib(self.gpu_memory)} ({_gib(self.gpu_memory - self.reserve)} usable)",
+        ]
+        if not self.fits:
+            lines.append(f"does not fit: {self.note}")
+            return "\n".join(lines)
+        lines.append(f"tensor-parallel degree: {self.tp_degree} GPU{'s' if self.tp_degree > 1 else ''} per replica")
+        lines.append(f"{'component':<16}{'params':>12}{'weights':>12}  where")
+        for name, comp in self.components.items():
+            weight = comp.params * self._weight_bytes(name)
+            lines.append(f"{name:<16}{comp.params / 1e9:>11.3f}B{_gib(weight):>12}  {self.where[name]}")
+        peaks = ", ".join(f"GPU {i}: {_gib(p)}" for i, p in enumerate(self.peak_per_gpu))
+        lines.append(f"predicted peak per GPU: {peaks}")
+        if self.cpu_bytes:
+            lines.append(f"host memory for offloaded weights: {_gib(self.cpu_bytes)} per replica")
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def _weight_bytes(self, name: str) -> int:
+        return weight_bytes(name, self.dtype)
+
+
+def weight_bytes(component: str, dtype: str) -> int:
+    """Bytes per parameter: fp8 applies to the transformer only; the rest stays bf16."""
+    if dtype == "fp8" and component != "transformer":
+        return 2
+    return WEIGHT_BYTES[dtype]
+
+
+def activation_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int = 1024, height: int | None = None,
+                batch_size: int = 1, reserve: int = RESERVE_BYTES, max_gpus: int = MAX_GPUS,
+                tp_degree: int | None = None) -> MemoryPlan:
+    """Pick the smallest TP degree whose transformer shard fits (or take `tp_degree`), then place the rest."""
+    if dtype not in WEIGHT_BYTES:
+        raise PlanError(f"dtype {dtype!r}: choose one of {', '.join(WEIGHT_BYTES)}")
+    height = height or width
+    configs, text_tokens = model_configs(model)
+    if "transformer" not in configs or "vae" not in configs:
+        raise PlanError(f"{model}: a planner needs at least the transformer's and the VAE's config.json")
+    comps = {name: count_component(name, cfg) for name, cfg in configs.items()}
+    act = activation_bytes(dtype)
+    budget = gpu_memory - reserve
+    tcfg, tcomp = configs["transformer"], comps["transformer"]
+    tokens = image_tokens(configs["vae"], width, height) + text_tokens
+
+    def transformer_on_rank(degree: int) -> tuple[int, int]:
+        weights = (tcomp.replicated + tcomp.sharded // degree) * weight_bytes("transformer", dtype)
+        return weights, transformer_activation_bytes(tcfg, tokens, batch_size, degree, act)
+
+    heads = tcfg["num_attention_heads"]
+    degrees = [d for d in range(1, max_gpus + 1) if heads % d == 0]
+    if tp_degree is not None:
+        degrees = [tp_degree]  # the user chose; the plan still places the encoders and the VAE around it
+    degree = next((d for d in degrees if sum(transformer_on_rank(d)) <= budget), None)
+    base = MemoryPlan(model, gpu_memory, dtype, width, height, batch_size, reserve, comps, degree, {}, [], 0)
+    if degree is None:
+        need = sum(transformer_on_rank(degrees[-1]))
+        base.note = (f"the transformer needs {_gib(need)} per GPU even over {degrees[-1]} GPUs; "
+                     f"use bigger cards{' or --dtype fp8' if dtype != 'fp8' else ''}")
+        return base
+
+    t_weights, t_act = transformer_on_rank(degree)
+    held = [t_weights] * degree  # weights resident on each rank
+    acts: list[list[int]] = [[t_act] for _ in range(degree)]
+    where = {"transformer": f"GPU 0-{degree - 1} (sharded)" if degree > 1 else "GPU 0"}
+    cpu = 0
+
+    def fits_on(rank: int, weights: int, activations: int) -> bool:
+        return held[rank] + weights + max([*acts[rank], activations]) <= budget
+
+    # The VAE belongs to rank 0, which decodes and writes.
+    vae_w = comps["vae"].params * weight_bytes("vae", dtype)
+    vae_a = vae_decode_bytes(configs["vae"], width, height, batch_size, act)
+    if fits_on(0, vae_w, vae_a):
+        held[0] += vae_w
+        acts[0].append(vae_a)
+        where["vae"] = "GPU 0"
+    else:
+        cpu += vae_w
+        where["vae"] = "CPU (offload)"
+
+    # The text encoders stay together, on the emptiest GPU that holds them (another GPU than the VAE's first).
+    encoders = [n for n in TEXT_ENCODERS if n in comps]
+    enc_w = sum(comps[n].params * weight_bytes(n, dtype) for n in encoders)
+    enc_a = max((encoder_activation_bytes(configs[n], text_tokens, batch_size, act) for n in encoders), default=0)
+    rank = min(range(degree), key=lambda r: (held[r], -r))
+    if encoders and fits_on(rank, enc_w, enc_a):
+        held[rank] += enc_w
+        acts[rank].append(enc_a)
+        for n in encoders:
+            where[n] = f"GPU {rank}"
+    else:
+        cpu += enc_w
+        for n in encoders:
+            where[n] = "CPU (offload)"
+    base.where = where
+    base.peak_per_gpu = [held[r] + max(acts[r]) + reserve for r in range(degree)]
+    base.cpu_bytes = cpu
+    if dtype == "fp8":
+        base.note = "fp8 is a planning figure: the renderer loads bf16/fp16/fp32 weights today"
+    return base
+
+
+def placement_of(plan: MemoryPlan) -> dict[str, Any]:
+    """The plan as the `Placement` of flux_worker.tensor_parallel (encoder rank, encoder and VAE device)."""
+    enc = plan.where.get("text_encoder_2") or plan.where.get("text_encoder") or "GPU 0"
+    on_cpu = enc.startswith("CPU")
+    return {
+        "encoder_rank": 0 if on_cpu else int(enc.split()[1]),
+        "encoder_device": "cpu" if on_cpu else "gpu",
+        "vae_device": "cpu" if plan.where.get("vae", "").startswith("CPU") else "gpu",
+    }
+
+
+# -- sizes and the command --------------------------------------------------------------------------
+
+_UNITS = {"": GIB, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": GIB, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB', '80gib' or a bare number of GiB, in bytes (GB is 10^9, GiB is 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise PlanError(f"memory size {text!r}: write it like 24GiB, 24GB or 24 (GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def markdown_table(models: list[str], sizes: list[str], *, dtype: str = "bf16", resolution: int = 1024,
+                   batch_size: int = 1, reserve: int = RESERVE_BYTES) -> str:
+    """One row per model and card size: TP degree, where the encoders and VAE live, peak per GPU."""
+    lines = ["| model | card | GPUs per replica | text encoders | VAE | predicted peak per GPU | host memory |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for model in models:
+        for size in sizes:
+            plan = plan_memory(model, parse_size(size), dtype=dtype, width=resolution, batch_size=batch_size,
+                               reserve=reserve)
+            if not plan.fits:
+                lines.append(f"| {model} | {size} | does not fit | | | {plan.note} | |")
+                continue
+            enc = plan.where.get("text_encoder_2") or plan.where.get("text_encoder", "-")
+            peak = " / ".join(f"{p / GIB:.1f}" for p in plan.peak_per_gpu) + " GiB"
+            host = _gib(plan.cpu_bytes) if plan.cpu_bytes else "-"
+            lines.append(f"| {model} | {size} | {plan.tp_degree} | {enc} | {plan.where['vae']} | {peak} | {host} |")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """`fluxbatch plan`: print the TP degree, placement and predicted peak per GPU; 1 if it cannot fit."""
+    parser = argparse.ArgumentParser(prog="fluxbatch plan", description=plan_main.__doc__)
+    parser.add_argument("--model", default="flux.1-dev", help="a known model (" + ", ".join(KNOWN_MODELS)
+                        + ") or a local diffusers folder")
+    parser.add_argument("--gpu-memory", help="memory of one card: 24GiB, 80GB, ... (required without --table)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(WEIGHT_BYTES))
+    parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per transformer call")
+    parser.add_argument("--reserve", default="1GiB", help="per-GPU allowance for CUDA context and workspaces")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
+                        "--model may then list several models, comma-separated")
+    args = parser.parse_args(argv)
+    try:
+        if args.table:
+            print(markdown_table(args.model.split(","), [s for s in args.table.split(",") if s], dtype=args.dtype,
+                                 resolution=args.resolution, batch_size=args.batch_size,
+                                 reserve=parse_size(args.reserve)))
+            return 0
+        if not args.gpu_memory:
+            parser.error("--gpu-memory is required (or give --table SIZES)")
+        plan = plan_memory(args.model, parse_size(args.gpu_memory), dtype=args.dtype, width=args.resolution,
+                           batch_size=args.batch_size, reserve=parse_size(args.reserve))
+    except PlanError as error:
+        print(f"error: {error}")
+        return 2
+    if args.json:
+        print(json.dumps({"model": plan.model, "tp_degree": plan.tp_degree, "where": plan.where,
+                          "peak_per_gpu": plan.peak_per_gpu, "cpu_bytes": plan.cpu_bytes, "note": plan.note}))
+    else:
+        print(plan.describe())
+    return 0 if plan.fits else 1

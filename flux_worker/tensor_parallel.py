@@ -1,0 +1,229 @@
+"""Tensor-parallel replicas: one Flux pipeline whose transformer is sharded over N GPUs of one node.
+
+    TensorParallelReplica (a Ray Data callable, one per replica)
+      ├─ placement group: N bundles {GPU: 1, CPU: c}, STRICT_PACK, so a group never spans nodes
+      └─ N RankWorker actors joined in one torch.distributed group (NCCL on GPUs, gloo on CPU)
+            every rank: the transformer's shard (diffusers' `_tp_plan`), the scheduler
+            encoder rank: CLIP + T5, encodes each prompt and broadcasts the embeddings
+            rank 0:       the VAE; decodes and writes the images, returns the result table
+
+All ranks get the same batch and run the same `Renderer` code in lock-step (see
+flux_worker/tensor_parallel_rank.py, which this module imports only inside the rank actors, so the
+driver and the group's own actor stay light). Where the text encoders and the VAE live (a GPU,
+another GPU, or CPU) comes from the memory planner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from flux_worker.memory_plan import KNOWN_MODELS, PlanError, model_configs, parse_size, placement_of, plan_memory
+from flux_worker.presets import resolve_preset
+from schemas import JobSpec
+
+log = logging.getLogger(__name__)
+
+GROUP_READY_SECONDS = float(os.environ.get("FLUXBATCH_TP_READY_SECONDS", "600"))
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel group could not be formed or lost lock-step; the message says what to change."""
+
+
+def check_divisible(config: Any, degree: int) -> None:
+    """Raise if `degree` does not divide the transformer's attention heads (each rank takes whole heads)."""
+    heads = config["num_attention_heads"] if isinstance(config, dict) else config.num_attention_heads
+    if heads % degree:
+        raise TensorParallelError(
+            f"gpus_per_replica={degree} does not divide the transformer's {heads} attention heads; "
+            f"choose one of {[d for d in range(1, heads + 1) if heads % d == 0 and d <= 8]}"
+        )
+
+
+class RankWorker:
+    """One rank of a group, run as a Ray actor holding one GPU of the group's placement group."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def gpu_ids(self) -> list[str]:
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def address(self) -> str:
+        """host:port for the group's rendezvous; rank 0 is asked."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return f"{host}:{sock.getsockname()[1]}"
+
+    def start(self, rank: int, world_size: int, address: str, group_gpus: list[str], model: dict[str, Any],
+              output_uri: str, storage_options: dict[str, Any] | None, placement: dict[str, Any],
+              threads: int | None, renderer: dict[str, Any]) -> None:
+        """Join the process group and load this rank's part of the pipeline."""
+        import torch
+
+        from flux_worker.tensor_parallel_rank import Placement, RankRenderer, init_group
+
+        if threads:
+            torch.set_num_threads(threads)
+        if group_gpus:
+            # Ray shows each actor only its own GPU; NCCL's peer-to-peer paths need the whole group's,
+            # ordered so that rank i uses cuda:i. Set before anything initialises CUDA in this process.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group_gpus)
+        device = init_group(rank, world_size, address)
+        self.renderer = RankRenderer(model, output_uri, storage_options, rank=rank, world_size=world_size,
+                                     device=device, placement=Placement(**placement), threads=threads, **renderer)
+
+    def render(self, batch: pa.Table) -> pa.Table | None:
+        result = self.renderer(batch)
+        return result if self.renderer.rank == 0 else None
+
+
+def form_group(tp_degree: int, cpus_per_rank: int = 1) -> tuple[Any, list[Any]]:
+    """Reserve N bundles of one GPU on one node (STRICT_PACK) and start a RankWorker in each, in rank order."""
+    bundles = [{"GPU": 1, "CPU": cpus_per_rank}] * tp_degree
+    group = placement_group(bundles, strategy="STRICT_PACK")
+    try:
+        ray.get(group.ready(), timeout=GROUP_READY_SECONDS)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise TensorParallelError(
+            f"no node could hold a tensor-parallel group of {tp_degree} GPUs and {tp_degree * cpus_per_rank} "
+            f"CPUs within {GROUP_READY_SECONDS:.0f}s; a group never spans nodes, so use nodes with at least "
+            f"{tp_degree} free GPUs or lower gpus_per_replica"
+        ) from None
+    actor = ray.remote(RankWorker)
+    workers = [
+        actor.options(
+            num_gpus=1, num_cpus=cpus_per_rank, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        ).remote()
+        for i in range(tp_degree)
+    ]
+    gpus = ray.get([w.gpu_ids.remote() for w in workers])
+    # Rank i takes the i-th lowest GPU id, so rank i is cuda:i once each sees the group's GPUs.
+    order = sorted(range(tp_degree), key=lambda i: _gpu_sort_key(gpus[i]))
+    return group, [workers[i] for i in order]
+
+
+class TensorParallelReplica:
+    """A Ray Data callable class: one member of the actor pool, driving a group of `tp_degree` rank actors."""
+
+    def __init__(self, tp_degree: int, model: dict[str, Any], output_uri: str,
+                 storage_options: dict[str, Any] | None = None, *, placement: dict[str, Any] | None = None,
+                 cpus_per_rank: int = 1, threads: int | None = None, **renderer: Any):
+        if tp_degree < 2:
+            raise TensorParallelError(f"a tensor-parallel replica needs 2 or more GPUs, got {tp_degree}")
+        self.tp_degree = tp_degree
+        self.group, self.ranks = form_group(tp_degree, cpus_per_rank)
+        group_gpus = sorted((g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids),
+                            key=_gpu_sort_key)
+        address = ray.get(self.ranks[0].address.remote())
+        place = dict(placement or {})
+        ray.get([
+            worker.start.remote(rank, tp_degree, address, group_gpus, model, output_uri, storage_options, place,
+                                threads, renderer)
+            for rank, worker in enumerate(self.ranks)
+        ])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # Same batch to every rank; they run in lock-step and rank 0 returns the written rows.
+        return ray.get([worker.render.remote(batch) for worker in self.ranks])[0]
+
+    def nodes(self) -> list[str]:
+        """The node id of every rank (all the same: a group never spans nodes)."""
+        return ray.get([worker.node_id.remote() for worker in self.ranks])
+
+
+def _gpu_sort_key(gpu: Any) -> tuple:
+    text = str(gpu[0] if isinstance(gpu, list) and gpu else gpu)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+# -- choosing the group from a job ------------------------------------------------------------------
+
+
+def gpu_memory() -> int | None:
+    """Memory of one of the cluster's GPUs: FLUXBATCH_GPU_MEMORY if set, else asked of a GPU worker."""
+    if os.environ.get("FLUXBATCH_GPU_MEMORY"):
+        return parse_size(os.environ["FLUXBATCH_GPU_MEMORY"])
+    if not any(name.startswith("accelerator_type:") for name in ray.cluster_resources()):
+        return None  # Ray detected no real GPU model (e.g. GPUs declared by hand): nothing to ask
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> int | None:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+    try:
+        return ray.get(probe.remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
+def _planner_model(job: JobSpec) -> str:
+    preset = resolve_preset(job.model.name)
+    return preset.name if preset.name in KNOWN_MODELS else preset.source
+
+
+def _plan_for(job: JobSpec, degree: int | None):
+    """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
+    preset = resolve_preset(job.model.name)
+    model = _planner_model(job)
+    memory = gpu_memory()
+    if memory is None:
+        return None
+    dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
+    return plan_memory(model, memory, dtype=dtype, width=job.defaults.width or preset.width,
+                       height=job.defaults.height or preset.height,
+                       batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)
+
+
+def resolve_gpus_per_replica(job: JobSpec) -> float:
+    """The job's GPUs per replica; `auto` asks the memory planner about the cluster's cards (0 without GPUs)."""
+    if job.gpus_per_replica != "auto":
+        return float(job.gpus_per_replica)
+    if not ray.cluster_resources().get("GPU"):
+        return 0.0
+    try:
+        plan = _plan_for(job, None)
+    except PlanError as error:
+        raise TensorParallelError(f"gpus_per_replica auto: {error}; give a number instead") from None
+    if plan is None:
+        raise TensorParallelError(
+            "gpus_per_replica auto: could not read the GPUs' memory (no CUDA on the GPU workers); "
+            "set FLUXBATCH_GPU_MEMORY=24GiB or give a number")
+    if not plan.fits:
+        raise TensorParallelError(f"gpus_per_replica auto: {plan.note}")
+    log.info("memory planner: %d GPU(s) per replica\n%s", plan.tp_degree, plan.describe())
+    return float(plan.tp_degree)
+
+
+def replica_stage(job: JobSpec, degree: int, renderer: dict[str, Any]) -> tuple[type, dict[str, Any], dict[str, Any]]:
+    """The map_batches callable, its constructor kwargs and its own resources for a TP-`degree` replica.
+
+    The callable itself holds no GPU: its rank actors do, in their placement group.
+    """
+    placement: dict[str, Any] = {"encoder_rank": degree - 1}
+    try:
+        configs, _ = model_configs(_planner_model(job))
+        check_divisible(configs["transformer"], degree)  # fail here, not in N actors
+        plan = _plan_for(job, degree)
+    except PlanError:
+        plan = None  # a hub id the planner has no configs for: the default placement
+    if plan is not None and plan.fits:
+        placement = placement_of(plan)
+    cpus_per_rank = max(1, (job.cpus_per_replica or degree) // degree)
+    kwargs = {**renderer, "tp_degree": degree, "placement": placement, "cpus_per_rank": cpus_per_rank}
+    if kwargs.get("threads"):
+        kwargs["threads"] = cpus_per_rank
+    return TensorParallelReplica, kwargs, {"num_gpus": None, "num_cpus": 0}
