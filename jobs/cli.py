@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiny: milliseconds per image, for tests; bench: ~0.2-0.5 s per image on 2 CPU cores")
     build.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
 
+    from jobs.dataset_commands import add_parsers
+
+    add_parsers(sub)  # synthesize, catalog run
     sub.add_parser("plan", help="memory planner: tensor-parallel degree and placement for a GPU size",
                    add_help=False)
     return parser
@@ -207,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "model":
             return cmd_model_build(args)
+        if args.command in ("synthesize", "catalog"):
+            from jobs.dataset_commands import run_command
+
+            return run_command(args)
     except ValidationError as error:
         from schemas import row_errors
 

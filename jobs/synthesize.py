@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from flux_worker.storage import filesystem, read_bytes, uri, write_bytes
 from schemas import RunSummary
-from schemas.synthesis import SlotColumn, SynthesisSpec, template_slots
+from schemas.job_template import template_fields
+from schemas.synthesis import SlotColumn, SynthesisSpec
 
 MANIFEST_NAME = "manifest.parquet"
 SPEC_NAME = "synthesis.json"
@@ -72,7 +73,7 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
         template = spec.templates[template_index]
         values = {slot: words[slot][_draw(spec.seed, index, f"slot:{slot}", len(words[slot]))]
                   for slot in spec.slots}
-        prompt = template.format(**{slot: values[slot] for slot in template_slots(template)})
+        prompt = template.format(**{slot: values[slot] for slot in template_fields(template)})
         seed = _draw(spec.seed, index, "seed", 2**63)
         digest = hashlib.blake2b(f"{prompt}\x1f{seed}".encode(), digest_size=5).hexdigest()
         row: dict[str, Any] = {

@@ -6,6 +6,7 @@ It holds the same `output`, `model` and `defaults` as `JobSpec`, and the rest of
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas.job import JobSpec, ModelSpec, OutputSpec, RenderDefaults
 from schemas.request import row_errors
+
+
+def template_fields(template: str) -> list[str]:
+    """The {placeholder} names a prompt template uses, in order; refuses format specs, indexing and positions."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"template {template!r}: {{{name}}} is not a plain placeholder; write {{name}}, "
+                             "and {{ or }} for a literal brace")
+        names.append(name)
+    return names
+
 
 # Fields of JobSpec that a template sets itself, so `render` may not.
 _OWN_FIELDS = {"manifest", "output", "model", "defaults", "storage_options"}

@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.job_template import JobTemplate
+from schemas.job_template import JobTemplate, template_fields
 from schemas.request import MAX_IMAGES_PER_ROW
 
 MAX_PROMPTS = 100_000_000
@@ -31,19 +30,6 @@ class SlotColumn(BaseModel):
 
     parquet: str = Field(min_length=1)
     column: str = Field(min_length=1)
-
-
-def template_slots(template: str) -> list[str]:
-    """The slot names a template uses, in order; refuses format specs, indexing and positional fields."""
-    names = []
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
-            raise ValueError(f"template {template!r}: {{{name}}} is not a plain slot name; write {{name}}, "
-                             "and {{ or }} for a literal brace")
-        names.append(name)
-    return names
 
 
 class SynthesisSpec(JobTemplate):
@@ -65,7 +51,7 @@ class SynthesisSpec(JobTemplate):
         for template in value:
             if not template.strip():
                 raise ValueError("a template is empty")
-            template_slots(template)
+            template_fields(template)
         return value
 
     @field_validator("slots")
@@ -85,13 +71,13 @@ class SynthesisSpec(JobTemplate):
     @model_validator(mode="after")
     def _slots_declared(self) -> SynthesisSpec:
         for template in self.templates:
-            missing = [name for name in template_slots(template) if name not in self.slots]
+            missing = [name for name in template_fields(template) if name not in self.slots]
             if missing:
                 raise ValueError(f"template {template!r} uses slot {missing[0]!r}, which `slots` does not declare")
         if self.label_slot is not None:
             if self.label_slot not in self.slots:
                 raise ValueError(f"label_slot {self.label_slot!r} is not one of the declared slots")
-            lacking = [t for t in self.templates if self.label_slot not in template_slots(t)]
+            lacking = [t for t in self.templates if self.label_slot not in template_fields(t)]
             if lacking:
                 raise ValueError(f"template {lacking[0]!r} does not use the label slot {{{self.label_slot}}}; "
                                  "every prompt must name its class")

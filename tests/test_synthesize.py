@@ -74,7 +74,7 @@ def test_slot_vocabulary_can_come_from_a_parquet_column(tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"templates": ["a {colour} cat"]}, "uses slot 'colour', which `slots` does not declare"),
-    ({"templates": ["a {color:>10} cat"]}, "is not a plain slot name"),
+    ({"templates": ["a {color:>10} cat"]}, "is not a plain placeholder"),
     ({"label_slot": "place"}, "does not use the label slot {place}"),
     ({"slots": {"color": [], "animal": ["cat"], "place": ["x"]}}, "slot 'color' has an empty vocabulary"),
     ({"render": {"replicas": 0}}, "render.replicas: Input should be greater than or equal to 1"),

@@ -1,0 +1,103 @@
+"""The `fluxbatch synthesize` and `fluxbatch catalog run` subcommands: argument parsing and printing only.
+
+The work is in jobs/synthesize.py and jobs/catalog.py; this module imports them only when a command runs,
+so `fluxbatch --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    """Add `synthesize` and `catalog` to the `fluxbatch` subcommands."""
+    synth = sub.add_parser(
+        "synthesize", help="draw a synthetic data set's prompts from templates and render them",
+        description="Draw prompts from the templates and slot vocabularies of SPEC (same spec, same manifest), "
+        "write them to OUTPUT/manifest.parquet and render them; output.layout picks files, webdataset or "
+        "hf-parquet.")
+    synth.add_argument("spec", metavar="SPEC.yaml", help="synthesis spec (docs/datasets-and-catalog.md)")
+    synth.add_argument("--draw-only", action="store_true", help="write the manifest, render nothing")
+    _add_common(synth)
+
+    catalog = sub.add_parser("catalog", help="catalog assets: product images at stable paths",
+                             description="Catalog assets.")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")
+    run = catalog_sub.add_parser(
+        "run", help="render what changed in the product table and publish it at stable paths",
+        description="Render the products of SPEC whose render parameters changed since the last run, publish "
+        "them at OUTPUT/catalog/<sku>/<aspect>/<variant>.<ext>, keep replaced images under "
+        "OUTPUT/catalog/_previous/, and report new, changed, removed and failed SKUs.")
+    run.add_argument("spec", metavar="SPEC.yaml", help="catalog spec (docs/datasets-and-catalog.md)")
+    _add_common(run)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", help="output folder or s3:// prefix (overrides output.uri)")
+    parser.add_argument("--new-version", action="store_true",
+                        help="accept model or defaults that differ from OUTPUT/_job.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for the output and input files (repeatable)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run `synthesize` or `catalog run`; a problem the user can fix prints one line and returns 2."""
+    from jobs.catalog import ProductTableError
+    from jobs.synthesize import SlotVocabularyError
+    from pipeline.pack import CorruptImageError
+
+    try:
+        return _synthesize(args) if args.command == "synthesize" else _catalog_run(args)
+    except (SlotVocabularyError, ProductTableError, CorruptImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _load(spec_type: Any, args: argparse.Namespace) -> Any:
+    from flux_worker.storage import parse_storage_options
+
+    spec = spec_type.from_yaml(args.spec, **{"output.uri": args.output})
+    options = parse_storage_options(args.storage_option)
+    if options:
+        spec.output.storage_options = {**spec.output.storage_options, **options}
+        spec.storage_options = {**spec.storage_options, **options}
+    return spec
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from jobs.synthesize import synthesize
+    from schemas.synthesis import SynthesisSpec
+
+    spec = _load(SynthesisSpec, args)
+    manifest, summary = synthesize(spec, render=not args.draw_only, new_version=args.new_version,
+                                   progress=not args.no_progress)
+    print(f"drew {spec.prompts} prompts x {spec.images_per_prompt} images into {manifest}")
+    if summary is None:
+        return 0
+    print(f"{summary.images_rendered} rendered, {summary.images_already_done} already done, "
+          f"{summary.images_failed} failed; {summary.images_total_done}/{summary.images_expected} images "
+          f"in {spec.output.uri} (layout {spec.output.layout})")
+    return 0 if summary.complete else 1
+
+
+def _catalog_run(args: argparse.Namespace) -> int:
+    from jobs.catalog import run_catalog
+    from schemas.catalog import CatalogSpec
+
+    spec = _load(CatalogSpec, args)
+    report, summary = run_catalog(spec, new_version=args.new_version, progress=not args.no_progress)
+    print(f"{report.products} products: {len(report.skus_new)} new, {len(report.skus_changed)} changed, "
+          f"{report.skus_unchanged} unchanged, {len(report.skus_removed)} removed, {len(report.skus_failed)} "
+          f"failed, {len(report.skus_refused)} refused; {report.images_rendered} images rendered, "
+          f"{report.assets_published} published, {report.previous_versions_kept} previous versions kept")
+    for label, skus in (("changed", report.skus_changed), ("removed", report.skus_removed),
+                        ("failed", report.skus_failed)):
+        if skus:
+            print(f"  {label}: {', '.join(skus[:20])}{' ...' if len(skus) > 20 else ''}")
+    for problem in report.problems[:20]:
+        print(f"  refused: {problem}")
+    print(f"report: {spec.output.uri.rstrip('/')}/catalog/_runs/{report.run_id}.json")
+    return 0 if summary.complete and not report.skus_failed else 1
