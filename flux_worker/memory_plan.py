@@ -301,6 +301,9 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     heads = tcfg["num_attention_heads"]
     degrees = [d for d in range(1, max_gpus + 1) if heads % d == 0]
     if tp_degree is not None:
+        if tp_degree < 1 or heads % tp_degree:
+            raise PlanError(f"{tp_degree} GPUs per replica do not divide the transformer's {heads} attention heads; "
+                            f"choose one of {degrees}")
         degrees = [tp_degree]  # the user chose; the plan still places the encoders and the VAE around it
     degree = next((d for d in degrees if sum(transformer_on_rank(d)) <= budget), None)
     base = MemoryPlan(model, gpu_memory, dtype, width, height, batch_size, reserve, comps, degree, {}, [], 0)
