@@ -21,6 +21,13 @@ def test_cluster_yaml_validates_against_rays_cluster_schema():
     jsonschema.validate(load(), schema)
 
 
+def test_cluster_yaml_passes_rays_own_launcher_checks():
+    # What `ray up` runs: fill in the AWS defaults, then check the schema, the head type and node types.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(load()))
+
+
 def test_cluster_has_a_cpu_head_and_the_two_gpu_worker_types():
     config = load()
     types = config["available_node_types"]
