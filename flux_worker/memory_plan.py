@@ -351,7 +351,8 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     base.peak_per_gpu = [held[r] + max(acts[r]) + reserve for r in range(degree)]
     base.cpu_bytes = cpu
     if dtype == "fp8":
-        base.note = "fp8 is a planning figure: the renderer loads bf16/fp16/fp32 weights today"
+        base.note = ("fp8: the transformer quantized on one GPU (model.quantize: fp8); a quantized transformer "
+                     "cannot be sharded, so fp8 plans needing 2+ GPUs are figures only")
     return base
 
 

@@ -183,6 +183,8 @@ def _plan_for(job: JobSpec, degree: int | None):
     if memory is None:
         return None
     dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
+    if getattr(job.model, "quantize", None) == "fp8":
+        dtype = "fp8"
     return plan_memory(model, memory, dtype=dtype, width=job.defaults.width or preset.width,
                        height=job.defaults.height or preset.height,
                        batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)

@@ -109,6 +109,11 @@ def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torc
             "LoRA adapters are not supported on tensor-parallel replicas (the _tp_plan shards the base Linear "
             "layers only); render adapter rows with gpus_per_replica 1"
         )
+    if getattr(spec, "quantize", None):
+        raise TensorParallelError(
+            f"model.quantize={spec.quantize!r} cannot be combined with a tensor-parallel replica: quantized weights "
+            "cannot be split into DTensor shards (diffusers refuses it too); use bf16 shards or one GPU per replica"
+        )
     preset = resolve_preset(spec.name)
     if Path(preset.source).is_dir():
         refuse_pickle(preset.source)
