@@ -62,7 +62,8 @@ def _column_words(slot: str, source: SlotColumn, storage_options: dict[str, Any]
 
 
 def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None = None) -> pa.Table:
-    """The manifest a spec draws: id, prompt, seed, num_images, template, one `slot_<name>` column per slot,
+    """The manifest a spec draws: id, prompt, seed, num_images, template, a `slot_<name>` column per slot (by name,
+    so the order slots are listed in changes nothing),
     and `label`, `label_id` when the spec names a label slot."""
     words = vocabularies if vocabularies is not None else slot_vocabularies(spec)
     labels = words[spec.label_slot] if spec.label_slot else []
@@ -72,7 +73,7 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
         template_index = _draw(spec.seed, index, "template", len(spec.templates))
         template = spec.templates[template_index]
         values = {slot: words[slot][_draw(spec.seed, index, f"slot:{slot}", len(words[slot]))]
-                  for slot in spec.slots}
+                  for slot in sorted(spec.slots)}
         prompt = template.format(**{slot: values[slot] for slot in template_fields(template)})
         seed = _draw(spec.seed, index, "seed", 2**63)
         digest = hashlib.blake2b(f"{prompt}\x1f{seed}".encode(), digest_size=5).hexdigest()
@@ -84,13 +85,13 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
             "num_images": spec.images_per_prompt,
             "template": template_index,
         }
-        row.update({f"slot_{slot}": values[slot] for slot in spec.slots})
+        row.update({f"slot_{slot}": values[slot] for slot in sorted(spec.slots)})
         if spec.label_slot:
             row["label"] = values[spec.label_slot]
             row["label_id"] = label_ids[values[spec.label_slot]]
         rows.append(row)
     fields = [("id", pa.string()), ("prompt", pa.string()), ("seed", pa.uint64()), ("num_images", pa.int32()),
-              ("template", pa.int32())] + [(f"slot_{slot}", pa.string()) for slot in spec.slots]
+              ("template", pa.int32())] + [(f"slot_{slot}", pa.string()) for slot in sorted(spec.slots)]
     if spec.label_slot:
         fields += [("label", pa.string()), ("label_id", pa.int32())]
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))

@@ -134,3 +134,24 @@ def test_catalog_rerun_after_changing_two_skus_renders_exactly_those_two(tmp_pat
     again, summary = run_catalog(spec, progress=False)
     assert (summary.images_rendered, again.assets_published, again.skus_unchanged) == (0, 0, 4)
     assert again.skus_changed == again.skus_removed == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_cli_catalog_run_publishes_and_prints_the_report(tmp_path, tiny_model, capsys):
+    import yaml
+
+    from jobs.cli import main
+
+    out = tmp_path / "out"
+    spec = make_spec(write_products(tmp_path / "p.parquet", PRODUCTS[:1]), str(out), str(tiny_model),
+                     aspects=["1:1"])
+    spec_file = tmp_path / "catalog.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+
+    assert main(["catalog", "run", str(spec_file), "--no-progress"]) == 0
+
+    printed = capsys.readouterr().out
+    assert "1 products: 1 new, 0 changed, 0 unchanged, 0 removed, 0 failed, 0 refused; 1 images rendered, " \
+        "1 published, 0 previous versions kept" in printed
+    assert (out / "catalog" / "LAMP-1" / "1x1" / "0.png").is_file()

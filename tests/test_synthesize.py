@@ -154,3 +154,57 @@ def test_rerun_with_more_prompts_renders_only_those_and_rewrites_only_the_shards
     assert (out / "webdataset" / "00000.tar").stat().st_mtime_ns == full_shard
     total = json.loads((out / "webdataset" / "_stats.json").read_text())
     assert (total["images"], total["shards"]) == (7, 3)
+
+
+def write_spec_yaml(path: Path, spec: SynthesisSpec) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return path
+
+
+def test_cli_synthesize_draw_only_writes_the_manifest_and_renders_nothing(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "out"
+    spec_file = write_spec_yaml(tmp_path / "spec.yaml", make_spec("unused"))
+    assert main(["synthesize", str(spec_file), "--output", str(out), "--draw-only"]) == 0
+
+    assert pq.read_table(out / "manifest.parquet").equals(draw_manifest(make_spec(str(out))))
+    assert json.loads((out / "synthesis.json").read_text())["prompts"] == 5
+    assert not (out / "images").exists()
+    assert f"drew 5 prompts x 1 images into {out / 'manifest.parquet'}" in capsys.readouterr().out
+
+
+def test_cli_synthesize_names_the_slot_whose_parquet_column_is_missing(tmp_path, capsys):
+    from jobs.cli import main
+
+    words = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"name": ["cat"]}), words)
+    spec = make_spec(str(tmp_path / "out"), slots={"color": ["red"], "place": ["x"],
+                                                   "animal": {"parquet": str(words), "column": "species"}})
+    assert main(["synthesize", str(write_spec_yaml(tmp_path / "s.yaml", spec)), "--draw-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: slot 'animal': {str(words)!r} has no column 'species'; it has: name"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_synthesis_packs_hf_parquet_on_s3(tmp_path, tiny_model, s3_env, bucket):
+    import hashlib
+
+    import s3fs
+
+    out = f"s3://{bucket}/synth"
+    synthesize(make_spec(out, str(tiny_model), prompts=3, layout="hf-parquet"), progress=False)
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert fs.ls(f"{bucket}/synth/hf", detail=False) == [f"{bucket}/synth/hf/00000.parquet",
+                                                         f"{bucket}/synth/hf/_stats",
+                                                         f"{bucket}/synth/hf/_stats.json"]
+    table = pq.read_table(pa.BufferReader(fs.cat_file(f"{bucket}/synth/hf/00000.parquet")))
+    assert json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["image"] == {"_type": "Image"}
+    rows = {r["key"]: r for r in metadata(out).to_pylist()}
+    assert table.num_rows == 3
+    for row in table.to_pylist():
+        assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == rows[row["key"]]["sha256"]
