@@ -14,15 +14,20 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from flux_worker.storage import filesystem, uri, with_retries
-from schemas import MANIFEST_COLUMNS, FailureRecord, ModelLimits, RenderRequest, row_errors
+from pipeline.fast_validate import REQUEST_SCHEMA, check_file
+from schemas import MANIFEST_COLUMNS, FailureRecord, ModelLimits, OutputFormat, RenderRequest, row_errors
 from schemas.records import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
 _RESERVED = set(RESULT_SCHEMA.names)
+# Files this long are checked by columns first (pipeline/fast_validate.py); shorter ones row by row,
+# where the cost is nothing and the checks are the reference.
+VECTORIZE_FROM_ROWS = 2048
 
 
 class ManifestError(ValueError):
@@ -42,10 +47,48 @@ class Manifest:
     """The rows that passed validation, the failures of the rest, and the extra columns' types."""
 
     files: list[str] = field(default_factory=list)
-    rows: list[ValidRow] = field(default_factory=list)
+    checked_rows: list[ValidRow] = field(default_factory=list)  # validated one by one
+    tables: list[pa.Table] = field(default_factory=list)  # validated by columns: REQUEST_SCHEMA, then extras
     failures: list[FailureRecord] = field(default_factory=list)
     extra_fields: list[pa.Field] = field(default_factory=list)
     total_rows: int = 0
+
+    @property
+    def valid_count(self) -> int:
+        return len(self.checked_rows) + sum(t.num_rows for t in self.tables)
+
+    @property
+    def image_count(self) -> int:
+        """Images the valid rows ask for."""
+        return (sum(r.request.num_images for r in self.checked_rows)
+                + sum(pc.sum(t.column("num_images")).as_py() or 0 for t in self.tables))
+
+    @property
+    def rows(self) -> list[ValidRow]:
+        """Every valid row as a `ValidRow`, in file and row order (rows checked by columns are built here)."""
+        built = [
+            ValidRow(row["source"], row["row"], _request(row), {f.name: row[f.name] for f in self.extra_fields})
+            for table in self.tables for row in self._conform(table).to_pylist()
+        ]
+        order = {source: i for i, source in enumerate(self.files)}
+        return sorted(self.checked_rows + built, key=lambda r: (order.get(r.source, 0), r.row))
+
+    def requests(self) -> pa.Table:
+        """Every valid row as REQUEST_SCHEMA columns plus the extra columns: what the planner expands."""
+        checked = [
+            {"request_id": request_id_of(r.request), **r.request.model_dump(mode="json"), "source": r.source,
+             "row": r.row, **r.extras}
+            for r in self.checked_rows
+        ]
+        schema = pa.schema(list(REQUEST_SCHEMA) + self.extra_fields)
+        parts = [pa.Table.from_pylist(checked, schema=schema)] + [self._conform(t) for t in self.tables]
+        return pa.concat_tables(parts)
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        schema = pa.schema(list(REQUEST_SCHEMA) + self.extra_fields)
+        columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+                   else pa.nulls(table.num_rows, f.type) for f in schema]
+        return pa.table(columns, schema=schema)
 
 
 def list_manifest_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -89,6 +132,9 @@ def read_manifest(
     # Files may disagree on an extra column's type; the metadata holds one type per column.
     extra_types = _extra_types([table for _, table in tables])
     for source, table in tables:
+        if _read_by_columns(source, table, extra_types, manifest, context, model_name, adapter_names, first_seen,
+                            now):
+            continue
         converted = _rows(source, table, extra_types, manifest, now)
         if converted is None:
             continue
@@ -106,18 +152,88 @@ def read_manifest(
             request = failure
             request_id = request_id_of(request)
             if request_id in first_seen:
-                where = first_seen[request_id]
-                what = f"id {request.id!r}" if request.id is not None else "the same render parameters"
-                manifest.failures.append(
-                    FailureRecord(stage="validate", source=source, row=index, request_id=request_id,
-                                  field="id" if request.id is not None else None,
-                                  reason=f"duplicate: {what} as row {where[1]} of {where[0]}", at=now)
-                )
+                manifest.failures.append(_duplicate(source, index, request_id, request.id is not None,
+                                                    first_seen[request_id], now))
                 continue
             first_seen[request_id] = (source, index)
-            manifest.rows.append(ValidRow(source, index, request, extra))
+            manifest.checked_rows.append(ValidRow(source, index, request, extra))
     manifest.extra_fields = list(extra_types.values())
     return manifest
+
+
+def _read_by_columns(source: str, table: pa.Table, extra_types: dict[str, pa.Field], manifest: Manifest,
+                     context: dict, model_name: str | None, adapter_names: set[str] | None,
+                     first_seen: dict[str, tuple[str, int]], now: datetime) -> bool:
+    """Check a long file with Arrow compute; only the rows it flags meet pydantic, so the messages are the
+    per-row path's own. False when the file must take the per-row path (short, or types it cannot check)."""
+    if table.num_rows < VECTORIZE_FROM_ROWS:
+        return False
+    extras = [name for name in table.column_names if name not in MANIFEST_COLUMNS]
+    try:
+        for name in extras:
+            if table.column(name).type != extra_types[name].type:
+                index = table.column_names.index(name)
+                table = table.set_column(index, name, table.column(name).cast(extra_types[name].type))
+    except (pa.ArrowException, ValueError, OverflowError):
+        return False
+    checked = check_file(table, source, context["limits"], model_name, extras)
+    if checked is None:
+        return False
+    manifest.total_rows += table.num_rows
+    known = [name for name in table.column_names if name in MANIFEST_COLUMNS]
+    suspects = table.take(pa.array(checked.flagged, pa.int64()))
+    failures: list[FailureRecord] = []
+    passed: list[ValidRow] = []
+    for index, values, extra in zip(checked.flagged.tolist(), suspects.select(known).to_pylist(),
+                                    suspects.select(extras).to_pylist()):
+        result = _check_row(values, context, model_name, adapter_names)
+        if isinstance(result, list):
+            failures += [FailureRecord(stage="validate", source=source, row=index, request_id=_id_of(values),
+                                       field=name, reason=reason, at=now) for name, reason in result]
+        else:
+            passed.append(ValidRow(source, index, result, extra))
+    # A repeated request id is refused after its first row, in row order over both kinds of rows.
+    valid = checked.valid
+    rows = valid.column("row").to_pylist()
+    without_id = set(valid.filter(pc.is_null(valid.column("id"))).column("row").to_pylist())
+    candidates: list[tuple[int, str, ValidRow | None]] = list(zip(rows, valid.column("request_id").to_pylist(),
+                                                                  [None] * len(rows)))
+    if passed:
+        candidates = sorted(candidates + [(r.row, request_id_of(r.request), r) for r in passed], key=lambda c: c[0])
+    repeated: list[int] = []
+    for index, request_id, item in candidates:
+        if request_id in first_seen:
+            has_id = item.request.id is not None if item else index not in without_id
+            failures.append(_duplicate(source, index, request_id, has_id, first_seen[request_id], now))
+            if item is None:
+                repeated.append(index)
+            continue
+        first_seen[request_id] = (source, index)
+        if item is not None:
+            manifest.checked_rows.append(item)
+    if repeated:
+        valid = valid.filter(pc.invert(pc.is_in(valid.column("row"), value_set=pa.array(repeated, pa.int64()))))
+    manifest.tables.append(valid)
+    manifest.failures += sorted(failures, key=lambda f: f.row)
+    return True
+
+
+def _duplicate(source: str, index: int, request_id: str, has_id: bool, where: tuple[str, int],
+               now: datetime) -> FailureRecord:
+    what = f"id {request_id!r}" if has_id else "the same render parameters"
+    return FailureRecord(stage="validate", source=source, row=index, request_id=request_id,
+                         field="id" if has_id else None,
+                         reason=f"duplicate: {what} as row {where[1]} of {where[0]}", at=now)
+
+
+def _request(row: dict[str, Any]) -> RenderRequest:
+    """A RenderRequest from a row the column checks passed, without validating it again."""
+    fmt = row["output_format"]
+    return RenderRequest.model_construct(
+        id=row["id"], prompt=row["prompt"], model=row["model"], width=row["width"], height=row["height"],
+        steps=row["steps"], guidance=row["guidance"], seed=row["seed"], num_images=row["num_images"],
+        adapters=(), output_format=OutputFormat(fmt) if fmt else None,
+    )
 
 
 def _carried_names(names: list[str], source: str) -> list[str]:

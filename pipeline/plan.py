@@ -10,11 +10,12 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.presets import ModelPreset
-from pipeline.manifest import Manifest, request_id_of
+from pipeline.manifest import Manifest
 from schemas import PLAN_SCHEMA, JobSpec, OutputFormat
 
 SEED_MODULUS = 2**64
@@ -41,47 +42,55 @@ class Plan:
 
 
 def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, done_keys: set[str]) -> Plan:
-    """Expand every valid row into images, resolve defaults, and keep the ones not in `done_keys`."""
+    """Expand every valid row into images, resolve defaults, and keep the ones not in `done_keys`.
+
+    Column at a time (a million rows plan in seconds); only keys and missing seeds are hashed per image.
+    """
     defaults = job.defaults
-    max_seq = job.model.max_sequence_length or preset.max_sequence_length
-    rows: list[dict[str, Any]] = []
-    expected = 0
-    for item in manifest.rows:
-        request = item.request
-        request_id = request_id_of(request)
-        fmt = request.output_format or defaults.output_format or OutputFormat.png
-        for variant in range(request.num_images):
-            expected += 1
-            key = image_key(request_id, variant)
-            if key in done_keys:
-                continue
-            seed = (request.seed + variant) % SEED_MODULUS if request.seed is not None else derived_seed(key)
-            rows.append(
-                {
-                    "key": key,
-                    "request_id": request_id,
-                    "variant": variant,
-                    "prompt": request.prompt,
-                    "width": request.width or defaults.width or preset.width,
-                    "height": request.height or defaults.height or preset.height,
-                    "steps": request.steps or defaults.steps or preset.steps,
-                    "guidance": _first(request.guidance, defaults.guidance, preset.guidance),
-                    "seed": seed,
-                    "max_sequence_length": max_seq,
-                    "adapters": [a.model_dump() for a in request.adapters],
-                    "output_format": OutputFormat(fmt).value,
-                    "source": item.source,
-                    "row": item.row,
-                    **item.extras,
-                }
-            )
+    requests = manifest.requests()
+    counts = requests.column("num_images").to_numpy(zero_copy_only=False).astype(np.int64)
+    expected = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    variants = np.arange(expected, dtype=np.int64) - np.repeat(starts, counts)
+    images = requests.take(pa.array(np.repeat(np.arange(len(counts), dtype=np.int64), counts)))
+    keys = [image_key(r, v) for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
+    todo = np.fromiter((key not in done_keys for key in keys), dtype=bool, count=expected)
+    images, variants = images.filter(pa.array(todo)), variants[todo]
+    keys = [key for key, keep in zip(keys, todo.tolist()) if keep]
+
+    seed = images.column("seed")
+    given = seed.is_valid().to_numpy(zero_copy_only=False)
+    # uint64 addition wraps, which is the modulo 2**64 a row's seed + variant is taken by.
+    seeds = np.where(given, seed.fill_null(0).to_numpy(zero_copy_only=False) + variants.astype(np.uint64), 0)
+    for i in np.flatnonzero(~given).tolist():
+        seeds[i] = derived_seed(keys[i])
+    fmt = (defaults.output_format or OutputFormat.png).value
+    guidance = _first(defaults.guidance, preset.guidance)
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "request_id": images.column("request_id"),
+        "variant": pa.array(variants, pa.int32()),
+        "prompt": images.column("prompt"),
+        "width": images.column("width").fill_null(defaults.width or preset.width),
+        "height": images.column("height").fill_null(defaults.height or preset.height),
+        "steps": images.column("steps").fill_null(defaults.steps or preset.steps),
+        "guidance": images.column("guidance").fill_null(float(guidance)),
+        "seed": pa.array(seeds, pa.uint64()),
+        "max_sequence_length": pa.repeat(pa.scalar(job.model.max_sequence_length or preset.max_sequence_length,
+                                                   pa.int32()), len(keys)),
+        "adapters": images.column("adapters"),
+        "output_format": images.column("output_format").fill_null(fmt),
+        "source": images.column("source"),
+        "row": images.column("row"),
+    }
+    columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
     # Same-shape images next to each other, so batches rarely mix shapes; key order makes it stable.
     if table.num_rows:
         order = [(c, "ascending") for c in ("width", "height", "steps", "guidance", "key")]
         table = table.take(pc.sort_indices(table, sort_keys=order))
-    return Plan(table=table, expected=expected, already_done=expected - len(rows))
+    return Plan(table=table, expected=expected, already_done=expected - table.num_rows)
 
 
 def _first(*values: Any) -> Any:
