@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.dataset_commands import add_parsers
 
     add_parsers(sub)  # synthesize, catalog run
+    from jobs.cluster_commands import add_parsers as add_cluster_parsers
+
+    add_cluster_parsers(sub)  # submit, schedule
     sub.add_parser("plan", help="memory planner: tensor-parallel degree and placement for a GPU size",
                    add_help=False)
     return parser
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "model":
             return cmd_model_build(args)
+        if args.command in ("submit", "schedule"):
+            from jobs.cluster_commands import run_command as run_cluster_command
+
+            return run_cluster_command(args)
         if args.command in ("synthesize", "catalog"):
             from jobs.dataset_commands import run_command
 
