@@ -105,6 +105,7 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     seconds["total"] = time.monotonic() - started
     summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
     body = (summary.model_dump_json(indent=2) + "\n").encode()
+    ledger.remove_partial_files(fs, root)  # temp files of renderer processes killed during this run
     write_bytes(fs, f"{root}/summary.json", body)
     write_report(fs, root, summary)
     write_bytes(fs, f"{root}/_SUCCESS", body)
