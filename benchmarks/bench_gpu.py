@@ -1,0 +1,201 @@
+"""GPU fast path: the full Flux.1-dev and Flux.1-schnell architectures with random weights, per option.
+
+    python benchmarks/bench_gpu.py                          # on a GPU: dev 28 steps, schnell 4, batch 1 and 4
+    python benchmarks/bench_gpu.py --device cpu --size tiny --side 64 --steps 1 --batches 1   # smoke test
+
+Speed does not depend on the weights, so no download is needed. For each option of the model spec's
+fast path it prints seconds per image, images per hour, peak GPU memory, and the fraction of the GPU's
+dense bf16 peak the transformer reached, from its FLOP count (`transformer_flops`, written out in
+benchmarks/README.md: about 74.4 TFLOP per step at 1024x1024 with 512 text tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flux_worker.fast_path import FastPathError, apply_fast_path  # noqa: E402
+from schemas import ModelSpec  # noqa: E402
+
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets; sparse figures are twice these).
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+# name -> model-spec fast-path fields; each row of the table is one of these.
+OPTIONS = {
+    "eager": {},
+    "fuse_qkv": {"fuse_qkv": True},
+    "compile": {"compile": True},
+    "compile+fuse_qkv": {"compile": True, "fuse_qkv": True},
+    "fp8+compile": {"quantize": "fp8", "compile": True},
+    "first-block": {"cache": "first-block"},
+    "fp8+compile+first-block": {"quantize": "fp8", "compile": True, "cache": "first-block"},
+}
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """The transformer dimensions that decide its FLOPs (Flux.1-dev and -schnell share them)."""
+
+    hidden: int = 3072  # 24 heads x 128
+    double_blocks: int = 19
+    single_blocks: int = 38
+    mlp_ratio: int = 4
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    text_width: int = 4096  # T5-XXL
+    pooled_width: int = 768  # CLIP-L
+
+
+FLUX1 = FluxConfig()
+
+
+def transformer_flops(config: FluxConfig = FLUX1, image_tokens: int = 4096, text_tokens: int = 512) -> dict[str, float]:
+    """FLOPs of one transformer pass (one denoising step, one image): 2 per multiply-add.
+
+    Per token, a double-stream block runs QKV (3d^2), the attention output (d^2) and the MLP (2*4d^2) in each
+    stream; a single-stream block runs QKV + MLP-in fused (3d^2 + 4d^2) and the output over both (5d^2).
+    Both attend jointly over image + text tokens: QK^T and AV are 2 * 2 * L^2 * d each block.
+    """
+    d, tokens = config.hidden, image_tokens + text_tokens
+    per_token_block = (3 + 1 + 2 * config.mlp_ratio) * d * d  # 12 d^2, the same for both block kinds
+    blocks = config.double_blocks + config.single_blocks
+    linear = 2 * blocks * per_token_block * tokens
+    attention = 2 * blocks * 2 * tokens * tokens * d
+    # Embedders and the final layer: image and text projections per token; modulation is per image.
+    embed = 2 * (image_tokens * config.in_channels * d + text_tokens * config.text_width * d + image_tokens * d
+                 * config.in_channels)
+    modulation = 2 * d * (config.double_blocks * 2 * 6 * d + config.single_blocks * 3 * d + 2 * d)
+    return {"linear": linear + embed + modulation, "attention": attention,
+            "total": linear + embed + modulation + attention}
+
+
+def build_full(device: str, guidance: bool):
+    """The full Flux.1 pipeline with random weights, built directly on `device` in bf16 (no fp32 copy)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from flux_worker.model_build import _clip_tokenizer, _t5_tokenizer
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(guidance_embeds=guidance)  # diffusers' defaults are Flux.1's
+            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768,
+                                                        intermediate_size=3072, num_hidden_layers=12,
+                                                        num_attention_heads=12, projection_dim=768))
+            text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240,
+                                                     num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
+            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                block_out_channels=[128, 256, 512, 512], layers_per_block=2, use_quant_conv=False,
+                                use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny(device: str):
+    """The tiny offline model, for a smoke test of this script on CPU."""
+    from flux_worker.model_build import build_pipeline
+
+    pipe = build_pipeline("tiny").to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measure(pipe, side: int, steps: int, batch: int, guidance: float, seq: int, repeats: int,
+            device: str) -> tuple[float, float]:
+    """Seconds per image (after warm-up) and peak GPU memory in GiB (0 on CPU)."""
+    prompt = ["a lighthouse on a cliff at dusk, volumetric light, 35mm photograph"] * batch
+
+    def once() -> None:
+        with torch.inference_mode():
+            pipe(prompt=prompt, width=side, height=side, num_inference_steps=steps, guidance_scale=guidance,
+                 max_sequence_length=seq, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+
+    once()  # warm-up: compilation, autotuning, allocator
+    once()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / (repeats * batch)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    return seconds, peak
+
+
+def gpu_peak_tflops(device: str, given: float | None) -> float | None:
+    if given:
+        return given
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full")
+    parser.add_argument("--models", nargs="+", choices=["dev", "schnell"], default=["dev", "schnell"])
+    parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--steps", type=int, help="default: 28 for dev, 4 for schnell")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed pipeline calls per row, after 2 warm-ups")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
+    args = parser.parse_args(argv)
+
+    image_tokens = (args.side // 16) ** 2
+    flops = transformer_flops(image_tokens=image_tokens, text_tokens=512)
+    peak = gpu_peak_tflops(args.device, args.peak_tflops)
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else args.device
+    print(f"bench_gpu on {where}; torch {torch.__version__}; transformer {flops['total'] / 1e12:.1f} TFLOP per step "
+          f"at {args.side}x{args.side} ({flops['linear'] / 1e12:.1f} linear, {flops['attention'] / 1e12:.1f} "
+          f"attention){'' if args.size == 'full' else ' for the full model; this run uses the tiny one'}")
+    print("| model | steps | batch | option | s/image | images/hour | peak GiB | % bf16 peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        steps = args.steps or (28 if name == "dev" else 4)
+        guidance, seq = (3.5, 512) if name == "dev" else (0.0, 256)
+        for option in args.options:
+            torch._dynamo.reset()
+            pipe = build_full(args.device, guidance=name == "dev") if args.size == "full" else build_tiny(args.device)
+            seq = seq if args.size == "full" else 32
+            try:
+                apply_fast_path(pipe, ModelSpec(**OPTIONS[option]), args.device)
+            except FastPathError as error:
+                print(f"| {name} | {steps} | - | {option} | refused: {error} | | | |")
+                continue
+            for batch in args.batches:
+                seconds, memory = measure(pipe, args.side, steps, batch, guidance, seq, args.repeats, args.device)
+                # The schnell run attends over 256 text tokens, dev over 512.
+                step_flops = transformer_flops(image_tokens=image_tokens, text_tokens=seq)["total"]
+                fraction = f"{100 * step_flops * steps / seconds / (peak * 1e12):.0f}%" if peak else "-"
+                print(f"| {name} | {steps} | {batch} | {option} | {seconds:.3f} | {3600 / seconds:.0f} | "
+                      f"{memory:.1f} | {fraction} |", flush=True)
+            del pipe
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
