@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import filesystem, read_bytes, with_retries, write_bytes
 from pipeline import ledger
-from pipeline.manifest import Manifest, request_id_of
+from pipeline.manifest import Manifest
 from pipeline.plan import image_key
 from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
@@ -56,8 +56,11 @@ class PackResult:
 
 def expected_keys(manifest: Manifest) -> set[str]:
     """The keys of every image the manifest asks for; only these are packed, whatever else OUTPUT holds."""
-    return {image_key(request_id_of(row.request), variant)
-            for row in manifest.rows for variant in range(row.request.num_images)}
+    requests = manifest.requests()  # columns, so a manifest of millions of rows builds no model per row
+    return {image_key(request_id, variant)
+            for request_id, count in zip(requests.column("request_id").to_pylist(),
+                                         requests.column("num_images").to_pylist())
+            for variant in range(count)}
 
 
 def shard_name(index: int, suffix: str) -> str:

@@ -142,7 +142,7 @@ def test_synthesis_renders_hf_parquet_that_datasets_loads_with_images_decoded(tm
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_rerun_with_more_prompts_renders_only_those_and_rewrites_only_the_shards_that_grew(tmp_path, tiny_model):
+def test_rerun_renders_new_prompts_rewrites_changed_shards_and_packs_only_the_manifest(tmp_path, tiny_model):
     out = tmp_path / "out"
     layout = {"layout": "webdataset", "shard_size": 3}
     synthesize(make_spec(str(out), str(tiny_model), prompts=4, **layout), progress=False)
@@ -154,6 +154,12 @@ def test_rerun_with_more_prompts_renders_only_those_and_rewrites_only_the_shards
     assert (out / "webdataset" / "00000.tar").stat().st_mtime_ns == full_shard
     total = json.loads((out / "webdataset" / "_stats.json").read_text())
     assert (total["images"], total["shards"]) == (7, 3)
+
+    # Fewer prompts: nothing renders, and only the current manifest's images are packed.
+    _, summary = synthesize(make_spec(str(out), str(tiny_model), prompts=2, **layout), progress=False)
+    assert summary.images_rendered == 0
+    assert sorted(p.name for p in (out / "webdataset").glob("*.tar")) == ["00000.tar"]
+    assert json.loads((out / "webdataset" / "_stats.json").read_text())["images"] == 2
 
 
 def write_spec_yaml(path: Path, spec: SynthesisSpec) -> Path:
