@@ -31,6 +31,15 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                         help="fsspec option for manifest and output, e.g. endpoint_url=http://host:9000 (repeatable)")
 
 
+def _gpus(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fluxbatch",
@@ -53,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_flags(render)
     render.add_argument("--replicas", type=int, help="renderer actors (default 1)")
     render.add_argument("--batch-size", type=int, help="images per batch sent to a replica (default 4)")
-    render.add_argument("--gpus-per-replica", type=float, help="GPUs per replica; 0 renders on CPU (default 0)")
+    render.add_argument("--gpus-per-replica", type=_gpus, metavar="N|auto",
+                        help="GPUs per replica: 0 renders on CPU (default), 2+ makes a tensor-parallel group, "
+                        "auto asks the memory planner")
     render.add_argument("--cpus-per-replica", type=int, help="CPU cores per replica (default: all / replicas)")
     render.add_argument("--width", type=int, help="default width for rows that give none")
     render.add_argument("--height", type=int, help="default height for rows that give none")

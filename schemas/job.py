@@ -92,7 +92,7 @@ class JobSpec(BaseModel):
     replicas: int = Field(default=1, ge=1, le=4096)
     batch_size: int = Field(default=4, ge=1, le=256)
     gpus_per_replica: float | Literal["auto"] = Field(
-        default=0,
+        default=0.0,
         description="0 renders on CPU; a fraction shares a GPU; 2 or more (a whole number) shards the transformer "
         "over a tensor-parallel group on one node; auto asks the memory planner",
     )
@@ -127,7 +127,7 @@ class JobSpec(BaseModel):
             raise ValueError(f"gpus_per_replica {value} is outside 0..64")
         if value > 1 and value != int(value):
             raise ValueError(f"gpus_per_replica {value}: a tensor-parallel replica takes whole GPUs (2, 4, 8 ...)")
-        return value
+        return float(value)
 
     @model_validator(mode="after")
     def _fp8_needs_gpus(self) -> JobSpec:
