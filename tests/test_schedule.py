@@ -54,7 +54,9 @@ def test_scheduler_starts_a_due_job_and_a_second_scheduler_skips_it_while_it_run
         out = io.StringIO()
         assert run_schedule(spec, once=True, out=out) == 0  # a second scheduler, at the same time
 
-        assert first.wait(timeout=600) == 0, first.stdout.read()
+        code = first.wait(timeout=600)
+        logs = "".join(Path(e["log"]).read_text()[-3000:] for e in history(tmp_path) if e.get("log"))
+        assert code == 0, first.stdout.read()[-2000:] + logs
     finally:
         if first.poll() is None:
             first.kill()
