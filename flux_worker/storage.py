@@ -19,13 +19,11 @@ from fsspec.core import url_to_fs
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Environment variables a worker needs to reach the same object store as the driver.
+# Environment variables a worker needs to reach the same object store as the driver. No credentials:
+# Ray writes a runtime_env's variables to its log files, so those travel as storage options instead.
 STORAGE_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
@@ -33,8 +31,24 @@ STORAGE_ENV_VARS = (
 
 
 def storage_env() -> dict[str, str]:
-    """The storage variables set here, to be handed to Ray workers (never logged)."""
+    """The non-secret storage variables set here, to be handed to Ray workers through their runtime_env."""
     return {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}
+
+
+def credential_options(url: str) -> dict[str, str]:
+    """The driver's AWS credentials from its environment as s3fs options, for workers (never logged or written).
+
+    Passed in the renderer's constructor arguments (Ray's object store), not its runtime_env, which Ray logs.
+    """
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (key and secret):
+        return {}
+    options = {"key": key, "secret": secret}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        options["token"] = os.environ["AWS_SESSION_TOKEN"]
+    return options
 
 
 def parse_storage_options(pairs: list[str]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
-from flux_worker.storage import filesystem, storage_env, uri, write_bytes
+from flux_worker.storage import credential_options, filesystem, storage_env, uri, write_bytes
 from flux_worker.tensor_parallel import replica_stage, resolve_gpus_per_replica
 from pipeline import ledger
 from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
@@ -129,7 +129,8 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     stage, kwargs = Renderer, {
         "model": job.model.model_dump(mode="json"),
         "output_uri": job.output.uri,
-        "storage_options": job.output.storage_options,
+        # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
+        "storage_options": {**credential_options(job.output.uri), **job.output.storage_options},
         "batch_invariant": job.batch_invariant,
         "threads": None if on_gpu and not job.cpus_per_replica else threads,
         "max_retries": job.max_retries,
