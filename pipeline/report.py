@@ -102,7 +102,7 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         + (f" · finished {e(summary.finished_at.isoformat(timespec='seconds'))}" if summary.finished_at else "")
         + f" · <b>{'complete' if summary.complete else 'incomplete'}</b></p>",
         "<div class='tables'>",
-        _table("counts", ["", ""], counts),
+        _table("counts", None, counts),
         _table("seconds per stage", ["stage", "seconds"], [(k, f"{v:.2f}") for k, v in summary.seconds.items()]),
         _table("failures by reason", ["reason", "count"],
                sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)]),
@@ -133,13 +133,13 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
     return "\n".join(parts)
 
 
-def _table(title: str | None, header: list[str], rows: list) -> str:
+def _table(title: str | None, header: list[str] | None, rows: list) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    head = "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>"
                    for row in rows)
     caption = f"<caption>{e(title)}</caption>" if title else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{caption}{head}<tbody>{body}</tbody></table>"
 
 
 STYLE = """

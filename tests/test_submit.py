@@ -33,7 +33,7 @@ def stop_head(temp_dir: str) -> None:
     """Stop the processes of this head only (each runs with our temp dir in its command line), by pid."""
     ours = []
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or ()):
+        if process.pid != os.getpid() and any(temp_dir in part for part in process.info["cmdline"] or ()):
             ours.append(process)
     for process in ours:
         try:
