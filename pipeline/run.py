@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -141,25 +142,39 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     if gpus > 1:
         # One pool member per tensor-parallel group; its rank actors hold the GPUs (flux_worker/tensor_parallel.py).
         stage, kwargs, resources = replica_stage(job, int(gpus), kwargs)
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        stage,
-        fn_constructor_kwargs=kwargs,
-        batch_size=job.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=job.replicas),
-        **resources,
-        # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times (lost_batches.py).
-        max_restarts=-1,
-        max_task_retries=job.max_renderer_deaths,
-        runtime_env={"env_vars": worker_env()},
-    )
+
+    def dataset(blocks: list[pa.Table], in_flight: int | None = None) -> ray.data.Dataset:
+        return ray.data.from_arrow(blocks).map_batches(
+            stage,
+            fn_constructor_kwargs=kwargs,
+            batch_size=job.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=min(job.replicas, len(blocks)),
+                                               max_tasks_in_flight_per_actor=in_flight),
+            **resources,
+            # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times (lost_batches.py).
+            max_restarts=-1,
+            max_task_retries=job.max_renderer_deaths,
+            runtime_env={"env_vars": worker_env()},
+        )
+
+    def results() -> Iterator[pa.Table]:
+        yield from dataset(blocks).iter_batches(batch_format="pyarrow", batch_size=None)
+        lost = plan.filter(pc.invert(pc.is_in(plan.column("key"), value_set=pa.array(list(seen), pa.string()))))
+        if lost.num_rows:
+            # A row that kills its process takes down its block and the blocks queued on the same actor.
+            # Render each lost image alone, one task at a time per actor, so only such a row is lost.
+            log.warning("%d images lost with their batches; rendering each alone once more", lost.num_rows)
+            alone = [lost.slice(i, 1) for i in range(lost.num_rows)]
+            yield from dataset(alone, in_flight=1).iter_batches(batch_format="pyarrow", batch_size=None)
+
     failures: list[FailureRecord] = []
     seen: set[str] = set()
     bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
     dropped = DroppedBatchErrors.install()
     metrics.set_pending(plan.num_rows)
     try:
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in results():
             # A batch retried after a lost actor may come back twice; the ledger keeps each key once.
             fresh = pc.invert(pc.is_in(batch.column("key"), value_set=pa.array(list(seen), pa.string())))
             batch = batch.filter(fresh)
