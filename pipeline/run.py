@@ -207,12 +207,18 @@ def worker_env() -> dict[str, str]:
 
 
 def _ensure_ray(job: JobSpec) -> None:
-    """Join the job's Ray cluster, or start a local one; storage settings travel to every worker."""
+    """Join the job's Ray cluster, or start a local one; storage settings travel to every worker.
+
+    Without `--ray-address` (or `RAY_ADDRESS`, which Ray Jobs sets for a submitted driver) fluxbatch starts
+    its own local cluster rather than joining whatever `ray start` left on the machine: joining a cluster is
+    asked for by name (`--ray-address auto`).
+    """
     if ray.is_initialized():
         return
-    keep_token_auth(job.ray_address)
+    address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    keep_token_auth(address)
     ray.init(
-        address=job.ray_address,
+        address=address,
         runtime_env={"env_vars": worker_env()},
         log_to_driver=os.environ.get("FLUXBATCH_WORKER_LOGS", "1") != "0",
         configure_logging=True,
