@@ -160,6 +160,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
 
     def results() -> Iterator[pa.Table]:
         yield from dataset(blocks).iter_batches(batch_format="pyarrow", batch_size=None)
+        stop_leftover_renderers()
         lost = plan.filter(pc.invert(pc.is_in(plan.column("key"), value_set=pa.array(list(seen), pa.string()))))
         if lost.num_rows:
             # A row that kills its process takes down its block and the blocks queued on the same actor.
@@ -176,9 +177,11 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
     try:
         for batch in results():
             # A batch retried after a lost actor may come back twice; the ledger keeps each key once.
-            fresh = pc.invert(pc.is_in(batch.column("key"), value_set=pa.array(list(seen), pa.string())))
-            batch = batch.filter(fresh)
-            seen.update(batch.column("key").to_pylist())
+            keys = batch.column("key").to_pylist()
+            if any(key in seen for key in keys):  # per-key set lookups: a run can return millions of keys
+                batch = batch.filter(pa.array([key not in seen for key in keys]))
+                keys = batch.column("key").to_pylist()
+            seen.update(keys)
             ok = pc.is_null(batch.column("error"))
             writer.add(batch.filter(ok))
             already_failed = len(failures)
@@ -195,10 +198,27 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
         dropped.remove()
         bar.close()
         writer.flush()
+        stop_leftover_renderers()
     failures += lost_image_failures(plan, seen, dropped.last, job.max_renderer_deaths)
     fs, _ = filesystem(job.output.uri, job.output.storage_options)
     ledger.write_failures(fs, root, f"{run_id}-render", failures)
     return failures
+
+
+def stop_leftover_renderers() -> None:
+    """Kill this driver's renderer actors that outlived their dataset.
+
+    An actor restarting after its process was killed can miss Ray Data's pool shutdown and keep its CPUs
+    and GPUs reserved; the next dataset of this driver (the render-alone pass, the next job) would then
+    wait for them forever. Between datasets no renderer of ours should be alive, so any left is stopped.
+    """
+    from ray._private import state, worker
+
+    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+    for info in state.actors(job_id=job_id).values():
+        if info["State"] != "DEAD" and info["ActorClassName"].startswith("MapWorker("):
+            log.info("stopping leftover renderer actor %s (%s)", info["ActorID"], info["State"])
+            worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(info["ActorID"]), True)
 
 
 def worker_env() -> dict[str, str]:
