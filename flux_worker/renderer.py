@@ -162,6 +162,11 @@ class Renderer:
     def _generate(self, first: dict[str, Any], embeds: torch.Tensor, pooled: torch.Tensor,
                   generators: list[torch.Generator]) -> list[Any]:
         """Denoise and decode one same-shape batch; a tensor-parallel rank overrides this."""
+        return self._run_pipeline(first, embeds, pooled, generators)
+
+    def _run_pipeline(self, first: dict[str, Any], embeds: torch.Tensor, pooled: torch.Tensor,
+                      generators: list[torch.Generator], output_type: str = "pil") -> Any:
+        """The pipeline call for one same-shape batch: images, or latents with `output_type="latent"`."""
         return self.pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
@@ -171,6 +176,7 @@ class Renderer:
             guidance_scale=first["guidance"],
             max_sequence_length=first["max_sequence_length"],
             generator=generators,
+            output_type=output_type,
         ).images
 
     def _encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,17 +195,7 @@ class RankRenderer(Renderer):
 
     def _generate(self, first: dict[str, Any], embeds: torch.Tensor, pooled: torch.Tensor,
                   generators: list[torch.Generator]) -> list[Any]:
-        latents = self.pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            width=first["width"],
-            height=first["height"],
-            num_inference_steps=first["steps"],
-            guidance_scale=first["guidance"],
-            max_sequence_length=first["max_sequence_length"],
-            generator=generators,
-            output_type="latent",
-        ).images
+        latents = self._run_pipeline(first, embeds, pooled, generators, output_type="latent")
         images: list[Any] = [None] * latents.shape[0]
         error: BaseException | None = None
         if self.rank == 0:

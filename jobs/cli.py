@@ -117,6 +117,7 @@ def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
     """A JobSpec from --job (if given) with every flag the user set layered on top."""
     from flux_worker.storage import parse_storage_options
     from schemas import JobSpec
+    from schemas.overrides import apply_overrides
 
     overrides: dict[str, Any] = {
         "manifest": args.manifest,
@@ -139,16 +140,7 @@ def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
     if args.job:
         job = JobSpec.from_yaml(args.job, **overrides)
     else:
-        data: dict[str, Any] = {}
-        for dotted, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        job = JobSpec.model_validate(data)
+        job = JobSpec.model_validate(apply_overrides({}, overrides))
     options = parse_storage_options(args.storage_option)
     if options:
         job.storage_options = {**job.storage_options, **options}

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.overrides import load_spec_file
 from schemas.request import OutputFormat
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -146,17 +146,7 @@ class JobSpec(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobSpec:
         """Load a job from YAML; `overrides` are dotted keys (`model.name`) that win over the file."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a job file must be a mapping of fields, got {type(data).__name__}")
-        for dotted, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        data = load_spec_file(path, "job", overrides)
         return cls.model_validate(data)
 
     def identity(self) -> dict[str, Any]:

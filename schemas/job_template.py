@@ -10,10 +10,10 @@ import string
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.job import JobSpec, ModelSpec, OutputSpec, RenderDefaults
+from schemas.overrides import load_spec_file
 from schemas.request import row_errors
 
 
@@ -72,15 +72,5 @@ class JobTemplate(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
         """Load a spec from YAML; `overrides` are dotted keys (`output.uri`) that win over the file."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a spec file must be a mapping of fields, got {type(data).__name__}")
-        for dotted, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+        data = load_spec_file(path, "spec", overrides)
         return cls.model_validate(data)
