@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -87,10 +88,15 @@ class RankWorker:
         return result if self.renderer.rank == 0 else None
 
 
+GROUP_NAME_PREFIX = "fluxbatch-tp-"
+
+
 def form_group(tp_degree: int, cpus_per_rank: int = 1) -> tuple[Any, list[Any]]:
     """Reserve N bundles of one GPU on one node (STRICT_PACK) and start a RankWorker in each, in rank order."""
     bundles = [{"GPU": 1, "CPU": cpus_per_rank}] * tp_degree
-    group = placement_group(bundles, strategy="STRICT_PACK")
+    # Named after the driver's job, so the driver can remove groups a dead pool left (pipeline/run.py).
+    name = f"{GROUP_NAME_PREFIX}{ray.get_runtime_context().get_job_id()}-{uuid.uuid4().hex[:8]}"
+    group = placement_group(bundles, strategy="STRICT_PACK", name=name)
     try:
         ray.get(group.ready(), timeout=GROUP_READY_SECONDS)
     except ray.exceptions.GetTimeoutError:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
 from flux_worker.storage import credential_options, filesystem, storage_env, uri, write_bytes
-from flux_worker.tensor_parallel import replica_stage, resolve_gpus_per_replica
+from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, replica_stage, resolve_gpus_per_replica
 from pipeline import ledger
 from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
 from pipeline.manifest import read_manifest
@@ -214,11 +214,17 @@ def stop_leftover_renderers() -> None:
     """
     from ray._private import state, worker
 
-    job_id = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
-    for info in state.actors(job_id=job_id).values():
+    job_hex = ray.get_runtime_context().get_job_id()
+    for info in state.actors(job_id=ray.JobID.from_hex(job_hex)).values():
         if info["State"] != "DEAD" and info["ActorClassName"].startswith("MapWorker("):
             log.info("stopping leftover renderer actor %s (%s)", info["ActorID"], info["State"])
             worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(info["ActorID"]), True)
+    # A tensor-parallel replica's placement group outlives the replica (groups belong to the job): remove it,
+    # which also stops its rank actors.
+    prefix = f"{GROUP_NAME_PREFIX}{job_hex}-"
+    for info in ray.util.placement_group_table().values():
+        if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
+            ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
 
 
 def worker_env() -> dict[str, str]:
