@@ -84,4 +84,5 @@ def run_demo(output: str) -> int:
     print(f"  metadata   {out / 'metadata'}  (one row per image)")
     print(f"  failures   {out / 'failures'}  (one row per refused row, with its reason)")
     print(f"  summary    {out / 'summary.json'}")
+    print(f"  report     {out / 'report.html'}  (contact sheet; open it in a browser)")
     return 0 if summary.complete else 1
