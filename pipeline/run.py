@@ -15,6 +15,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,9 +69,9 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     done = ledger.done_keys(fs, root)
     plan = plan_images(manifest, job, preset, done)
     seconds["plan"] = time.monotonic() - mark
+    invalid_rows = len({(f.source, f.row) for f in manifest.failures})
     log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render",
-             manifest.total_rows, len({(f.source, f.row) for f in manifest.failures}), plan.expected,
-             plan.already_done, plan.table.num_rows)
+             manifest.total_rows, invalid_rows, plan.expected, plan.already_done, plan.table.num_rows)
 
     mark = time.monotonic()
     failures = list(manifest.failures)
@@ -80,7 +81,7 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
         _ensure_ray(job)
         metrics = DriverMetrics(job.output.uri)
         metrics.count_failures(manifest.failures)
-        render_failures = _render_plan(job, plan.table, writer, root, run_id, progress, metrics)
+        render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics)
         writer.flush()
         rendered = writer.written
         failures += render_failures
@@ -93,7 +94,7 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
 
     summary.manifest_files = len(manifest.files)
     summary.manifest_rows = manifest.total_rows
-    summary.invalid_rows = len({(f.source, f.row) for f in manifest.failures})
+    summary.invalid_rows = invalid_rows
     summary.images_expected = plan.expected
     summary.images_already_done = plan.already_done
     summary.images_planned = plan.table.num_rows
@@ -113,10 +114,9 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     return summary
 
 
-def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, root: str, run_id: str,
+def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,
                  progress: bool, metrics: DriverMetrics) -> list[FailureRecord]:
-    """Stream the plan through the actor pool; commit finished images, collect failed ones."""
-    _ensure_ray(job)
+    """Stream the plan through the actor pool (Ray already started); commit finished images, collect failed ones."""
     gpus = resolve_gpus_per_replica(job)  # "auto": the memory planner picks the tensor-parallel degree
     on_gpu = gpus > 0
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -200,7 +200,6 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, ro
         writer.flush()
         stop_leftover_renderers()
     failures += lost_image_failures(plan, seen, dropped.last, job.max_renderer_deaths)
-    fs, _ = filesystem(job.output.uri, job.output.storage_options)
     ledger.write_failures(fs, root, f"{run_id}-render", failures)
     return failures
 
