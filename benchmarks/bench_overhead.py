@@ -16,11 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_rounds_flag,
     bench_model,
     fluxbatch_render,
     machine,
+    median,
     plain_loop,
     prompts,
+    spread,
     steady_rate,
     table,
     write_manifest,
@@ -31,24 +34,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--model", type=Path, default=Path(".fluxbatch/bench-model"), help="built if missing")
+    add_rounds_flag(parser)
     args = parser.parse_args(argv)
 
     model = bench_model(args.model)
+    n = args.images
+    plain_steady, plain_all, plain_wall, fb_steady, fb_all, fb_wall = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        manifest = write_manifest(work / "m.parquet", prompts(args.images))
-        plain = plain_loop(model, manifest, work / "plain")
-        wall, metadata = fluxbatch_render(manifest, str(work / "fb"), model)
+        manifest = write_manifest(work / "m.parquet", prompts(n))
+        for round_ in range(args.rounds):  # interleaved, so a noisy minute hits both paths alike
+            plain = plain_loop(model, manifest, work / f"plain-{round_}")
+            wall, metadata = fluxbatch_render(manifest, str(work / f"fb-{round_}"), model)
+            plain_steady.append(n / plain["loop"])
+            plain_all.append(n / plain["wall"])
+            plain_wall.append(plain["wall"])
+            fb_steady.append(steady_rate(metadata))
+            fb_all.append(n / wall)
+            fb_wall.append(wall)
+            print(f"round {round_ + 1}: steady ratio {fb_steady[-1] / plain_steady[-1]:.3f}", file=sys.stderr)
 
-    n = args.images
-    plain_steady, fb_steady = n / plain["loop"], steady_rate(metadata)
-    plain_all, fb_all = n / plain["wall"], n / wall
-    print(f"overhead, {n} images of {metadata.column('width')[0]}^2, {metadata.column('steps')[0]} steps; "
-          f"{machine()}")
-    print(table(["path", "steady img/s", "with start-up img/s", "wall s"], [
-        ["plain diffusers loop", plain_steady, plain_all, plain["wall"]],
-        ["fluxbatch render, 1 replica", fb_steady, fb_all, wall],
-        ["ratio fluxbatch / plain", fb_steady / plain_steady, fb_all / plain_all, ""],
+    ratios = [f / p for f, p in zip(fb_steady, plain_steady)]
+    print(f"overhead, {n} images of {metadata.column('width')[0]}^2, {metadata.column('steps')[0]} steps, "
+          f"median of {args.rounds} interleaved rounds; {machine()}")
+    print(table(["path", "steady img/s", "with start-up img/s", "wall s", "steady img/s, rounds"], [
+        ["plain diffusers loop", median(plain_steady), median(plain_all), median(plain_wall), spread(plain_steady)],
+        ["fluxbatch render, 1 replica", median(fb_steady), median(fb_all), median(fb_wall), spread(fb_steady)],
+        ["ratio fluxbatch / plain", median(fb_steady) / median(plain_steady), median(fb_all) / median(plain_all),
+         "", f"per round {spread(ratios)}"],
     ]))
     return 0
 

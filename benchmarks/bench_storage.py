@@ -17,10 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_rounds_flag,
     bench_model,
     fluxbatch_render,
     machine,
+    median,
     prompts,
+    spread,
     steady_rate,
     table,
     write_manifest,
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--model", type=Path, default=Path(".fluxbatch/bench-model"), help="built if missing")
+    add_rounds_flag(parser)
     args = parser.parse_args(argv)
 
     import boto3
@@ -50,21 +54,28 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     endpoint = f"http://127.0.0.1:{server._port}"
     env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
+    local, s3, local_wall, s3_wall = [], [], [], []
     try:
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench-key", aws_secret_access_key="bench-secret",
                      region_name="us-east-1").create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             manifest = write_manifest(work / "m.parquet", prompts(args.images))
-            local_wall, local = fluxbatch_render(manifest, str(work / "out"), model)
-            s3_wall, s3 = fluxbatch_render(manifest, "s3://bench/run", model, env=env)
+            for round_ in range(args.rounds):  # interleaved, so a noisy minute hits both outputs alike
+                wall, metadata = fluxbatch_render(manifest, str(work / f"out-{round_}"), model)
+                local.append(steady_rate(metadata))
+                local_wall.append(wall)
+                wall, metadata = fluxbatch_render(manifest, f"s3://bench/run-{round_}", model, env=env)
+                s3.append(steady_rate(metadata))
+                s3_wall.append(wall)
     finally:
         server.stop()
 
-    print(f"storage, {args.images} images; moto S3 on loopback; {machine()}")
-    print(table(["output", "steady img/s", "wall s", "x local"], [
-        ["local disk", steady_rate(local), local_wall, 1.0],
-        ["S3 (moto, loopback)", steady_rate(s3), s3_wall, steady_rate(s3) / steady_rate(local)],
+    print(f"storage, {args.images} images; moto S3 on loopback, median of {args.rounds} interleaved rounds; "
+          f"{machine()}")
+    print(table(["output", "steady img/s", "wall s", "x local", "steady img/s, rounds"], [
+        ["local disk", median(local), median(local_wall), 1.0, spread(local)],
+        ["S3 (moto, loopback)", median(s3), median(s3_wall), median(s3) / median(local), spread(s3)],
     ]))
     return 0
 

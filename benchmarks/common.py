@@ -86,6 +86,23 @@ def steady_rate(metadata: pa.Table) -> float:
     return len(rows) / (last - first).total_seconds()
 
 
+def median(values: list[float]) -> float:
+    """The middle of a few rounds: a shared VM's neighbours move single runs by 20% and more."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def spread(values: list[float]) -> str:
+    """`min-max` of the rounds, for the table."""
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def add_rounds_flag(parser: Any) -> None:
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run the compared paths this many times, interleaved; the table shows medians")
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table, ready to paste into benchmarks/README.md."""
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -144,6 +145,13 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
         stage, kwargs, resources = replica_stage(job, int(gpus), kwargs)
 
     def dataset(blocks: list[pa.Table], in_flight: int | None = None) -> ray.data.Dataset:
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for max_restarts / max_task_retries yet, so they go in
+            # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            return _map_batches(blocks, in_flight)
+
+    def _map_batches(blocks: list[pa.Table], in_flight: int | None) -> ray.data.Dataset:
         return ray.data.from_arrow(blocks).map_batches(
             stage,
             fn_constructor_kwargs=kwargs,

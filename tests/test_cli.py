@@ -1,4 +1,9 @@
-"""The command line as a user runs it: validate, model build, render, demo."""
+"""The command line as a user runs it: validate, model build, render, demo.
+
+`fluxbatch demo` runs as its own process (interpreter, imports, its own Ray cluster), as `make demo` does; the
+other commands run through `jobs.cli.main` in this process, which prints and returns the same exit status,
+and a render joins the test session's Ray cluster instead of starting one more.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import pytest
 import torch
 
 from flux_worker.loading import UnsafeWeightsError, load_pipeline
+from jobs.cli import main
 from schemas import ModelSpec
 from tests.conftest import write_manifest
 
@@ -18,17 +24,29 @@ FLUXBATCH = [sys.executable, "-m", "jobs.cli"]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`fluxbatch ARGS` as a separate process."""
     return subprocess.run([*FLUXBATCH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])})
 
 
-def test_validate_prints_each_bad_row_with_its_reason_and_exits_1(tmp_path, tiny_model):
+def call_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`fluxbatch ARGS` through `jobs.cli.main` in this process: its exit status, stdout and stderr."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["fluxbatch", *args], code, out, err)
+
+
+def test_validate_prints_each_bad_row_with_its_reason_and_exits_1(tmp_path, tiny_model, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", [
         {"id": "ok", "prompt": "a cat", "width": 64, "steps": 4},
         {"id": "bad-w", "prompt": "a cat", "width": 65, "steps": 4},
         {"id": "bad-s", "prompt": "a cat", "width": 64, "steps": -3},
     ])
-    result = run_cli("validate", str(manifest), "--model", str(tiny_model))
+    result = call_cli(capsys, "validate", str(manifest), "--model", str(tiny_model))
     assert result.returncode == 1
     lines = result.stdout.strip().splitlines()
     assert lines == [
@@ -38,21 +56,21 @@ def test_validate_prints_each_bad_row_with_its_reason_and_exits_1(tmp_path, tiny
     assert "3 rows: 1 valid (1 images), 2 bad" in result.stderr
 
 
-def test_validate_of_a_clean_manifest_exits_0(tmp_path, tiny_model):
+def test_validate_of_a_clean_manifest_exits_0(tmp_path, tiny_model, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a cat"}])
-    assert run_cli("validate", str(manifest), "--model", str(tiny_model)).returncode == 0
+    assert call_cli(capsys, "validate", str(manifest), "--model", str(tiny_model)).returncode == 0
 
 
-def test_missing_manifest_is_one_line_error_not_a_traceback(tmp_path, tiny_model):
-    result = run_cli("validate", str(tmp_path / "nope.parquet"), "--model", str(tiny_model))
+def test_missing_manifest_is_one_line_error_not_a_traceback(tmp_path, tiny_model, capsys):
+    result = call_cli(capsys, "validate", str(tmp_path / "nope.parquet"), "--model", str(tiny_model))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no manifest at '{tmp_path / 'nope.parquet'}'"
 
 
-def test_model_build_writes_a_pipeline_diffusers_loads(tmp_path):
+def test_model_build_writes_a_pipeline_diffusers_loads(tmp_path, capsys):
     from diffusers import FluxPipeline
 
-    result = run_cli("model", "build", str(tmp_path / "m"), "--size", "tiny")
+    result = call_cli(capsys, "model", "build", str(tmp_path / "m"), "--size", "tiny")
     assert result.returncode == 0, result.stderr
     pipe = FluxPipeline.from_pretrained(tmp_path / "m")
     image = pipe("a cat", width=64, height=64, num_inference_steps=2, max_sequence_length=32,
@@ -75,14 +93,14 @@ def test_pickle_weights_are_refused_with_a_message(tmp_path, tiny_model):
         load_pipeline(ModelSpec(name=str(tiny_model), adapters={"style": str(tmp_path / "style.pt")}))
 
 
-@pytest.mark.slow
-def test_render_command_renders_and_a_second_run_renders_nothing(tmp_path, tiny_model):
+def test_render_command_renders_and_a_second_run_renders_nothing(tmp_path, tiny_model, ray_cluster, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat", "width": 64, "height": 64}])
     out = tmp_path / "out"
-    first = run_cli("render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")
+    first = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "1 rendered, 0 already done, 0 failed, 0 bad rows; 1/1 images" in first.stdout
-    second = run_cli("render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")
+    second = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")
+    assert second.returncode == 0
     assert "0 rendered, 1 already done" in second.stdout
 
 

@@ -21,113 +21,107 @@ ROWS = [
     {"id": "owl", "prompt": "an owl at night", "width": 64, "height": 64, "num_images": 1, "shop": "east",
      "price": 1.25},
 ]
+FORMAT_ROWS = [{"id": f"r-{fmt}", "prompt": "a lamp", "width": 64, "height": 64, "output_format": fmt, "shop": "west",
+                "price": 0.5} for fmt in ("jpg", "webp")]
+BAD_ROWS = [
+    {"id": "odd", "prompt": "odd width", "width": 70, "height": 64, "num_images": 1, "shop": "x", "price": 0.0},
+    {"id": "empty", "prompt": "   ", "width": 64, "height": 64, "num_images": 1, "shop": "x", "price": 0.0},
+    {"id": "cat", "prompt": "same id again", "width": 64, "height": 64, "num_images": 1, "shop": "x", "price": 0.0},
+]
 
 
-def test_manifest_renders_images_with_one_metadata_row_each(tmp_path, tiny_model):
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
-    out = tmp_path / "out"
-    summary = render(make_job(str(manifest), str(out), str(tiny_model)), progress=False)
+FOX = {"id": "fox", "prompt": "a fox", "width": 64, "height": 64, "shop": "north", "price": 2.0}
 
-    assert (summary.images_expected, summary.images_rendered, summary.images_failed) == (4, 4, 0)
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model, ray_cluster):
+    """Two runs into one output that most tests here read: good rows in three formats, extra columns and three
+    bad rows; then the same manifest with one row added. Returns (job of the second run, output, summaries).
+
+    Every test below only reads the output, or re-runs it where that renders nothing, so two actor pools
+    serve them all.
+    """
+    folder = tmp_path_factory.mktemp("first-run")
+    out = folder / "out"
+    first = write_manifest(folder / "m1.parquet", ROWS + FORMAT_ROWS + BAD_ROWS)
+    first_summary = render(make_job(str(first), str(out), str(tiny_model), batch_size=8), progress=False)
+    longer = write_manifest(folder / "m2.parquet", ROWS + FORMAT_ROWS + BAD_ROWS + [FOX])
+    job = make_job(str(longer), str(out), str(tiny_model), batch_size=8)
+    return job, out, (first_summary, render(job, progress=False))
+
+
+def test_manifest_renders_images_with_one_metadata_row_each(first_run):
+    _, out, (summary, _) = first_run
+    assert (summary.images_expected, summary.images_rendered, summary.images_failed) == (6, 6, 0)
     table = assert_images_match_metadata(str(out))
-    assert sorted(table.column("request_id").to_pylist()) == ["cat", "cat", "dog", "owl"]
+    assert sorted(table.column("request_id").to_pylist()) == ["cat", "cat", "dog", "fox", "owl", "r-jpg", "r-webp"]
     for row in table.to_pylist():
         with Image.open(row["image_uri"]) as image:
             assert image.size == (row["width"], row["height"])
     for name in ("_job.json", "summary.json", "_SUCCESS"):
         assert (out / name).is_file()
-    assert json.loads((out / "summary.json").read_text())["images_rendered"] == 4
+    assert json.loads((out / "summary.json").read_text())["images_total_done"] == 7
 
 
-def test_extra_manifest_columns_are_carried_to_the_metadata_untouched(tmp_path, tiny_model):
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
-    out = tmp_path / "out"
-    render(make_job(str(manifest), str(out), str(tiny_model)), progress=False)
+def test_rerun_after_adding_rows_renders_only_the_new_ones(first_run):
+    _, out, (_, summary) = first_run
+    assert (summary.images_expected, summary.images_already_done, summary.images_rendered) == (7, 6, 1)
+    fox = [r for r in metadata(str(out)).to_pylist() if r["request_id"] == "fox"]
+    assert len(fox) == 1 and fox[0]["image_uri"].startswith(str(out / "images"))
 
+
+def test_extra_manifest_columns_are_carried_to_the_metadata_untouched(first_run):
+    _, out, _ = first_run
     table = metadata(str(out))
     assert table.schema.field("price").type == "double"
     by_variant = {(r["request_id"], r["variant"]): (r["shop"], r["price"]) for r in table.to_pylist()}
     assert by_variant == {("cat", 0): ("north", 9.5), ("cat", 1): ("north", 9.5), ("dog", 0): ("south", 3.0),
-                          ("owl", 0): ("east", 1.25)}
+                          ("owl", 0): ("east", 1.25), ("r-jpg", 0): ("west", 0.5), ("r-webp", 0): ("west", 0.5),
+                          ("fox", 0): ("north", 2.0)}
 
 
-def test_same_row_renders_same_bytes_twice_and_whatever_its_batch(tmp_path, tiny_model):
+def test_bad_rows_are_listed_with_reasons_and_good_rows_render(first_run):
+    _, out, (_, summary) = first_run
+    assert summary.invalid_rows == 3
+    bad = {(r["row"], r["field"]): r["reason"] for r in failures(str(out)).to_pylist()}
+    assert bad[(5, "width")] == "width must be a multiple of 16, got 70"
+    assert bad[(6, "prompt")] == "prompt is empty"
+    assert bad[(7, "id")].startswith("duplicate: id 'cat' as row 0 of ")
+    assert len(bad) == 3
+
+
+def test_formats_png_jpeg_webp_are_written_as_asked(first_run):
+    _, out, _ = first_run
+    formats = {}
+    for row in metadata(str(out)).to_pylist():
+        with Image.open(row["image_uri"]) as image:
+            formats[row["output_format"]] = image.format
+            assert row["image_uri"].endswith("." + {"png": "png", "jpeg": "jpg", "webp": "webp"}[row["output_format"]])
+    assert formats == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def test_same_row_renders_same_bytes_twice_and_whatever_its_batch(tmp_path, tiny_model, first_run):
+    # In the first run the owl shared its batch of 8 with five other images; here it renders alone.
     alone = write_manifest(tmp_path / "alone.parquet", [ROWS[2]])
-    crowd = write_manifest(tmp_path / "crowd.parquet", [
-        {"id": f"other-{i}", "prompt": f"filler prompt {i}", "width": 64, "height": 64} for i in range(5)
-    ] + [ROWS[2]])
-    shas = []
-    for name, manifest, batch in [("a", alone, 1), ("b", alone, 1), ("c", crowd, 6)]:
-        out = tmp_path / name
-        render(make_job(str(manifest), str(out), str(tiny_model), batch_size=batch), progress=False)
-        rows = {r["request_id"]: r for r in metadata(str(out)).to_pylist()}
-        shas.append(rows["owl"]["sha256"])
-    assert shas[0] == shas[1] == shas[2]
+    render(make_job(str(alone), str(tmp_path / "alone"), str(tiny_model), batch_size=1), progress=False)
+    sha = {r["request_id"]: r["sha256"] for r in metadata(str(first_run[1])).to_pylist()}
+    assert metadata(str(tmp_path / "alone")).column("sha256").to_pylist() == [sha["owl"]]
 
 
-def test_second_run_over_the_same_output_renders_nothing_new(tmp_path, tiny_model):
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
-    out = tmp_path / "out"
-    job = make_job(str(manifest), str(out), str(tiny_model))
-    render(job, progress=False)
-    before = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+def test_second_run_over_the_same_output_renders_nothing_new(first_run):
+    job, out, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.*")}
 
     again = render(job, progress=False)
 
-    assert (again.images_planned, again.images_rendered, again.images_already_done) == (0, 0, 4)
-    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == before
-    assert metadata(str(out)).num_rows == 4
+    assert (again.images_planned, again.images_rendered, again.images_already_done) == (0, 0, 7)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.*")} == before
+    assert metadata(str(out)).num_rows == 7
 
 
-def test_rerun_after_adding_rows_renders_only_the_new_ones(tmp_path, tiny_model):
-    out = tmp_path / "out"
-    first = write_manifest(tmp_path / "m1.parquet", ROWS[:2])
-    render(make_job(str(first), str(out), str(tiny_model)), progress=False)
-    second = write_manifest(tmp_path / "m2.parquet", ROWS)
-
-    summary = render(make_job(str(second), str(out), str(tiny_model)), progress=False)
-
-    assert (summary.images_already_done, summary.images_rendered) == (3, 1)
-    assert sorted(assert_images_match_metadata(str(out)).column("request_id").to_pylist()) == [
-        "cat", "cat", "dog", "owl"]
-
-
-def test_bad_rows_are_listed_with_reasons_and_good_rows_render(tmp_path, tiny_model):
-    rows = ROWS + [
-        {"id": "odd", "prompt": "odd width", "width": 70, "height": 64, "num_images": 1, "shop": "x", "price": 0.0},
-        {"id": "empty", "prompt": "   ", "width": 64, "height": 64, "num_images": 1, "shop": "x", "price": 0.0},
-        {"id": "cat", "prompt": "same id again", "width": 64, "height": 64, "num_images": 1, "shop": "x",
-         "price": 0.0},
-    ]
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-    out = tmp_path / "out"
-    summary = render(make_job(str(manifest), str(out), str(tiny_model)), progress=False)
-
-    assert summary.images_rendered == 4
-    assert summary.invalid_rows == 3
-    bad = {(r["row"], r["field"]): r["reason"] for r in failures(str(out)).to_pylist()}
-    assert bad[(3, "width")] == "width must be a multiple of 16, got 70"
-    assert bad[(4, "prompt")] == "prompt is empty"
-    assert bad[(5, "id")].startswith("duplicate: id 'cat' as row 0 of ")
-    assert_images_match_metadata(str(out))
-
-
-def test_formats_png_jpeg_webp_are_written_as_asked(tmp_path, tiny_model):
-    rows = [{"id": f"r-{fmt}", "prompt": "a lamp", "width": 64, "height": 64, "output_format": fmt}
-            for fmt in ("png", "jpg", "webp")]
-    out = tmp_path / "out"
-    render(make_job(str(write_manifest(tmp_path / "m.parquet", rows)), str(out), str(tiny_model)), progress=False)
-    table = assert_images_match_metadata(str(out))
-    for row in table.to_pylist():
-        with Image.open(row["image_uri"]) as image:
-            assert image.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[row["output_format"]]
-
-
-def test_rerun_with_other_render_parameters_is_refused_with_the_difference(tmp_path, tiny_model):
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS[:1])
-    out = tmp_path / "out"
-    render(make_job(str(manifest), str(out), str(tiny_model)), progress=False)
-    other = make_job(str(manifest), str(out), str(tiny_model), defaults={"steps": 7})
+def test_rerun_with_other_render_parameters_is_refused_with_the_difference(first_run):
+    job, _, _ = first_run
+    other = job.model_copy(update={"defaults": job.defaults.model_copy(update={"steps": 7})})
     with pytest.raises(JobMismatchError, match=r"defaults.steps was None, now 7"):
         render(other, progress=False)
 

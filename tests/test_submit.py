@@ -40,7 +40,7 @@ def stop_head(temp_dir: str) -> None:
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(ours, timeout=20)
+    _, alive = psutil.wait_procs(ours, timeout=5)
     for process in alive:
         try:
             process.kill()
