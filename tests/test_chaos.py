@@ -80,7 +80,7 @@ def test_renderer_processes_killed_mid_run_are_replaced_and_every_image_lands_on
     out = tmp_path / "out"
     job = make_job(str(manifest), str(out), str(tiny_model), replicas=2, batch_size=2, cpus_per_replica=1,
                    commit_seconds=0, max_renderer_deaths=10)
-    killer = RendererKiller(ray_cluster, out / "images", rounds=3)
+    killer = RendererKiller(ray_cluster, out / "images", rounds=2)
     killer.start()
     try:
         summary = render(job, progress=False)
