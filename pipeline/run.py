@@ -149,28 +149,26 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             # Ray 2.60 names no parameter for max_restarts / max_task_retries yet, so they go in
             # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            return _map_batches(blocks, in_flight)
-
-    def _map_batches(blocks: list[pa.Table], in_flight: int | None) -> ray.data.Dataset:
-        return ray.data.from_arrow(blocks).map_batches(
-            stage,
-            fn_constructor_kwargs=kwargs,
-            batch_size=job.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=min(job.replicas, len(blocks)),
-                                               max_tasks_in_flight_per_actor=in_flight),
-            **resources,
-            # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times (lost_batches.py).
-            max_restarts=-1,
-            max_task_retries=job.max_renderer_deaths,
-            runtime_env={"env_vars": worker_env()},
-        )
+            return ray.data.from_arrow(blocks).map_batches(
+                stage,
+                fn_constructor_kwargs=kwargs,
+                batch_size=job.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=min(job.replicas, len(blocks)),
+                                                   max_tasks_in_flight_per_actor=in_flight),
+                **resources,
+                # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times
+                # (lost_batches.py).
+                max_restarts=-1,
+                max_task_retries=job.max_renderer_deaths,
+                runtime_env={"env_vars": worker_env()},
+            )
 
     def results() -> Iterator[pa.Table]:
         yield from dataset(blocks).iter_batches(batch_format="pyarrow", batch_size=None)
-        stop_leftover_renderers()
         lost = plan.filter(pc.invert(pc.is_in(plan.column("key"), value_set=pa.array(list(seen), pa.string()))))
         if lost.num_rows:
+            stop_leftover_renderers()  # the first pool's actors must not hold the CPUs the second one needs
             # A row that kills its process takes down its block and the blocks queued on the same actor.
             # Render each lost image alone, one task at a time per actor, so only such a row is lost.
             log.warning("%d images lost with their batches; rendering each alone once more", lost.num_rows)
