@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median  # of a few rounds: single runs on a shared VM move by 20%
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,7 +22,6 @@ from benchmarks.common import (  # noqa: E402
     bench_model,
     fluxbatch_render,
     machine,
-    median,
     prompts,
     spread,
     steady_rate,

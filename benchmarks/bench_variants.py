@@ -13,6 +13,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median  # of a few rounds: single runs on a shared VM move by 20%
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,6 @@ from benchmarks.common import (  # noqa: E402
     bench_model,
     fluxbatch_render,
     machine,
-    median,
     plain_loop,
     prompts,
     spread,

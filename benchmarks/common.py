@@ -86,13 +86,6 @@ def steady_rate(metadata: pa.Table) -> float:
     return len(rows) / (last - first).total_seconds()
 
 
-def median(values: list[float]) -> float:
-    """The middle of a few rounds: a shared VM's neighbours move single runs by 20% and more."""
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def spread(values: list[float]) -> str:
     """`min-max` of the rounds, for the table."""
     return f"{min(values):.3f}-{max(values):.3f}"
