@@ -48,23 +48,38 @@ def stop_head(temp_dir: str) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head` in its own temp dir, with its own ports and token; stopped by its own pids."""
-    temp_dir = tempfile.mkdtemp(prefix="fbhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    token = secrets.token_hex(32)
-    dashboard = free_port()
+def start_head(token: str) -> tuple[str, str]:
+    """`ray start --head` on free ports; (temp dir, dashboard address). A port found free can be taken by another
+    process (the other test process's Ray cluster) before Ray binds it, so a start refused for a taken port is
+    retried on fresh ports."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    command = [str(VENV_BIN / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-               f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-    try:
+    for attempt in range(4):
+        temp_dir = tempfile.mkdtemp(prefix="fbhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
+        dashboard = free_port()
+        command = [str(VENV_BIN / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+                   "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
+                   f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert started.returncode == 0, started.stderr[-3000:]
-        yield Head(f"http://127.0.0.1:{dashboard}", token)
+        if started.returncode == 0:
+            return temp_dir, f"http://127.0.0.1:{dashboard}"
+        stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        taken = "already occupied" in started.stderr or "already in use" in started.stderr
+        if not taken or attempt == 3:
+            raise AssertionError(f"ray start failed:\n{started.stderr[-3000:]}")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head of our own (own temp dir, ports and token); stopped by its own pids."""
+    token = secrets.token_hex(32)
+    temp_dir, address = start_head(token)
+    try:
+        yield Head(address, token)
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
