@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,30 +76,45 @@ def transformer_flops(config: FluxConfig = FLUX1, image_tokens: int = 4096, text
             "total": linear + embed + modulation + attention}
 
 
+@contextmanager
+def built_on(device: str):
+    """Modules created inside are made directly on `device` in bf16: no fp32 copy, no host-to-device transfer."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_transformer(device: str, guidance: bool):
+    """A fresh Flux.1 transformer with random weights (each fast-path option changes the one it is given)."""
+    from diffusers import FluxTransformer2DModel
+
+    with built_on(device):
+        return FluxTransformer2DModel(guidance_embeds=guidance)  # diffusers' defaults are Flux.1's dimensions
+
+
 def build_full(device: str, guidance: bool):
-    """The full Flux.1 pipeline with random weights, built directly on `device` in bf16 (no fp32 copy)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    """The full Flux.1 pipeline with random weights, built directly on `device` in bf16."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from flux_worker.model_build import _clip_tokenizer, _t5_tokenizer
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(guidance_embeds=guidance)  # diffusers' defaults are Flux.1's
-            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768,
-                                                        intermediate_size=3072, num_hidden_layers=12,
-                                                        num_attention_heads=12, projection_dim=768))
-            text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240,
-                                                     num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
-            vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                                block_out_channels=[128, 256, 512, 512], layers_per_block=2, use_quant_conv=False,
-                                use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
-    finally:
-        torch.set_default_dtype(previous)
+    transformer = build_transformer(device, guidance)
+    with built_on(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768,
+                                                    intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, projection_dim=768))
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240,
+                                                 num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, use_quant_conv=False,
+                            use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -116,9 +132,9 @@ def build_tiny(device: str):
     return pipe
 
 
-def measure(pipe, side: int, steps: int, batch: int, guidance: float, seq: int, repeats: int,
+def measure(pipe, side: int, steps: int, batch: int, guidance: float, seq: int, repeats: int, warmups: int,
             device: str) -> tuple[float, float]:
-    """Seconds per image (after warm-up) and peak GPU memory in GiB (0 on CPU)."""
+    """Seconds per image (after the warm-up calls) and peak GPU memory in GiB (0 on CPU)."""
     prompt = ["a lighthouse on a cliff at dusk, volumetric light, 35mm photograph"] * batch
 
     def once() -> None:
@@ -126,8 +142,8 @@ def measure(pipe, side: int, steps: int, batch: int, guidance: float, seq: int, 
             pipe(prompt=prompt, width=side, height=side, num_inference_steps=steps, guidance_scale=guidance,
                  max_sequence_length=seq, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
 
-    once()  # warm-up: compilation, autotuning, allocator
-    once()
+    for _ in range(warmups):  # compilation, autotuning, allocator
+        once()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -150,6 +166,20 @@ def gpu_peak_tflops(device: str, given: float | None) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
 
 
+def plan_rows(args: argparse.Namespace) -> list[tuple[str, str, list[int]]]:
+    """(model, option, batches) in the order they run: `--rows model:option:batch,...` or the full grid."""
+    if not args.rows:
+        return [(model, option, args.batches) for model in args.models for option in args.options]
+    plan = []
+    for row in args.rows:
+        model, option, batches = row.split(":")
+        if model not in ("dev", "schnell") or option not in OPTIONS:
+            raise SystemExit(f"--rows {row!r}: want dev|schnell:OPTION:BATCH[,BATCH], "
+                             f"OPTION one of {', '.join(OPTIONS)}")
+        plan.append((model, option, [int(batch) for batch in batches.split(",")]))
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -159,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="default: 28 for dev, 4 for schnell")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed pipeline calls per row, after 2 warm-ups")
+    parser.add_argument("--rows", nargs="+", metavar="MODEL:OPTION:BATCHES",
+                        help="run just these, in this order (e.g. dev:eager:1,4), instead of models x options")
+    parser.add_argument("--repeats", type=int, default=3, help="timed pipeline calls per row")
+    parser.add_argument("--warmups", type=int, default=2, help="untimed calls before them (compilation, autotuning)")
+    parser.add_argument("--deadline", type=float, help="start no new row after this many seconds")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the table")
     args = parser.parse_args(argv)
+    began = time.perf_counter()
 
     image_tokens = (args.side // 16) ** 2
     flops = transformer_flops(image_tokens=image_tokens, text_tokens=512)
@@ -170,31 +205,58 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_gpu on {where}; torch {torch.__version__}; transformer {flops['total'] / 1e12:.1f} TFLOP per step "
           f"at {args.side}x{args.side} ({flops['linear'] / 1e12:.1f} linear, {flops['attention'] / 1e12:.1f} "
           f"attention){'' if args.size == 'full' else ' for the full model; this run uses the tiny one'}")
-    print("| model | steps | batch | option | s/image | images/hour | peak GiB | % bf16 peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.models:
+    print("| model | steps | batch | option | s/image | images/hour | peak GiB | % bf16 peak | warm-up s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    pipe, loaded = None, None
+    for name, option, batches in plan_rows(args):
         steps = args.steps or (28 if name == "dev" else 4)
         guidance, seq = (3.5, 512) if name == "dev" else (0.0, 256)
-        for option in args.options:
-            torch._dynamo.reset()
+        seq = seq if args.size == "full" else 32
+        torch._dynamo.reset()
+        if loaded != name:  # one pipeline per model; each option gets a fresh transformer to change
+            pipe = None
+            free(args.device)
             pipe = build_full(args.device, guidance=name == "dev") if args.size == "full" else build_tiny(args.device)
-            seq = seq if args.size == "full" else 32
-            try:
-                apply_fast_path(pipe, ModelSpec(**OPTIONS[option]), args.device)
-            except FastPathError as error:
-                print(f"| {name} | {steps} | - | {option} | refused: {error} | | | |")
+            loaded = name
+        elif args.size == "full":
+            pipe.transformer = None
+            free(args.device)
+            pipe.transformer = build_transformer(args.device, guidance=name == "dev")
+        else:
+            pipe = build_tiny(args.device)
+        try:
+            apply_fast_path(pipe, ModelSpec(**OPTIONS[option]), args.device)
+        except FastPathError as error:
+            print(f"| {name} | {steps} | - | {option} | refused: {error} | | | | |", flush=True)
+            continue
+        for batch in batches:
+            if args.deadline and time.perf_counter() - began > args.deadline:
+                print(f"| {name} | {steps} | {batch} | {option} | not run: past --deadline | | | | |")
                 continue
-            for batch in args.batches:
-                seconds, memory = measure(pipe, args.side, steps, batch, guidance, seq, args.repeats, args.device)
-                # The schnell run attends over 256 text tokens, dev over 512.
-                step_flops = transformer_flops(image_tokens=image_tokens, text_tokens=seq)["total"]
-                fraction = f"{100 * step_flops * steps / seconds / (peak * 1e12):.0f}%" if peak else "-"
-                print(f"| {name} | {steps} | {batch} | {option} | {seconds:.3f} | {3600 / seconds:.0f} | "
-                      f"{memory:.1f} | {fraction} |", flush=True)
-            del pipe
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            started = time.perf_counter()
+            try:
+                seconds, memory = measure(pipe, args.side, steps, batch, guidance, seq, args.repeats, args.warmups,
+                                          args.device)
+            except Exception as error:  # a benchmark row that breaks is a finding; record it and go on
+                print(f"| {name} | {steps} | {batch} | {option} | failed: {type(error).__name__}: "
+                      f"{str(error)[:300]} | | | | |", flush=True)
+                continue
+            warm_up = time.perf_counter() - started - seconds * batch * args.repeats
+            # The schnell run attends over 256 text tokens, dev over 512.
+            step_flops = transformer_flops(image_tokens=image_tokens, text_tokens=seq)["total"]
+            fraction = f"{100 * step_flops * steps / seconds / (peak * 1e12):.0f}%" if peak else "-"
+            print(f"| {name} | {steps} | {batch} | {option} | {seconds:.3f} | {3600 / seconds:.0f} | "
+                  f"{memory:.1f} | {fraction} | {warm_up:.0f} |", flush=True)
+    print(f"total {time.perf_counter() - began:.0f} s")
     return 0
+
+
+def free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -38,3 +40,15 @@ def test_smoke_run_on_cpu_prints_a_row_per_option_and_refuses_fp8_here(capsys):
     assert set(rows) == {"eager", "first-block", "fp8+compile"}
     assert float(rows["eager"].split(" | ")[4]) > 0
     assert "refused: model.quantize='fp8' needs a GPU" in rows["fp8+compile"]
+
+
+def test_rows_run_in_the_order_given_and_a_mistyped_row_is_named(capsys):
+    main(["--device", "cpu", "--size", "tiny", "--side", "64", "--steps", "1", "--repeats", "1", "--warmups", "1",
+          "--rows", "schnell:eager:1,2", "dev:first-block:1"])
+
+    cells = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| dev")
+             or line.startswith("| schnell")]
+    assert [(row[0].strip("| "), row[2], row[3]) for row in cells] == [
+        ("schnell", "1", "eager"), ("schnell", "2", "eager"), ("dev", "1", "first-block")]
+    with pytest.raises(SystemExit, match=re.escape("--rows 'dev:turbo:1': want dev|schnell:OPTION:BATCH")):
+        main(["--device", "cpu", "--size", "tiny", "--rows", "dev:turbo:1"])
