@@ -108,7 +108,10 @@ def build_full(device: str, guidance: bool):
     with built_on(device):
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768,
                                                     intermediate_size=3072, num_hidden_layers=12,
-                                                    num_attention_heads=12, projection_dim=768))
+                                                    num_attention_heads=12, projection_dim=768,
+                                                    bos_token_id=tokenizer.bos_token_id,
+                                                    eos_token_id=tokenizer.eos_token_id,
+                                                    pad_token_id=tokenizer.pad_token_id))
         text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240,
                                                  num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
