@@ -6,6 +6,7 @@ it). Storage options may hold credentials: they are passed around, never logged 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -49,6 +50,28 @@ def credential_options(url: str) -> dict[str, str]:
     if os.environ.get("AWS_SESSION_TOKEN"):
         options["token"] = os.environ["AWS_SESSION_TOKEN"]
     return options
+
+
+def add_storage_option_flag(parser: argparse.ArgumentParser) -> None:
+    """The `--storage-option KEY=VALUE` flag of every command that reads or writes storage."""
+
+    def key_value(text: str) -> str:
+        if "=" not in text:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected key=value, e.g. endpoint_url=http://host:9000")
+        return text
+
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                        help="fsspec option for the input and output files, e.g. endpoint_url=http://host:9000 "
+                             "(repeatable)")
+
+
+def apply_storage_options(spec: Any, pairs: list[str]) -> Any:
+    """Merge `--storage-option key=value` flags into a spec's input and output storage options; returns it."""
+    options = parse_storage_options(pairs)
+    if options:
+        spec.storage_options = {**spec.storage_options, **options}
+        spec.output.storage_options = {**spec.output.storage_options, **options}
+    return spec
 
 
 def parse_storage_options(pairs: list[str]) -> dict[str, Any]:

@@ -23,12 +23,13 @@ EXAMPLES = """examples:
 
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+    from flux_worker.storage import add_storage_option_flag
+
     parser.add_argument("--job", metavar="JOB.yaml", help="job spec in YAML; flags below override it")
     parser.add_argument("--model", help="preset (flux.1-schnell, flux.1-dev), hub id, or local folder")
     parser.add_argument("--revision", help="hub revision of the model to pin")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for manifest and output, e.g. endpoint_url=http://host:9000 (repeatable)")
+    add_storage_option_flag(parser)
 
 
 def _gpus(text: str) -> float | str:
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
     """A JobSpec from --job (if given) with every flag the user set layered on top."""
-    from flux_worker.storage import parse_storage_options
+    from flux_worker.storage import apply_storage_options
     from schemas import JobSpec
     from schemas.overrides import apply_overrides
 
@@ -141,11 +142,7 @@ def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
         job = JobSpec.from_yaml(args.job, **overrides)
     else:
         job = JobSpec.model_validate(apply_overrides({}, overrides))
-    options = parse_storage_options(args.storage_option)
-    if options:
-        job.storage_options = {**job.storage_options, **options}
-        job.output.storage_options = {**job.output.storage_options, **options}
-    return job
+    return apply_storage_options(job, args.storage_option)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -35,12 +35,13 @@ def add_parsers(sub: Any) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    from flux_worker.storage import add_storage_option_flag
+
     parser.add_argument("--output", help="output folder or s3:// prefix (overrides output.uri)")
     parser.add_argument("--new-version", action="store_true",
                         help="accept model or defaults that differ from OUTPUT/_job.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for the output and input files (repeatable)")
+    add_storage_option_flag(parser)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -57,14 +58,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _load(spec_type: Any, args: argparse.Namespace) -> Any:
-    from flux_worker.storage import parse_storage_options
+    from flux_worker.storage import apply_storage_options
 
     spec = spec_type.from_yaml(args.spec, **{"output.uri": args.output})
-    options = parse_storage_options(args.storage_option)
-    if options:
-        spec.output.storage_options = {**spec.output.storage_options, **options}
-        spec.storage_options = {**spec.storage_options, **options}
-    return spec
+    return apply_storage_options(spec, args.storage_option)
 
 
 def _synthesize(args: argparse.Namespace) -> int:

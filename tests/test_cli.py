@@ -67,6 +67,15 @@ def test_missing_manifest_is_one_line_error_not_a_traceback(tmp_path, tiny_model
     assert result.stderr.strip() == f"error: no manifest at '{tmp_path / 'nope.parquet'}'"
 
 
+def test_a_storage_option_without_a_value_is_a_usage_error_naming_the_flag(tmp_path, capsys):
+    for command in (["render", "m.parquet", str(tmp_path / "out")], ["synthesize", "spec.yaml"]):
+        result = call_cli(capsys, *command, "--storage-option", "region")
+
+        assert result.returncode == 2
+        assert "argument --storage-option: 'region': expected key=value" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_model_build_writes_a_pipeline_diffusers_loads(tmp_path, capsys):
     from diffusers import FluxPipeline
 

@@ -64,6 +64,18 @@ def test_job_yaml_is_overridden_by_flags(tmp_path):
     assert (job.replicas, job.model.name, job.model.dtype, job.batch_size) == (5, "flux.1-dev", "bf16", 4)
 
 
+def test_storage_option_flags_reach_input_and_output_and_the_endpoint_nests_for_s3fs():
+    from flux_worker.storage import apply_storage_options
+
+    job = JobSpec.model_validate({"manifest": "m", "output": {"uri": "s3://b/o", "storage_options": {"anon": True}}})
+    apply_storage_options(job, ["endpoint_url=http://127.0.0.1:9000", "use_ssl=false"])
+
+    assert job.storage_options == {"use_ssl": False, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert job.output.storage_options == {"anon": True, **job.storage_options}
+    with pytest.raises(ValueError, match="--storage-option 'region': expected key=value"):
+        apply_storage_options(job, ["region"])
+
+
 def test_storage_credentials_are_not_part_of_a_dumped_job():
     job = JobSpec.model_validate({"manifest": "m", "output": {"uri": "s3://b/o", "storage_options": {
         "secret": "hunter2"}}, "storage_options": {"secret": "hunter2"}})
