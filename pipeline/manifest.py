@@ -63,9 +63,9 @@ class Manifest:
         return (sum(r.request.num_images for r in self.checked_rows)
                 + sum(pc.sum(t.column("num_images")).as_py() or 0 for t in self.tables))
 
-    @property
-    def rows(self) -> list[ValidRow]:
-        """Every valid row as a `ValidRow`, in file and row order (rows checked by columns are built here)."""
+    def valid_rows(self) -> list[ValidRow]:
+        """Every valid row as a `ValidRow`, in file and row order. Builds a pydantic request per row checked by
+        columns, so it is for inspection and tests: the planner reads `requests()`."""
         built = [
             ValidRow(row["source"], row["row"], _request(row), {f.name: row[f.name] for f in self.extra_fields})
             for table in self.tables for row in self._conform(table).to_pylist()

@@ -74,7 +74,8 @@ def read_both(url: str, monkeypatch) -> tuple:
 
 def outcome(manifest) -> tuple:
     failures = [(f.source, f.row, f.request_id, f.field, f.reason) for f in manifest.failures]
-    valid = [(r.source, r.row, request_id_of(r.request), r.request.model_dump(), r.extras) for r in manifest.rows]
+    valid = [(r.source, r.row, request_id_of(r.request), r.request.model_dump(), r.extras)
+             for r in manifest.valid_rows()]
     return failures, valid
 
 

@@ -213,7 +213,7 @@ def test_hostile_manifest_is_refused_row_by_row_with_the_field_and_reason(tmp_pa
         assert re.fullmatch(w_pattern, g_reason, flags=re.S), g_reason
         assert len(g_reason) <= 400
     assert all(f.stage == ("read" if f.row is None else "validate") for f in manifest.failures)
-    assert len(manifest.rows) == case.valid
+    assert len(manifest.valid_rows()) == case.valid
     for name, arrow_type in case.extra.items():
         assert {f.name: f.type for f in manifest.extra_fields}[name] == arrow_type
 
@@ -260,13 +260,13 @@ def test_any_row_values_yield_a_valid_row_or_messages_naming_the_field(tmp_path,
 
     manifest = read_manifest(str(path), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS)
 
-    assert len(manifest.rows) + bool(manifest.failures) == 1
+    assert len(manifest.valid_rows()) + bool(manifest.failures) == 1
     for failure in manifest.failures:
         assert failure.stage == "validate" and failure.row == 0
         assert failure.field in {"prompt", *values}, failure
         assert failure.reason and len(failure.reason) <= 400
         assert "pydantic" not in failure.reason and "Traceback" not in failure.reason
-    for item in manifest.rows:
+    for item in manifest.valid_rows():
         request = item.request
         assert request.prompt.strip() and len(request.prompt) <= 4000
         for side in (request.width, request.height):
