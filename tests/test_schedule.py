@@ -37,13 +37,16 @@ def write_schedule(folder: Path, jobs: list[dict]) -> Path:
 
 
 @pytest.mark.slow
-def test_scheduler_starts_a_due_job_and_a_second_scheduler_skips_it_while_it_runs(tmp_path, tiny_model):
+def test_scheduler_starts_a_due_job_and_a_second_scheduler_skips_it_while_it_runs(tmp_path, tiny_model,
+                                                                                     ray_cluster):
     write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat", "width": 64, "height": 64}])
     spec = write_schedule(tmp_path, [{"name": "cats", "cron": "* * * * *",
                                       "run": f"render m.parquet out --model {tiny_model} --no-progress"}])
     first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "schedule", str(spec), "--once"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             # the scheduled render joins this session's Ray cluster instead of starting one
+                             env={**os.environ, "PYTHONPATH": str(REPO),
+                                  "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
     lock = JobLock(tmp_path / "state" / "locks", "cats")
     try:
         while (lock.holder() or {}).get("by") != "run":  # the first scheduler handed its lock to the run
