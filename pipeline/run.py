@@ -16,6 +16,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -35,7 +36,7 @@ from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
 from pipeline.ray_auth import keep_token_auth
 from pipeline.report import write_report
-from schemas import FailureRecord, JobSpec, RunSummary
+from schemas import FailureRecord, JobSpec, ModelSpec, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     seconds: dict[str, float] = {}
     preset = resolve_preset(job.model.name)
     fs, root = filesystem(job.output.uri, job.output.storage_options)
+    job = job.model_copy(update={"output": job.output.model_copy(update={"uri": uri(fs, root)})})  # absolute, below
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                          started_at=datetime.now(timezone.utc))
@@ -129,7 +131,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
 
     blocks = split_blocks(plan, job.replicas, job.batch_size)
     stage, kwargs = Renderer, {
-        "model": job.model.model_dump(mode="json"),
+        "model": model_for_workers(job.model),
         "output_uri": job.output.uri,
         # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
         "storage_options": {**credential_options(job.output.uri), **job.output.storage_options},
@@ -230,6 +232,20 @@ def stop_leftover_renderers() -> None:
     for info in ray.util.placement_group_table().values():
         if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
             ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
+
+
+def model_for_workers(model: ModelSpec) -> dict[str, Any]:
+    """The model spec as renderers get it, local paths made absolute: a worker of a cluster this driver joined
+    runs in that cluster's directory, not the driver's, where a relative path points elsewhere or nowhere."""
+
+    def absolute(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() else path  # a preset name or hub id stays as it is
+
+    data = model.model_dump(mode="json")
+    data["name"] = absolute(model.name)
+    data["adapters"] = {name: absolute(path) for name, path in model.adapters.items()}
+    return data
 
 
 def worker_env() -> dict[str, str]:

@@ -159,3 +159,19 @@ def test_storage_options_reach_the_workers_without_environment_variables(tmp_pat
     summary = render(job, progress=False)
     assert summary.images_rendered == 2
     assert_images_match_metadata(out, options)
+
+
+def test_workers_get_local_model_and_adapter_paths_absolute_since_a_joined_cluster_runs_elsewhere(tmp_path,
+                                                                                                 monkeypatch):
+    from pipeline.run import model_for_workers
+    from schemas import ModelSpec
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "style.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+
+    local = model_for_workers(ModelSpec(name="models/tiny", adapters={"style": "style.safetensors"}))
+    assert (local["name"], local["adapters"]) == (str(tmp_path / "models" / "tiny"),
+                                                  {"style": str(tmp_path / "style.safetensors")})
+    assert model_for_workers(ModelSpec(name="flux.1-dev"))["name"] == "flux.1-dev"
+    assert model_for_workers(ModelSpec(name="black-forest-labs/FLUX.1-dev"))["name"] == "black-forest-labs/FLUX.1-dev"

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from jobs.schedule import HOST, JobLock, due_fire, latest_fire, run_schedule
 from schemas.schedule import ScheduledJob, ScheduleSpec
 from tests.conftest import write_manifest
+from tests.helpers import assert_images_match_metadata
 
 REPO = Path(__file__).parents[1]
 UTC = ZoneInfo("UTC")
@@ -68,6 +69,7 @@ def test_scheduler_starts_a_due_job_and_a_second_scheduler_skips_it_while_it_run
     skipped = history(tmp_path)[0]
     assert f"already running: run {holder['run_id']} (pid {holder['pid']} on {HOST})" in skipped["reason"]
     assert pq.read_table(tmp_path / "out" / "metadata").num_rows == 1
+    assert len(assert_images_match_metadata(str(tmp_path / "out"))) == 1  # in the job's folder, not the cluster's
     assert not lock.path.exists()
     log = Path(history(tmp_path)[1]["log"]).read_text()
     assert "1 rendered, 0 already done" in log
