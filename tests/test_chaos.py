@@ -100,14 +100,15 @@ def test_driver_killed_mid_run_then_run_again_renders_only_the_rest_and_matches_
     rows = manifest_rows(20)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     reference = tmp_path / "reference"
-    # The reference renders on one replica: the same keys must come out byte for byte whatever the pool size.
+    # The reference renders in batches of 2: the same keys must come out byte for byte whatever the batch size.
     render(make_job(str(manifest), str(reference), str(tiny_model), batch_size=2), progress=False)
 
     # `fluxbatch render` as its own process, driving the test session's cluster (as a driver on a long-lived
-    # cluster does), SIGKILLed with its process group as soon as its first metadata part is committed.
+    # cluster does), SIGKILLed with its process group as soon as its first metadata part is committed. One
+    # image at a time on one thread, so the 40 images take seconds after the first part, even on a busy machine.
     out = tmp_path / "out"
     command = [sys.executable, "-m", "jobs.cli", "render", str(manifest), str(out), "--model", str(tiny_model),
-               "--no-progress", "--replicas", "2", "--batch-size", "2", "--cpus-per-replica", "1",
+               "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1",
                "--commit-seconds", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -125,7 +126,7 @@ def test_driver_killed_mid_run_then_run_again_renders_only_the_rest_and_matches_
 
     again = render(make_job(str(manifest), str(out), str(tiny_model), batch_size=2), progress=False)
 
-    assert 0 < done_before < 40
+    assert 0 < done_before < 40, f"the kill came when {done_before} of 40 images were committed"
     assert (again.images_already_done, again.images_rendered, again.images_failed) == (done_before,
                                                                                        40 - done_before, 0)
     assert_exactly_once(str(out), rows)
