@@ -216,17 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         guidance, seq = (3.5, 512) if name == "dev" else (0.0, 256)
         seq = seq if args.size == "full" else 32
         torch._dynamo.reset()
-        if loaded != name:  # one pipeline per model; each option gets a fresh transformer to change
-            pipe = None
-            free(args.device)
-            pipe = build_full(args.device, guidance=name == "dev") if args.size == "full" else build_tiny(args.device)
-            loaded = name
-        elif args.size == "full":
+        if args.size == "tiny":
+            pipe = build_tiny(args.device)
+        elif loaded == name:  # one pipeline per model; each option gets a fresh transformer to change
             pipe.transformer = None
             free(args.device)
             pipe.transformer = build_transformer(args.device, guidance=name == "dev")
         else:
-            pipe = build_tiny(args.device)
+            pipe = None
+            free(args.device)
+            pipe, loaded = build_full(args.device, guidance=name == "dev"), name
         try:
             apply_fast_path(pipe, ModelSpec(**OPTIONS[option]), args.device)
         except FastPathError as error:

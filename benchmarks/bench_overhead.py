@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from statistics import median  # of a few rounds: single runs on a shared VM move by 20%
 
@@ -39,28 +40,29 @@ def main(argv: list[str] | None = None) -> int:
 
     model = bench_model(args.model)
     n = args.images
-    plain_steady, plain_all, plain_wall, fb_steady, fb_all, fb_wall = [], [], [], [], [], []
+    runs: dict[str, list[float]] = defaultdict(list)  # measure -> one value per round
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         manifest = write_manifest(work / "m.parquet", prompts(n))
         for round_ in range(args.rounds):  # interleaved, so a noisy minute hits both paths alike
             plain = plain_loop(model, manifest, work / f"plain-{round_}")
             wall, metadata = fluxbatch_render(manifest, str(work / f"fb-{round_}"), model)
-            plain_steady.append(n / plain["loop"])
-            plain_all.append(n / plain["wall"])
-            plain_wall.append(plain["wall"])
-            fb_steady.append(steady_rate(metadata))
-            fb_all.append(n / wall)
-            fb_wall.append(wall)
-            print(f"round {round_ + 1}: steady ratio {fb_steady[-1] / plain_steady[-1]:.3f}", file=sys.stderr)
+            for measure, value in {"plain steady": n / plain["loop"], "plain all": n / plain["wall"],
+                                   "plain wall": plain["wall"], "fb steady": steady_rate(metadata),
+                                   "fb all": n / wall, "fb wall": wall}.items():
+                runs[measure].append(value)
+            print(f"round {round_ + 1}: steady ratio {runs['fb steady'][-1] / runs['plain steady'][-1]:.3f}",
+                  file=sys.stderr)
 
-    ratios = [f / p for f, p in zip(fb_steady, plain_steady)]
+    mid = {measure: median(values) for measure, values in runs.items()}
+    ratios = [f / p for f, p in zip(runs["fb steady"], runs["plain steady"])]
     print(f"overhead, {n} images of {metadata.column('width')[0]}^2, {metadata.column('steps')[0]} steps, "
           f"median of {args.rounds} interleaved rounds; {machine()}")
     print(table(["path", "steady img/s", "with start-up img/s", "wall s", "steady img/s, rounds"], [
-        ["plain diffusers loop", median(plain_steady), median(plain_all), median(plain_wall), spread(plain_steady)],
-        ["fluxbatch render, 1 replica", median(fb_steady), median(fb_all), median(fb_wall), spread(fb_steady)],
-        ["ratio fluxbatch / plain", median(fb_steady) / median(plain_steady), median(fb_all) / median(plain_all),
+        ["plain diffusers loop", mid["plain steady"], mid["plain all"], mid["plain wall"],
+         spread(runs["plain steady"])],
+        ["fluxbatch render, 1 replica", mid["fb steady"], mid["fb all"], mid["fb wall"], spread(runs["fb steady"])],
+        ["ratio fluxbatch / plain", mid["fb steady"] / mid["plain steady"], mid["fb all"] / mid["plain all"],
          "", f"per round {spread(ratios)}"],
     ]))
     return 0

@@ -12,6 +12,7 @@ import argparse
 import socket
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from statistics import median  # of a few rounds: single runs on a shared VM move by 20%
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     endpoint = f"http://127.0.0.1:{server._port}"
     env = {"AWS_ENDPOINT_URL": endpoint, **CREDENTIALS}
-    local, s3, local_wall, s3_wall = [], [], [], []
+    runs: dict[str, list[float]] = defaultdict(list)  # measure -> one value per round
     try:
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench-key", aws_secret_access_key="bench-secret",
                      region_name="us-east-1").create_bucket(Bucket="bench")
@@ -62,20 +63,20 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(folder)
             manifest = write_manifest(work / "m.parquet", prompts(args.images))
             for round_ in range(args.rounds):  # interleaved, so a noisy minute hits both outputs alike
-                wall, metadata = fluxbatch_render(manifest, str(work / f"out-{round_}"), model)
-                local.append(steady_rate(metadata))
-                local_wall.append(wall)
-                wall, metadata = fluxbatch_render(manifest, f"s3://bench/run-{round_}", model, env=env)
-                s3.append(steady_rate(metadata))
-                s3_wall.append(wall)
+                for output, target, target_env in (("local", str(work / f"out-{round_}"), None),
+                                                   ("s3", f"s3://bench/run-{round_}", env)):
+                    wall, metadata = fluxbatch_render(manifest, target, model, env=target_env)
+                    runs[output].append(steady_rate(metadata))
+                    runs[f"{output} wall"].append(wall)
     finally:
         server.stop()
 
     print(f"storage, {args.images} images; moto S3 on loopback, median of {args.rounds} interleaved rounds; "
           f"{machine()}")
     print(table(["output", "steady img/s", "wall s", "x local", "steady img/s, rounds"], [
-        ["local disk", median(local), median(local_wall), 1.0, spread(local)],
-        ["S3 (moto, loopback)", median(s3), median(s3_wall), median(s3) / median(local), spread(s3)],
+        ["local disk", median(runs["local"]), median(runs["local wall"]), 1.0, spread(runs["local"])],
+        ["S3 (moto, loopback)", median(runs["s3"]), median(runs["s3 wall"]), median(runs["s3"]) / median(runs["local"]),
+         spread(runs["s3"])],
     ]))
     return 0
 

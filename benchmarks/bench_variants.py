@@ -21,7 +21,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    MAX_SEQ,
     SIDE,
     STEPS,
     add_rounds_flag,
@@ -56,20 +55,20 @@ def encoding_share(model: Path, samples: int = 8) -> tuple[float, float]:
     import time
 
     import torch
-    from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
+    from benchmarks.plain_loop import load_pipeline
+
+    pipe, max_seq = load_pipeline(model)
     texts = prompts(samples)
     with torch.inference_mode():
-        pipe(prompt=texts[0], width=SIDE, height=SIDE, num_inference_steps=STEPS, max_sequence_length=MAX_SEQ)
+        pipe(prompt=texts[0], width=SIDE, height=SIDE, num_inference_steps=STEPS, max_sequence_length=max_seq)
         start = time.perf_counter()
         for text in texts:
-            pipe.encode_prompt(prompt=[text], prompt_2=None, max_sequence_length=MAX_SEQ)
+            pipe.encode_prompt(prompt=[text], prompt_2=None, max_sequence_length=max_seq)
         encode = (time.perf_counter() - start) / samples
         start = time.perf_counter()
         for text in texts:
-            pipe(prompt=text, width=SIDE, height=SIDE, num_inference_steps=STEPS, max_sequence_length=MAX_SEQ)
+            pipe(prompt=text, width=SIDE, height=SIDE, num_inference_steps=STEPS, max_sequence_length=max_seq)
         image = (time.perf_counter() - start) / samples
     return encode, image
 

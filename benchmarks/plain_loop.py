@@ -19,13 +19,18 @@ import torch
 from diffusers import FluxPipeline
 
 
+def load_pipeline(model: Path) -> tuple[FluxPipeline, int]:
+    """The pipeline as a hand-written script loads it, and the text length its preset renders with."""
+    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, json.loads((model / "fluxbatch_preset.json").read_text())["max_sequence_length"]
+
+
 def main() -> int:
     model, manifest, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    max_seq = json.loads((model / "fluxbatch_preset.json").read_text())["max_sequence_length"]
+    pipe, max_seq = load_pipeline(model)
     load = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

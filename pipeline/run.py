@@ -47,14 +47,14 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     seconds: dict[str, float] = {}
     preset = resolve_preset(job.model.name)
     fs, root = filesystem(job.output.uri, job.output.storage_options)
-    job = job.model_copy(update={"output": job.output.model_copy(update={"uri": uri(fs, root)})})  # absolute, below
+    job = writing_to(job, uri(fs, root))  # absolute: see model_for_workers
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                          started_at=datetime.now(timezone.utc))
 
     version_root = ledger.check_job(fs, root, job, new_version=new_version)
     if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
-        job = job.model_copy(update={"output": job.output.model_copy(update={"uri": uri(fs, version_root)})})
+        job = writing_to(job, uri(fs, version_root))
         root, summary.output = version_root, job.output.uri
     ledger.remove_partial_files(fs, root)
     manifest = read_manifest(
@@ -232,6 +232,11 @@ def stop_leftover_renderers() -> None:
     for info in ray.util.placement_group_table().values():
         if info.get("name", "").startswith(prefix) and info.get("state") != "REMOVED":
             ray.util.remove_placement_group(ray.util.get_placement_group(info["name"]))
+
+
+def writing_to(job: JobSpec, output_uri: str) -> JobSpec:
+    """The job with its output at `output_uri`: the absolute form of the user's, or a version folder of it."""
+    return job.model_copy(update={"output": job.output.model_copy(update={"uri": output_uri})})
 
 
 def model_for_workers(model: ModelSpec) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -10,6 +11,12 @@ import pyarrow as pa
 from flux_worker.storage import filesystem
 from pipeline import ledger
 from schemas import JobSpec
+from tests.own_ray import REPO
+
+
+def session_cluster_env(ray: Any) -> dict[str, str]:
+    """Environment for a `fluxbatch` subprocess that drives this test session's Ray cluster, not one of its own."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def make_job(manifest: str, output: str, model: str, **fields: Any) -> JobSpec:

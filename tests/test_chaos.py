@@ -17,7 +17,7 @@ from pipeline import render
 from pipeline.plan import image_key
 from tests.conftest import write_manifest
 from tests.fault_proxy import FaultProxy
-from tests.helpers import assert_images_match_metadata, failures, make_job, metadata
+from tests.helpers import assert_images_match_metadata, failures, make_job, metadata, session_cluster_env
 from tests.own_ray import REPO
 
 pytestmark = pytest.mark.slow
@@ -110,9 +110,8 @@ def test_driver_killed_mid_run_then_run_again_renders_only_the_rest_and_matches_
     command = [sys.executable, "-m", "jobs.cli", "render", str(manifest), str(out), "--model", str(tiny_model),
                "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1",
                "--commit-seconds", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(command, cwd=REPO, env=session_cluster_env(ray_cluster), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         parts = out / "metadata"
         while driver.poll() is None and not (parts.is_dir() and any(parts.glob("*.parquet"))):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,9 +19,8 @@ from pydantic import ValidationError
 from jobs.schedule import HOST, JobLock, due_fire, latest_fire, run_schedule
 from schemas.schedule import ScheduledJob, ScheduleSpec
 from tests.conftest import write_manifest
-from tests.helpers import assert_images_match_metadata
+from tests.helpers import assert_images_match_metadata, session_cluster_env
 
-REPO = Path(__file__).parents[1]
 UTC = ZoneInfo("UTC")
 
 
@@ -45,9 +43,7 @@ def test_scheduler_starts_a_due_job_and_a_second_scheduler_skips_it_while_it_run
                                       "run": f"render m.parquet out --model {tiny_model} --no-progress"}])
     first = subprocess.Popen([sys.executable, "-m", "jobs.cli", "schedule", str(spec), "--once"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             # the scheduled render joins this session's Ray cluster instead of starting one
-                             env={**os.environ, "PYTHONPATH": str(REPO),
-                                  "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
+                             env=session_cluster_env(ray_cluster))  # the scheduled render joins it
     lock = JobLock(tmp_path / "state" / "locks", "cats")
     try:
         while (lock.holder() or {}).get("by") != "run":  # the first scheduler handed its lock to the run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
@@ -18,8 +19,8 @@ import yaml
 
 from jobs.submit import SubmitError, prepare, read_token
 from tests.conftest import free_port, write_manifest
+from tests.own_ray import REPO
 
-REPO = Path(__file__).parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -55,7 +56,7 @@ def start_head(token: str) -> tuple[str, str]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    for attempt in range(4):
+    for attempt in itertools.count(1):
         temp_dir = tempfile.mkdtemp(prefix="fbhead-", dir="/tmp")  # short: Ray's socket paths have a length limit
         dashboard = free_port()
         command = [str(VENV_BIN / "ray"), "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
@@ -68,9 +69,8 @@ def start_head(token: str) -> tuple[str, str]:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         taken = "already occupied" in started.stderr or "already in use" in started.stderr
-        if not taken or attempt == 3:
+        if not taken or attempt == 4:
             raise AssertionError(f"ray start failed:\n{started.stderr[-3000:]}")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
