@@ -15,6 +15,7 @@ import torch
 from diffusers import FluxPipeline
 
 from schemas import ModelSpec
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 FP8_MIN_CAPABILITY = (8, 9)
 
 
-class FastPathError(ValueError):
+class FastPathError(FluxbatchError, ValueError):
     """A fast-path option cannot run here (wrong device, missing package); the message says what to change."""
 
 

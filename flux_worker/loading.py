@@ -10,12 +10,13 @@ from diffusers import FluxPipeline
 from flux_worker.fast_path import apply_fast_path
 from flux_worker.presets import ModelPreset, resolve_preset
 from schemas import ModelSpec
+from schemas.errors import FluxbatchError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class UnsafeWeightsError(ValueError):
+class UnsafeWeightsError(FluxbatchError, ValueError):
     """Weights in a pickle-based format, which can run code when loaded; fluxbatch refuses them."""
 
 

@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from schemas.errors import FluxbatchError
+
 GIB = 2**30
 RESERVE_BYTES = 1 * GIB  # CUDA context + cuBLAS/NCCL workspaces + allocator fragmentation, per GPU
 MAX_GPUS = 8  # a group never spans nodes, and GPU nodes have at most 8
@@ -100,7 +102,7 @@ KNOWN_MODELS: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(FluxbatchError, ValueError):
     """The model cannot be planned (unknown name, unreadable folder, a bad memory size)."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from schemas import ModelLimits, ModelSpec
+from schemas.errors import FluxbatchError
 
 PRESET_FILE = "fluxbatch_preset.json"  # written by `fluxbatch model build` beside model_index.json
 
@@ -54,7 +55,7 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FluxbatchError, ValueError):
     """The model is neither a preset, nor a local folder, nor something that looks like a hub id."""
 
 

@@ -29,13 +29,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from flux_worker.memory_plan import KNOWN_MODELS, PlanError, model_configs, parse_size, placement_of, plan_memory
 from flux_worker.presets import resolve_preset
 from schemas import JobSpec
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 
 GROUP_READY_SECONDS = float(os.environ.get("FLUXBATCH_TP_READY_SECONDS", "600"))
 
 
-class TensorParallelError(RuntimeError):
+class TensorParallelError(FluxbatchError, RuntimeError):
     """A tensor-parallel group could not be formed or lost lock-step; the message says what to change."""
 
 

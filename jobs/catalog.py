@@ -31,6 +31,7 @@ from flux_worker.storage import filesystem, read_bytes, uri, write_bytes
 from pipeline.plan import image_key
 from schemas import FailureRecord, RunSummary
 from schemas.catalog import DEFAULT_TEMPLATE, CatalogReport, CatalogSpec, aspect_size
+from schemas.errors import FluxbatchError
 from schemas.job_template import template_fields
 
 MANIFEST_NAME = "manifest.parquet"
@@ -39,7 +40,7 @@ SAFE_SKU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_TEXT = 1000
 
 
-class ProductTableError(ValueError):
+class ProductTableError(FluxbatchError, ValueError):
     """The product table cannot be read, or lacks a required column."""
 
 

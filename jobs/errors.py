@@ -1,17 +1,15 @@
-"""The exceptions a user can act on; the CLI prints them as one line instead of a traceback."""
+"""The exceptions a user can act on; the CLI prints them as one line instead of a traceback.
+
+Every fluxbatch error a user can fix subclasses `schemas.errors.FluxbatchError`; the two OS errors are
+the ones a mistyped path or a missing permission raise from the standard library.
+"""
 
 from __future__ import annotations
 
-from flux_worker.loading import UnsafeWeightsError
-from flux_worker.presets import UnknownModelError
-from pipeline.ledger import JobMismatchError
-from pipeline.manifest import ManifestError
+from schemas.errors import FluxbatchError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ManifestError,
-    JobMismatchError,
-    UnknownModelError,
-    UnsafeWeightsError,
+    FluxbatchError,
     FileNotFoundError,
     PermissionError,
 )

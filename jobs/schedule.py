@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
+from schemas.errors import FluxbatchError
 from schemas.schedule import ScheduledJob, ScheduleSpec
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
 
 
-class ScheduleError(RuntimeError):
+class ScheduleError(FluxbatchError, RuntimeError):
     """The schedule cannot run: an unreadable spec or state folder."""
 
 

@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from schemas.errors import FluxbatchError
+
 # Never uploaded: environments, caches, and the outputs a local run leaves behind.
 EXCLUDES = [".venv", "venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
             ".hypothesis", ".fluxbatch", "demo-output"]
@@ -34,7 +36,7 @@ SHIPPED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-class SubmitError(RuntimeError):
+class SubmitError(FluxbatchError, RuntimeError):
     """The job could not be submitted: no cluster at the address, a missing token, a bad spec path."""
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from flux_worker.storage import filesystem, read_bytes, uri, write_bytes
 from schemas import RunSummary
+from schemas.errors import FluxbatchError
 from schemas.job_template import template_fields
 from schemas.synthesis import SlotColumn, SynthesisSpec
 
@@ -27,7 +28,7 @@ MANIFEST_NAME = "manifest.parquet"
 SPEC_NAME = "synthesis.json"
 
 
-class SlotVocabularyError(ValueError):
+class SlotVocabularyError(FluxbatchError, ValueError):
     """A slot's Parquet vocabulary cannot be read, lacks its column, or holds no words."""
 
 

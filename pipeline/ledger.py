@@ -24,13 +24,14 @@ import pyarrow.parquet as pq
 
 from flux_worker.storage import TMP_MARK, protocol_of, read_bytes, with_retries, write_bytes
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
 VERSIONS = "_versions"
 
 
-class JobMismatchError(ValueError):
+class JobMismatchError(FluxbatchError, ValueError):
     """OUTPUT was made by a job with different render parameters; mixing them would mix images."""
 
 

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from flux_worker.storage import filesystem, uri, with_retries
 from pipeline.fast_validate import REQUEST_SCHEMA, check_file
 from schemas import MANIFEST_COLUMNS, FailureRecord, ModelLimits, OutputFormat, RenderRequest, row_errors
+from schemas.errors import FluxbatchError
 from schemas.records import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _RESERVED = set(RESULT_SCHEMA.names)
 VECTORIZE_FROM_ROWS = 2048
 
 
-class ManifestError(ValueError):
+class ManifestError(FluxbatchError, ValueError):
     """The manifest cannot be found at all (nothing matches, or no access)."""
 
 
