@@ -7,15 +7,20 @@ it). Storage options may hold credentials: they are passed around, never logged 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -115,8 +120,23 @@ def uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
-# Marks a local file still being written; `os.replace` gives it its final name once whole.
-TMP_MARK = ".tmp-"
+# A local file still being written is `<final name>.fluxbatch-tmp-<pid>-<8 hex>`; `os.replace` gives it its final
+# name once whole. Only names matching TMP_NAME exactly, and only in fluxbatch's own folders, are ever swept
+# (pipeline/ownership.py): a user's `thesis.tmp-final.docx` is not a temp file of ours.
+TMP_MARK = ".fluxbatch-tmp-"
+TMP_NAME = re.compile(r".+\.fluxbatch-tmp-[0-9]+-[0-9a-f]{8}")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceLeftError(FluxbatchError):
+    """The disk under OUTPUT is full (or over quota). Not a usage mistake: the run had started, so exit code 1."""
+
+    exit_code = 1
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name (no folder) is one of `write_bytes`'s temp files."""
+    return TMP_NAME.fullmatch(name) is not None
 
 
 def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay: float = 0.2) -> T:
@@ -137,14 +157,26 @@ def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay:
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write one object whole: a single put on object stores, write-then-rename on local disk."""
+    """Write one object whole: a single put on object stores, write-then-rename on local disk.
+
+    A local write that fails for any reason removes its temp file and re-raises; a full disk raises
+    `NoSpaceLeftError` naming the path. Only a killed process leaves a temp file (swept by the next run).
+    """
     if protocol_of(fs) in ("file", "local"):
-        parent = path.rsplit("/", 1)[0]
-        fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        try:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException as error:  # also KeyboardInterrupt: a half-written file must not stay behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(error, OSError) and error.errno in NO_SPACE:
+                raise NoSpaceLeftError(
+                    f"no space left on device writing {path}: free space there (or choose another OUTPUT) "
+                    "and run again; images already committed stay, the rest render then") from error
+            raise
         return
     with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 

@@ -181,7 +181,7 @@ def catalog_manifest(spec: CatalogSpec, products: list[Product]) -> tuple[pa.Tab
             assets += [Asset(product.sku, aspect, v, f"{folder}/{v}", image_key(request_id, v))
                        for v in range(spec.variants)]
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("seed", pa.uint64()), ("num_images", pa.int32()),
+                        ("height", pa.int32()), ("seed", pa.int64()), ("num_images", pa.int32()),
                         ("sku", pa.string()), ("aspect", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema), assets, failures
 
@@ -197,9 +197,12 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     """Render what changed in the product table, publish it at stable paths, and report by SKU."""
     from jobs.catalog_publish import publish
     from pipeline import ledger, render
+    from pipeline.ownership import refuse_foreign_output
 
     started_at = datetime.now(timezone.utc)
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)
+    # Before the manifest goes into OUTPUT: render() would then find it there and could not tell it from a user's.
+    refuse_foreign_output(fs, root, own={MANIFEST_NAME})
     products, failures, rows = read_products(spec)
     table, assets, refused = catalog_manifest(spec, products)
     failures += refused
@@ -208,10 +211,11 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     write_bytes(fs, f"{root}/{MANIFEST_NAME}", sink.getvalue())
     done_before = ledger.done_keys(fs, root)
 
-    summary = render(spec.job_for(uri(fs, f"{root}/{MANIFEST_NAME}")), new_version=new_version, progress=progress)
+    summary = render(spec.job_for(uri(fs, f"{root}/{MANIFEST_NAME}")), new_version=new_version,
+                     allow_non_empty_output=True, progress=progress)
 
-    # After the render: it clears the previous run's failure parts before it starts.
-    ledger.write_failures(fs, root, f"{summary.run_id}-catalog", failures)
+    # After the render, under its run id: the render's end removes only the parts of earlier runs.
+    ledger.write_failures(fs, root, summary.run_id, "catalog", failures)
     report = CatalogReport(run_id=summary.run_id, products=rows,
                            started_at=started_at, images_rendered=summary.images_rendered)
     report.skus_refused = sorted({f.request_id or f"row {f.row}" for f in failures})

@@ -1,4 +1,4 @@
-"""The `fluxbatch` command line: demo, render, validate, model build, plan.
+"""The `fluxbatch` command line: demo, render, validate, verify, model build, plan.
 
 Every subcommand fills a `JobSpec` (from --job YAML, then flags) and calls the same Python API.
 User errors print one line saying what to fix and exit 2; no traceback.
@@ -86,12 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--new-version", action="store_true",
                         help="if the job's parameters differ from every version in OUTPUT, render a new version "
                         "into OUTPUT/_versions/<n>/ instead of refusing")
+    render.add_argument("--allow-non-empty-output", action="store_true",
+                        help="render into an OUTPUT that holds other files and no _job.json (refused otherwise); "
+                        "fluxbatch never touches those files")
+    render.add_argument("--rerender-changed", action="store_true",
+                        help="render again the rows whose parameters (prompt, size, steps, seed, ...) changed since "
+                        "their images were committed, replacing those images and ledger rows (refused otherwise)")
     render.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     validate = sub.add_parser("validate", help="check a manifest; print each bad row with its reason",
                               description="Read and validate MANIFEST; exit 1 if any row is bad.")
     validate.add_argument("manifest", help="Parquet file, folder or glob; local path or s3://")
     _add_job_flags(validate)
+
+    from flux_worker.storage import add_storage_option_flag
+
+    verify = sub.add_parser("verify", help="check OUTPUT's ledger against its images; --repair puts it right",
+                            description="Check every metadata part is readable, every row's image exists with its "
+                            "sha256 and size, no key is recorded twice and no image lacks a row, in OUTPUT and each "
+                            "of its versions. Exit 1 on any problem.")
+    verify.add_argument("output", help="output folder or s3:// prefix")
+    verify.add_argument("--repair", action="store_true",
+                        help="move unreadable parts and orphan or altered images aside into OUTPUT/_quarantine/, "
+                        "drop duplicate rows and rows without their image (those keys render again next run)")
+    add_storage_option_flag(verify)
 
     model = sub.add_parser("model", help="model tools", description="Model tools.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
@@ -151,31 +169,50 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     job = job_from_args(args, None)
     preset = resolve_preset(job.model.name)
+    # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
-                             adapter_names=set(job.model.adapters))
-    for failure in manifest.failures:
-        where = f"{failure.source}" + (f" row {failure.row}" if failure.row is not None else "")
-        ident = f" (id {failure.request_id!r})" if failure.request_id else ""
-        field = f" field {failure.field!r}:" if failure.field else ""
-        print(f"{where}{ident}:{field} {failure.reason}")
-    bad = len({(f.source, f.row) for f in manifest.failures})
+                             adapter_names=set(job.model.adapters), sink=_print_failure)
     images = manifest.image_count  # counted by columns: no per-row objects for a million-row manifest
     print(f"{len(manifest.files)} file(s), {manifest.total_rows} rows: {manifest.valid_count} valid "
-          f"({images} images), {bad} bad", file=sys.stderr)
-    return 1 if manifest.failures else 0
+          f"({images} images), {manifest.failures.rows} bad", file=sys.stderr)
+    if manifest.failures.rows:  # as pandas numbers them, so `pd.read_parquet(file).iloc[row]` is the row printed
+        print("rows are counted from 0, as pandas counts them", file=sys.stderr)
+    if not manifest.valid_count:
+        print("no valid row: a render of this manifest would render nothing and exit 1", file=sys.stderr)
+    # The exit code `render` would give if every image renders (README, "Exit codes").
+    return 0 if manifest.valid_count and not manifest.failures.total else 1
+
+
+def _print_failure(failure: Any) -> None:
+    where = f"{failure.source}" + (f" row {failure.row}" if failure.row is not None else "")
+    ident = f" (id {failure.request_id!r})" if failure.request_id else ""
+    field = f" field {failure.field!r}:" if failure.field else ""
+    print(f"{where}{ident}:{field} {failure.reason}")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from pipeline import render
 
     job = job_from_args(args, args.output)
-    summary = render(job, new_version=args.new_version, progress=not args.no_progress)
+    summary = render(job, new_version=args.new_version, allow_non_empty_output=args.allow_non_empty_output,
+                     rerender_changed=args.rerender_changed, progress=not args.no_progress)
     print(f"{summary.images_rendered} rendered, {summary.images_already_done} already done, "
           f"{summary.images_failed} failed, {summary.invalid_rows} bad rows; "
           f"{summary.images_total_done}/{summary.images_expected} images in {job.output.uri}")
     if summary.failures_by_reason:
         print(f"failures (see {job.output.uri.rstrip('/')}/failures/): {summary.failures_by_reason}")
-    return 0 if summary.complete else 1
+    if not summary.images_expected:
+        print("no valid row in the manifest: nothing to render", file=sys.stderr)
+    return 0 if summary.succeeded else 1  # README, "Exit codes"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from flux_worker.storage import parse_storage_options
+    from pipeline.verify import verify_output
+
+    result = verify_output(args.output, parse_storage_options(args.storage_option), repair=args.repair)
+    print(result.report())
+    return 1 if result.problems and not args.repair else 0
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
@@ -211,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_render(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command == "model":
             return cmd_model_build(args)
         if args.command in ("submit", "schedule"):
@@ -229,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)  # 1 for a run that failed once under way (NoSpaceLeftError)
     raise AssertionError(f"unhandled command {args.command}")
 
 

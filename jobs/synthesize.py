@@ -91,7 +91,7 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
             row["label"] = values[spec.label_slot]
             row["label_id"] = label_ids[values[spec.label_slot]]
         rows.append(row)
-    fields = [("id", pa.string()), ("prompt", pa.string()), ("seed", pa.uint64()), ("num_images", pa.int32()),
+    fields = [("id", pa.string()), ("prompt", pa.string()), ("seed", pa.int64()), ("num_images", pa.int32()),
               ("template", pa.int32())] + [(f"slot_{slot}", pa.string()) for slot in sorted(spec.slots)]
     if spec.label_slot:
         fields += [("label", pa.string()), ("label_id", pa.int32())]
@@ -112,9 +112,14 @@ def write_manifest(spec: SynthesisSpec, table: pa.Table) -> str:
 def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = False,
                progress: bool = True) -> tuple[str, RunSummary | None]:
     """Draw the manifest, write it into OUTPUT, and render it; returns the manifest URL and the run summary."""
+    from pipeline.ownership import refuse_foreign_output
+
+    # Before the manifest goes into OUTPUT: render() would then find it there and could not tell it from a user's.
+    refuse_foreign_output(*filesystem(spec.output.uri, spec.output.storage_options), own={MANIFEST_NAME, SPEC_NAME})
     manifest = write_manifest(spec, draw_manifest(spec))
     if not render:
         return manifest, None
     from pipeline import render as render_job
 
-    return manifest, render_job(spec.job_for(manifest), new_version=new_version, progress=progress)
+    return manifest, render_job(spec.job_for(manifest), new_version=new_version, allow_non_empty_output=True,
+                                progress=progress)

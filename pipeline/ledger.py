@@ -13,18 +13,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flux_worker.storage import TMP_MARK, protocol_of, read_bytes, with_retries, write_bytes
+from flux_worker.storage import read_bytes, uri, with_retries, write_bytes
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError
+from schemas.records import signed_seeds
 
 log = logging.getLogger(__name__)
 JOB_FILE = "_job.json"
@@ -42,19 +44,78 @@ def _parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     return sorted(p for p in found if p.endswith(".parquet"))
 
 
+class CorruptLedgerError(FluxbatchError):
+    """A metadata part that is not a readable Parquet table with the ledger's columns: its keys are unknown."""
+
+    def __init__(self, message: str, part: str, reason: str):
+        super().__init__(message)
+        self.part, self.reason = part, reason  # for `fluxbatch verify`'s report
+
+
+def read_part(fs: fsspec.AbstractFileSystem, root: str, part: str, columns: list[str] | None = None) -> pa.Table:
+    """One metadata part (only `columns` if given), or CorruptLedgerError naming it and the way out.
+
+    A part is written in one put, so a damaged one was truncated, emptied or replaced from outside; every
+    run and `fluxbatch verify` read parts through here so they agree on what counts as unreadable.
+    """
+    data = read_bytes(fs, part)
+    reason = "is empty (0 bytes)"
+    if data:
+        try:
+            file = pq.ParquetFile(pa.BufferReader(data))
+            missing = [name for name in columns or ["key"] if name not in file.schema_arrow.names]
+            if not missing:
+                return signed_seeds(file.read(columns=columns))
+            reason = f"has no {', '.join(map(repr, missing))} column (not a fluxbatch metadata part)"
+        except pa.ArrowException:
+            reason = "is not a whole Parquet file (truncated, or another format)"
+    raise CorruptLedgerError(
+        f"metadata part {uri(fs, part)} {reason}; run `fluxbatch verify {uri(fs, root)} --repair` to move it "
+        "aside (its images render again), then run again", part, reason)
+
+
 def done_keys(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
-    """Keys of every image recorded in OUTPUT/metadata."""
+    """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
     keys: set[str] = set()
     for part in _parts(fs, f"{root}/metadata"):
-        table = pq.read_table(pa.BufferReader(read_bytes(fs, part)), columns=["key"])
-        keys.update(table.column("key").to_pylist())
+        keys.update(read_part(fs, root, part, ["key"]).column("key").to_pylist())
     return keys
 
 
 def read_table(fs: fsspec.AbstractFileSystem, root: str, which: str) -> pa.Table | None:
-    """All parts of `metadata` or `failures` as one table, or None when there are none."""
-    tables = [pq.read_table(pa.BufferReader(read_bytes(fs, p))) for p in _parts(fs, f"{root}/{which}")]
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+    """All parts of `metadata` or `failures` as one table, or None when there are none.
+
+    The metadata keeps one row per key: the row of the last part in name order. Part names start with the
+    run id, a UTC timestamp, so that is the latest commit: a re-rendered key's new row supersedes the old.
+    """
+    tables = [signed_seeds(pq.read_table(pa.BufferReader(read_bytes(fs, p)))) for p in _parts(fs, f"{root}/{which}")]
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return latest_row_per_key(table) if which == "metadata" else table
+
+
+def latest_row_per_key(table: pa.Table) -> pa.Table:
+    """`table` with each key once, its last row kept, rows in their order (a part repeating a key, two parts
+    of overlapping runs, a key re-rendered after its prompt changed)."""
+    last = {key: index for index, key in enumerate(table.column("key").to_pylist())}
+    if len(last) == table.num_rows:
+        return table
+    return table.take(pa.array(sorted(last.values()), pa.int64()))
+
+
+def first_failures(fs: fsspec.AbstractFileSystem, root: str, rows: int) -> tuple[pa.Table | None, int]:
+    """The first `rows` failure rows (None when there are none) and the count of all, one part at a time:
+    a run may have written millions, and only their count and a few are needed to report them."""
+    tables: list[pa.Table] = []
+    kept = total = 0
+    for part in _parts(fs, f"{root}/failures"):
+        file = pq.ParquetFile(pa.BufferReader(read_bytes(fs, part)))
+        total += file.metadata.num_rows
+        if kept < rows:
+            tables.append(file.read().slice(0, rows - kept))
+            kept += tables[-1].num_rows
+    return (pa.concat_tables(tables, promote_options="permissive") if tables else None), total
 
 
 def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_version: bool = False) -> str:
@@ -114,24 +175,6 @@ def _write_job(fs: fsspec.AbstractFileSystem, folder: str, job: JobSpec, version
     write_bytes(fs, f"{folder}/{JOB_FILE}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
-def remove_partial_files(fs: fsspec.AbstractFileSystem, root: str) -> int:
-    """Delete temporary files a killed writer left on local disk (`write_bytes` renames them when whole).
-
-    Object stores need nothing: a put is atomic. No metadata row ever points at one of these files.
-    """
-    if protocol_of(fs) not in ("file", "local") or not os.path.isdir(root):
-        return 0
-    removed = 0
-    for folder, _, names in os.walk(root):
-        for name in names:
-            if TMP_MARK in name:
-                os.remove(os.path.join(folder, name))
-                removed += 1
-    if removed:
-        log.warning("removed %d partial files left in %s by an interrupted run", removed, root)
-    return removed
-
-
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
@@ -141,10 +184,19 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} was {old!r}, now {new!r}"]
 
 
-def clear_failures(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Drop the previous run's failure parts: this run retries those images and re-checks those rows."""
+def remove_failures_of_other_runs(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> int:
+    """Drop the failure parts of earlier runs, once this run has written all of its own (at its end).
+
+    This run re-checked those rows and retried those images, so its parts replace theirs; a run that stops
+    before its end removes nothing, and failures/ then holds the earlier run's parts beside this run's.
+    """
+    removed = 0
     for part in _parts(fs, f"{root}/failures"):
-        with_retries(lambda p=part: fs.rm_file(p), f"remove {part}")
+        name = part.rsplit("/", 1)[-1]
+        if name.startswith("part-") and not name.startswith(f"part-{run_id}-"):
+            with_retries(lambda p=part: fs.rm_file(p), f"remove {part}")
+            removed += 1
+    return removed
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -153,19 +205,68 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_failures(fs: fsspec.AbstractFileSystem, root: str, name: str, failures: list[FailureRecord]) -> None:
-    if not failures:
-        return
-    table = pa.Table.from_pylist([f.model_dump() for f in failures], schema=FAILURE_SCHEMA)
-    write_bytes(fs, f"{root}/failures/part-{name}.parquet", _parquet_bytes(table))
+def write_failures(fs: fsspec.AbstractFileSystem, root: str, run_id: str, stage: str,
+                   failures: Iterable[FailureRecord]) -> None:
+    """Write failures that are already at hand as this run's parts of `stage` (see FailureWriter)."""
+    writer = FailureWriter(fs, root, run_id, stage)
+    for failure in failures:
+        writer.add(failure)
+    writer.flush()
+
+
+class FailureWriter:
+    """Streams failure rows to `failures/part-<run_id>-<stage>-<n>.parquet`, `rows` at a time.
+
+    It holds at most `rows` records, so a manifest of millions of bad rows costs the driver no more memory
+    than one of ten: the rows are in their parts, and the summary keeps only counts (metrics.FailureCounts).
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, stage: str, rows: int = 10_000):
+        self.fs, self.root, self.run_id, self.stage, self.max_rows = fs, root, run_id, stage, rows
+        self._pending: list[dict[str, Any]] = []
+        self._seq = 0
+        self.written = 0
+
+    def add(self, failure: FailureRecord) -> None:
+        self._pending.append(failure.model_dump())
+        if len(self._pending) >= self.max_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.Table.from_pylist(self._pending, schema=FAILURE_SCHEMA)
+        path = f"{self.root}/failures/part-{self.run_id}-{self.stage}-{self._seq:05d}.parquet"
+        write_bytes(self.fs, path, _parquet_bytes(table))
+        self._seq += 1
+        self.written += table.num_rows
+        self._pending = []
+
+
+def rewrite_part_without(fs: fsspec.AbstractFileSystem, root: str, part: str, keys: pa.Array) -> int:
+    """Rewrite a metadata part without the rows of `keys` (superseded by a later part); returns rows removed.
+
+    In place and whole: one put on object stores, write-then-rename on local disk, so a crash leaves the old
+    part (the reader keeps the later row meanwhile) or the new one, never a key lost. An emptied part is removed.
+    """
+    table = read_part(fs, root, part)
+    kept = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=keys)))
+    if kept.num_rows == table.num_rows:
+        return 0
+    if kept.num_rows:
+        write_bytes(fs, part, _parquet_bytes(kept))
+    else:
+        with_retries(lambda: fs.rm_file(part), f"remove {part}")
+    return table.num_rows - kept.num_rows
 
 
 class MetadataWriter:
     """Buffers finished images' rows and commits them as metadata parts, every `rows` rows or `seconds`."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, extra_fields: list[pa.Field],
-                 rows: int = 512, seconds: float = 30.0):
+                 rows: int = 512, seconds: float = 30.0, before_commit: Callable[[], None] | None = None):
         self.fs, self.root, self.run_id = fs, root, run_id
+        self.before_commit = before_commit  # e.g. Lease.check: a driver that lost OUTPUT's lease commits nothing
         self.schema = pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields)
         self.max_rows, self.max_seconds = rows, seconds
         self._pending: list[pa.Table] = []
@@ -185,6 +286,8 @@ class MetadataWriter:
         self._last_flush = time.monotonic()
         if not self._pending:
             return
+        if self.before_commit is not None:
+            self.before_commit()
         table = pa.concat_tables(self._pending)
         path = f"{self.root}/metadata/part-{self.run_id}-{self._seq:05d}.parquet"
         write_bytes(self.fs, path, _parquet_bytes(table))

@@ -7,19 +7,25 @@ the file, the row and the field, and everything else goes on to render.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.core import split_protocol, strip_protocol
 from pydantic import ValidationError
 
 from flux_worker.storage import filesystem, uri, with_retries
 from pipeline.fast_validate import REQUEST_SCHEMA, check_file
+from pipeline.ledger import JOB_FILE
+from pipeline.metrics import FailureCounts
 from schemas import MANIFEST_COLUMNS, FailureRecord, ModelLimits, OutputFormat, RenderRequest, row_errors
 from schemas.errors import FluxbatchError
 from schemas.records import RESULT_SCHEMA
@@ -29,6 +35,10 @@ _RESERVED = set(RESULT_SCHEMA.names)
 # Files this long are checked by columns first (pipeline/fast_validate.py); shorter ones row by row,
 # where the cost is nothing and the checks are the reference.
 VECTORIZE_FROM_ROWS = 2048
+# Rows become Python values this many at a time (the flagged rows of the column path, every row of the
+# per-row path), so a million bad rows are never a million dicts or failure records at once.
+CHUNK_ROWS = 10_000
+FailureSink = Callable[[FailureRecord], None]
 
 
 class ManifestError(FluxbatchError, ValueError):
@@ -45,12 +55,15 @@ class ValidRow:
 
 @dataclass
 class Manifest:
-    """The rows that passed validation, the failures of the rest, and the extra columns' types."""
+    """The rows that passed validation, the count of failures of the rest, and the extra columns' types.
+
+    The failures themselves went to `read_manifest`'s sink as they were found; only their counts stay here.
+    """
 
     files: list[str] = field(default_factory=list)
     checked_rows: list[ValidRow] = field(default_factory=list)  # validated one by one
     tables: list[pa.Table] = field(default_factory=list)  # validated by columns: REQUEST_SCHEMA, then extras
-    failures: list[FailureRecord] = field(default_factory=list)
+    failures: FailureCounts = field(default_factory=FailureCounts)  # `.rows`: the invalid rows
     extra_fields: list[pa.Field] = field(default_factory=list)
     total_rows: int = 0
 
@@ -92,25 +105,75 @@ class Manifest:
         return pa.table(columns, schema=schema)
 
 
-def list_manifest_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """The Parquet files a manifest URL names: itself, the *.parquet under a folder, or a glob's matches."""
+def list_manifest_files(url: str, storage_options: dict[str, Any] | None = None,
+                        output: str | None = None) -> list[str]:
+    """The Parquet files a manifest URL names: itself, the *.parquet under a folder, or a glob's matches.
+
+    Discovery never reads an OUTPUT: a folder's walk skips every folder holding `_job.json` (a fluxbatch
+    OUTPUT, with its metadata/, failures/, _versions/...) and `output`, this job's OUTPUT, even before it has
+    one; a glob matching a file inside either, or a folder inside one, is refused. A file named on its own is
+    read wherever it is: the user chose it (`fluxbatch synthesize` renders the manifest it wrote into OUTPUT).
+    """
     fs, path = filesystem(url, storage_options)
+    outputs = _Outputs(fs, output)
     if any(ch in path for ch in "*?["):
         # glob(detail=True) lists once; calling isfile per match would cost one request each on S3.
         found = with_retries(lambda: fs.glob(path, detail=True), f"list {url}")
         files = sorted(p for p, info in found.items() if info.get("type") == "file")
         if not files:
             raise ManifestError(f"no files match the manifest glob {url!r}")
+        for file in files:
+            holder = outputs.holding(file.rsplit("/", 1)[0])
+            if holder:
+                raise ManifestError(
+                    f"the manifest glob {url!r} matches {uri(fs, file)}, inside the fluxbatch OUTPUT "
+                    f"{uri(fs, holder)}; fluxbatch never reads an OUTPUT as a manifest: narrow the glob to your "
+                    "manifest files, or keep OUTPUT outside the manifests' folder")
     elif with_retries(lambda: fs.isdir(path), f"stat {url}"):
+        holder = outputs.holding(path)
+        if holder:
+            raise ManifestError(f"the manifest folder {url!r} is inside the fluxbatch OUTPUT {uri(fs, holder)}; "
+                                "fluxbatch never reads an OUTPUT as a manifest: name the folder of your manifests")
         found = with_retries(lambda: fs.find(path), f"list {url}")
-        files = sorted(p for p in found if p.endswith((".parquet", ".pq")))
+        skip = {p.rsplit("/", 1)[0] for p in found if p.rsplit("/", 1)[-1] == JOB_FILE} | outputs.own
+        files = sorted(p for p in found if p.endswith((".parquet", ".pq")) and not _under(p, skip))
         if not files:
-            raise ManifestError(f"the manifest folder {url!r} holds no .parquet files")
+            raise ManifestError(f"the manifest folder {url!r} holds no .parquet files"
+                                + (" outside fluxbatch OUTPUT folders" if skip else ""))
     elif with_retries(lambda: fs.exists(path), f"stat {url}"):
         files = [path]
     else:
         raise ManifestError(f"no manifest at {url!r}")
     return [uri(fs, p) for p in files]
+
+
+def _under(path: str, folders: set[str]) -> bool:
+    return any(path == folder or path.startswith(f"{folder}/") for folder in folders)
+
+
+class _Outputs:
+    """Finds the fluxbatch OUTPUT (a folder holding `_job.json`, or this job's own) at or above a folder."""
+
+    def __init__(self, fs: Any, output: str | None):
+        self.fs = fs
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        same_store = output is not None and (split_protocol(output)[0] or "file") in protocols
+        self.own = {strip_protocol(output).rstrip("/")} if same_store else set()
+        self._holds_job: dict[str, bool] = {}  # folder -> has _job.json, asked once per folder
+
+    def holding(self, folder: str) -> str | None:
+        path = folder.rstrip("/")
+        for own in self.own:
+            if _under(path, {own}):
+                return own
+        while path:  # up to the file system's or bucket's root: a folder inside an OUTPUT is inside it too
+            if path not in self._holds_job:
+                self._holds_job[path] = with_retries(lambda p=path: self.fs.exists(f"{p}/{JOB_FILE}"),
+                                                     f"stat {path}/{JOB_FILE}")
+            if self._holds_job[path]:
+                return path
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+        return None
 
 
 def read_manifest(
@@ -119,51 +182,60 @@ def read_manifest(
     limits: ModelLimits | None = None,
     model_name: str | None = None,
     adapter_names: set[str] | None = None,
+    output: str | None = None,
+    sink: FailureSink | None = None,
 ) -> Manifest:
-    """Read and validate every row of every file; duplicates of an id after its first row are refused."""
-    manifest = Manifest(files=list_manifest_files(url, storage_options))
+    """Read and validate every row of every file; duplicates of an id after its first row are refused.
+
+    Each failure goes to `sink` (e.g. `ledger.FailureWriter.add`, or a printer) as it is found, all of one
+    row's together, in file and row order; the manifest keeps only their counts (`manifest.failures`).
+    `output`: this job's OUTPUT, never read as a manifest (see `list_manifest_files`).
+    """
+    manifest = Manifest(files=list_manifest_files(url, storage_options, output))
+
+    def report(failure: FailureRecord) -> None:
+        manifest.failures.add(failure)
+        if sink is not None:
+            sink(failure)
+
     context = {"limits": limits or ModelLimits()}
     first_seen: dict[str, tuple[str, int]] = {}
     now = datetime.now(timezone.utc)
     tables: list[tuple[str, pa.Table]] = []
     for source in manifest.files:
-        table = _read_table(source, storage_options, manifest, now)
+        table = _read_table(source, storage_options, report, now)
         if table is not None:
             tables.append((source, table.rename_columns(_carried_names(table.column_names, source))))
     # Files may disagree on an extra column's type; the metadata holds one type per column.
     extra_types = _extra_types([table for _, table in tables])
     for source, table in tables:
-        if _read_by_columns(source, table, extra_types, manifest, context, model_name, adapter_names, first_seen,
-                            now):
+        if _read_by_columns(source, table, extra_types, manifest, report, context, model_name, adapter_names,
+                            first_seen, now):
             continue
-        converted = _rows(source, table, extra_types, manifest, now)
-        if converted is None:
+        chunks = _rows(source, table, extra_types, report, now)
+        if chunks is None:
             continue
-        known_rows, extra_rows = converted
         manifest.total_rows += table.num_rows
-        for index, (values, extra) in enumerate(zip(known_rows, extra_rows)):
-            failure = _check_row(values, context, model_name, adapter_names)
-            if isinstance(failure, list):
-                for err in failure:
-                    manifest.failures.append(
-                        FailureRecord(stage="validate", source=source, row=index, request_id=_id_of(values),
-                                      field=err[0], reason=err[1], at=now)
-                    )
-                continue
-            request = failure
-            request_id = request_id_of(request)
-            if request_id in first_seen:
-                manifest.failures.append(_duplicate(source, index, request_id, request.id is not None,
-                                                    first_seen[request_id], now))
-                continue
-            first_seen[request_id] = (source, index)
-            manifest.checked_rows.append(ValidRow(source, index, request, extra))
+        for start, known_rows, extra_rows in chunks:
+            for index, values, extra in zip(range(start, start + len(known_rows)), known_rows, extra_rows):
+                result = _check_row(values, context, model_name, adapter_names)
+                if isinstance(result, list):
+                    for name, reason in result:
+                        report(FailureRecord(stage="validate", source=source, row=index, request_id=_id_of(values),
+                                             field=name, reason=reason, at=now))
+                    continue
+                request_id = request_id_of(result)
+                if request_id in first_seen:
+                    report(_duplicate(source, index, request_id, result.id is not None, first_seen[request_id], now))
+                    continue
+                first_seen[request_id] = (source, index)
+                manifest.checked_rows.append(ValidRow(source, index, result, extra))
     manifest.extra_fields = list(extra_types.values())
     return manifest
 
 
 def _read_by_columns(source: str, table: pa.Table, extra_types: dict[str, pa.Field], manifest: Manifest,
-                     context: dict, model_name: str | None, adapter_names: set[str] | None,
+                     report: FailureSink, context: dict, model_name: str | None, adapter_names: set[str] | None,
                      first_seen: dict[str, tuple[str, int]], now: datetime) -> bool:
     """Check a long file with Arrow compute; only the rows it flags meet pydantic, so the messages are the
     per-row path's own. False when the file must take the per-row path (short, or types it cannot check)."""
@@ -181,42 +253,68 @@ def _read_by_columns(source: str, table: pa.Table, extra_types: dict[str, pa.Fie
     if checked is None:
         return False
     manifest.total_rows += table.num_rows
-    known = [name for name in table.column_names if name in MANIFEST_COLUMNS]
-    suspects = table.take(pa.array(checked.flagged, pa.int64()))
-    failures: list[FailureRecord] = []
-    passed: list[ValidRow] = []
-    for index, values, extra in zip(checked.flagged.tolist(), suspects.select(known).to_pylist(),
-                                    suspects.select(extras).to_pylist()):
-        result = _check_row(values, context, model_name, adapter_names)
-        if isinstance(result, list):
-            failures += [FailureRecord(stage="validate", source=source, row=index, request_id=_id_of(values),
-                                       field=name, reason=reason, at=now) for name, reason in result]
-        else:
-            passed.append(ValidRow(source, index, result, extra))
-    # A repeated request id is refused after its first row, in row order over both kinds of rows.
     valid = checked.valid
-    rows = valid.column("row").to_pylist()
-    without_id = set(valid.filter(pc.is_null(valid.column("id"))).column("row").to_pylist())
-    candidates: list[tuple[int, str, ValidRow | None]] = list(zip(rows, valid.column("request_id").to_pylist(),
-                                                                  [None] * len(rows)))
-    if passed:
-        candidates = sorted(candidates + [(r.row, request_id_of(r.request), r) for r in passed], key=lambda c: c[0])
-    repeated: list[int] = []
-    for index, request_id, item in candidates:
+    keep = np.ones(valid.num_rows, dtype=bool)  # False: a repeated request id, refused after its first row
+    flagged = _flagged_rows(source, table, checked.flagged, extras, context, model_name, adapter_names, now)
+    # Both kinds of rows in row order, so a repeated request id is refused after its first row whichever kind
+    # each is, and failures leave in row order as the per-row path sends them.
+    for index, outcome in heapq.merge(_passed_rows(valid), flagged, key=lambda item: item[0]):
+        if isinstance(outcome, list):
+            for failure in outcome:
+                report(failure)
+            continue
+        if isinstance(outcome, ValidRow):
+            request_id, has_id = request_id_of(outcome.request), outcome.request.id is not None
+        else:
+            request_id, has_id = outcome.request_id, outcome.has_id
         if request_id in first_seen:
-            has_id = item.request.id is not None if item else index not in without_id
-            failures.append(_duplicate(source, index, request_id, has_id, first_seen[request_id], now))
-            if item is None:
-                repeated.append(index)
+            report(_duplicate(source, index, request_id, has_id, first_seen[request_id], now))
+            if not isinstance(outcome, ValidRow):
+                keep[outcome.position] = False
             continue
         first_seen[request_id] = (source, index)
-        if item is not None:
-            manifest.checked_rows.append(item)
-    if repeated:
-        valid = valid.filter(pc.invert(pc.is_in(valid.column("row"), value_set=pa.array(repeated, pa.int64()))))
-    manifest.tables.append(valid)
-    manifest.failures += sorted(failures, key=lambda f: f.row)
+        if isinstance(outcome, ValidRow):
+            manifest.checked_rows.append(outcome)
+    manifest.tables.append(valid if keep.all() else valid.filter(pa.array(keep)))
     return True
+
+
+@dataclass
+class _PassedRow:
+    """A row the column checks passed: where it is in the checked table, and its request id."""
+
+    position: int
+    request_id: str
+    has_id: bool
+
+
+def _passed_rows(valid: pa.Table) -> Iterator[tuple[int, _PassedRow]]:
+    """(row, _PassedRow) for the rows the column checks passed, in row order, CHUNK_ROWS at a time."""
+    for start in range(0, valid.num_rows, CHUNK_ROWS):
+        part = valid.slice(start, CHUNK_ROWS)
+        rows, ids = part.column("row").to_pylist(), part.column("request_id").to_pylist()
+        has_id = pc.is_valid(part.column("id")).to_pylist()
+        for offset in range(part.num_rows):
+            yield rows[offset], _PassedRow(start + offset, ids[offset], has_id[offset])
+
+
+def _flagged_rows(source: str, table: pa.Table, flagged: np.ndarray, extras: list[str], context: dict,
+                  model_name: str | None, adapter_names: set[str] | None,
+                  now: datetime) -> Iterator[tuple[int, list[FailureRecord] | ValidRow]]:
+    """(row, its failures or the ValidRow pydantic made of it) for each flagged row, in row order, checked
+    CHUNK_ROWS at a time: a file of a million flagged rows never holds a million dicts or records."""
+    known = [name for name in table.column_names if name in MANIFEST_COLUMNS]
+    for start in range(0, len(flagged), CHUNK_ROWS):
+        indices = flagged[start:start + CHUNK_ROWS]
+        suspects = table.take(pa.array(indices, pa.int64()))
+        for index, values, extra in zip(indices.tolist(), suspects.select(known).to_pylist(),
+                                        suspects.select(extras).to_pylist()):
+            result = _check_row(values, context, model_name, adapter_names)
+            if isinstance(result, list):
+                yield index, [FailureRecord(stage="validate", source=source, row=index, request_id=_id_of(values),
+                                            field=name, reason=reason, at=now) for name, reason in result]
+            else:
+                yield index, ValidRow(source, index, result, extra)
 
 
 def _duplicate(source: str, index: int, request_id: str, has_id: bool, where: tuple[str, int],
@@ -273,9 +371,32 @@ def _extra_types(tables: list[pa.Table]) -> dict[str, pa.Field]:
     return fields
 
 
-def _rows(source: str, table: pa.Table, extra_types: dict[str, pa.Field], manifest: Manifest,
-          now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-    """The file's rows as Python values: manifest columns as stored, extras in their run-wide type."""
+def _rows(source: str, table: pa.Table, extra_types: dict[str, pa.Field], report: FailureSink,
+          now: datetime) -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]] | None:
+    """The file's rows as Python values, CHUNK_ROWS at a time as (first row, manifest columns as stored,
+    extras in their run-wide type); None, having reported why, when a column cannot be converted.
+
+    Every chunk is converted once before the first is handed out, so a file is refused whole or checked whole.
+    """
+    starts = range(0, max(table.num_rows, 1), CHUNK_ROWS)
+    first = _columns(source, table.slice(0, CHUNK_ROWS), extra_types, report, now)
+    if first is None or any(_columns(source, table.slice(start, CHUNK_ROWS), extra_types, report, now) is None
+                            for start in starts[1:]):
+        return None
+
+    def chunks() -> Iterator[tuple[int, list[dict[str, Any]], list[dict[str, Any]]]]:
+        for start in starts:
+            known, extras = first if start == 0 else _columns(source, table.slice(start, CHUNK_ROWS), extra_types,
+                                                              report, now)
+            count = min(CHUNK_ROWS, table.num_rows - start)
+            yield (start, [{name: values[i] for name, values in known.items()} for i in range(count)],
+                   [{name: values[i] for name, values in extras.items()} for i in range(count)])
+
+    return chunks()
+
+
+def _columns(source: str, table: pa.Table, extra_types: dict[str, pa.Field], report: FailureSink,
+             now: datetime) -> tuple[dict[str, list[Any]], dict[str, list[Any]]] | None:
     known: dict[str, list[Any]] = {}
     extras: dict[str, list[Any]] = {}
     for name in table.column_names:
@@ -286,14 +407,10 @@ def _rows(source: str, table: pa.Table, extra_types: dict[str, pa.Field], manife
             else:
                 extras[name] = _carry(column, extra_types[name].type)
         except (pa.ArrowException, ValueError, OverflowError, UnicodeDecodeError) as error:
-            manifest.failures.append(FailureRecord(
-                stage="read", source=source, field=name, at=now,
-                reason=f"column {name!r} ({column.type}) cannot be read: {_first_line(error)}"))
+            report(FailureRecord(stage="read", source=source, field=name, at=now,
+                                 reason=f"column {name!r} ({column.type}) cannot be read: {_first_line(error)}"))
             return None
-    count = table.num_rows
-    known_rows = [{name: values[i] for name, values in known.items()} for i in range(count)]
-    extra_rows = [{name: values[i] for name, values in extras.items()} for i in range(count)]
-    return known_rows, extra_rows
+    return known, extras
 
 
 def _carry(column: pa.ChunkedArray, target: pa.DataType) -> list[Any]:
@@ -325,10 +442,10 @@ def _short(reason: str, limit: int = 400) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
-def _read_table(source: str, storage_options: dict[str, Any] | None, manifest: Manifest,
+def _read_table(source: str, storage_options: dict[str, Any] | None, report: FailureSink,
                 now: datetime) -> pa.Table | None:
     def fail(reason: str) -> None:
-        manifest.failures.append(FailureRecord(stage="read", source=source, reason=reason, at=now))
+        report(FailureRecord(stage="read", source=source, reason=reason, at=now))
 
     fs, path = filesystem(source, storage_options)
     data = with_retries(lambda: fs.cat_file(path), f"read {source}")

@@ -6,7 +6,9 @@ not: how many planned images have not come back yet, and the rows refused before
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from flux_worker.metrics import FAILURES, ROWS_PENDING, job_label, ray_is_running
 from schemas import FailureRecord
@@ -23,6 +25,28 @@ def failure_reason(failure: FailureRecord) -> str:
         error_type = rest.strip().split(":", 1)[0].strip() or "-"
         return f"{failure.stage}:{error_type[:80]}"
     return f"{failure.stage}:{failure.field or '-'}"
+
+
+@dataclass
+class FailureCounts:
+    """Failures counted as they stream past to their parts, instead of kept: memory stays flat however many.
+
+    `rows` counts distinct (source, row) pairs, a file that cannot be read counting as one: the manifest
+    reader reports all of one row's failures together, so a pair is new exactly when it differs from the last.
+    """
+
+    by_reason: Counter[str] = field(default_factory=Counter)
+    rows: int = 0
+    total: int = 0
+    _last: tuple[str | None, int | None] | None = None
+
+    def add(self, failure: FailureRecord) -> None:
+        self.by_reason[failure_reason(failure)] += 1
+        self.total += 1
+        where = (failure.source, failure.row)
+        if where != self._last:
+            self.rows += 1
+            self._last = where
 
 
 class DriverMetrics:
@@ -47,11 +71,12 @@ class DriverMetrics:
 
     def count_failures(self, failures: Iterable[FailureRecord]) -> None:
         """Add failures to the counter, one series per reason."""
+        self.count_reasons(Counter(failure_reason(f) for f in failures))
+
+    def count_reasons(self, counts: Mapping[str, int]) -> None:
+        """Add failures already counted by reason (`FailureCounts.by_reason`) to the counter."""
         if not self.enabled:
             return
-        counts: dict[str, int] = {}
-        for failure in failures:
-            reason = failure_reason(failure)
-            counts[reason] = counts.get(reason, 0) + 1
         for reason, count in counts.items():
-            self.failures.inc(count, tags={"reason": reason, "job": self.job})
+            if count:
+                self.failures.inc(count, tags={"reason": reason, "job": self.job})

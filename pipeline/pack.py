@@ -1,13 +1,19 @@
 """Pack a run's finished images into the job's layout: WebDataset tar shards or Hugging Face Parquet files.
 
     OUTPUT/webdataset/00000.tar ...   or   OUTPUT/hf/00000.parquet ...
-    OUTPUT/<folder>/_stats/00000.json     one per shard: count, bytes, formats, digest of its keys
-    OUTPUT/<folder>/_stats.json           the shards' stats summed
+    OUTPUT/<folder>/.stats/00000.json     one per shard: count, bytes, formats, digest of its keys
+    OUTPUT/<folder>/.stats.json           the shards' stats summed
+
+A layout folder holds only its shards as far as readers look: the stats are dot-files, which the `datasets`
+builder and the Hub's viewer skip (an `_stats` folder made `load_dataset(folder)` read the JSON, not the
+Parquet), as pyarrow, pandas and Spark do.
 
 The images packed are those of the current manifest that the ledger holds, in ledger order (metadata parts
 by name, which starts with the run's UTC time, so in commit order) and `shard_size` to a shard. The ledger
 only grows, so on a re-run the full shards hold the same images: a shard whose stats show the same digest
-is left alone, and only the shards that gained images are written again.
+is left alone, and only the shards that gained images are written again. A WebDataset shard holds images of
+one format only (formats in order of first appearance): Ray Data's `read_webdataset` makes a column per
+member suffix, and its default decoder fails on a block where `.png` and `.jpg` columns are each partly empty.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux_worker.storage import filesystem, read_bytes, with_retries, write_bytes
+from flux_worker.storage import filesystem, protocol_of, read_bytes, with_retries, write_bytes
 from pipeline import ledger
 from pipeline.manifest import Manifest
 from pipeline.plan import image_key
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 # layout -> (folder under OUTPUT, shard file suffix)
 LAYOUTS = {"webdataset": ("webdataset", ".tar"), "hf-parquet": ("hf", ".parquet")}
 READ_THREADS = 8  # image reads overlap; on object stores each is a round trip
+STATS = ".stats"
+LEGACY_STATS = "_stats"  # where fluxbatch wrote the stats before; moved to STATS on the next pack
 
 
 class CorruptImageError(RuntimeError):
@@ -76,15 +84,15 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     folder = f"{root}/{folder_name}"
     table = _ledger_records(fs, root, keys)
-    size = job.output.shard_size
-    count = -(-table.num_rows // size)
+    shards = _shards(layout, table, job.output.shard_size)
+    count = len(shards)
     written = unchanged = 0
     stats: list[dict[str, Any]] = []
-    for index in range(count):
-        records = table.slice(index * size, size)
+    for index, records in enumerate(shards):
         digest = _digest(layout, records)
         name = shard_name(index, suffix)
-        previous = _read_stats(fs, f"{folder}/_stats/{index:05d}.json")
+        previous = (_read_stats(fs, f"{folder}/{STATS}/{index:05d}.json")
+                    or _read_stats(fs, f"{folder}/{LEGACY_STATS}/{index:05d}.json"))
         if previous and previous.get("digest") == digest and fs.exists(f"{folder}/{name}"):
             stats.append(previous)
             unchanged += 1
@@ -92,13 +100,13 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
         shard_stats = _write_shard(fs, layout, f"{folder}/{name}", records, table.schema)
         shard_stats = {"shard": name, **shard_stats, "digest": digest,
                        "written_at": datetime.now(timezone.utc).isoformat()}
-        write_bytes(fs, f"{folder}/_stats/{index:05d}.json", _json(shard_stats))
+        write_bytes(fs, f"{folder}/{STATS}/{index:05d}.json", _json(shard_stats))
         stats.append(shard_stats)
         written += 1
     _remove_stale_shards(fs, folder, suffix, count)
     total = {
         "layout": layout,
-        "shard_size": size,
+        "shard_size": job.output.shard_size,
         "shards": count,
         "images": sum(s["count"] for s in stats),
         "image_bytes": sum(s["image_bytes"] for s in stats),
@@ -106,7 +114,8 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
         "formats": _sum_counts(s["formats"] for s in stats),
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_bytes(fs, f"{folder}/_stats.json", _json(total))
+    write_bytes(fs, f"{folder}/{STATS}.json", _json(total))
+    _remove_legacy_stats(fs, folder)
     log.info("packed %d images into %d %s shards (%d written, %d unchanged)", total["images"], count, layout,
              written, unchanged)
     return PackResult(layout=layout, folder=folder, shards=count, written=written, unchanged=unchanged,
@@ -126,6 +135,15 @@ def _ledger_records(fs: fsspec.AbstractFileSystem, root: str, keys: set[str]) ->
             seen.add(key)
             first.append(index)
     return table.take(pa.array(first, pa.int64())) if len(first) != table.num_rows else table
+
+
+def _shards(layout: str, table: pa.Table, size: int) -> list[pa.Table]:
+    """The records of each shard, `size` to a shard; for WebDataset, one image format per shard."""
+    groups = [table]
+    if layout == "webdataset" and table.num_rows:
+        formats = table.column("output_format")
+        groups = [table.filter(pc.equal(formats, fmt)) for fmt in dict.fromkeys(formats.to_pylist())]
+    return [group.slice(start, size) for group in groups for start in range(0, group.num_rows, size)]
 
 
 def _digest(layout: str, records: pa.Table) -> str:
@@ -175,9 +193,23 @@ def _remove_stale_shards(fs: fsspec.AbstractFileSystem, folder: str, suffix: str
         stem = name.removesuffix(suffix)
         if name.endswith(suffix) and stem.isdigit() and int(stem) >= count:
             fs.rm_file(path)
-            stats = f"{folder}/_stats/{stem}.json"
+            stats = f"{folder}/{STATS}/{stem}.json"
             if fs.exists(stats):
                 fs.rm_file(stats)
+
+
+def _remove_legacy_stats(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """The stats an older fluxbatch wrote under LEGACY_STATS, now under STATS: only our own names are removed."""
+    legacy = f"{folder}/{LEGACY_STATS}"
+    if fs.exists(f"{legacy}.json"):
+        fs.rm_file(f"{legacy}.json")
+    if fs.exists(legacy):
+        for path in fs.ls(legacy, detail=False):
+            stem = path.rsplit("/", 1)[-1].removesuffix(".json")
+            if path.endswith(".json") and stem.isdigit():
+                fs.rm_file(path)
+        if protocol_of(fs) in ("file", "local") and not fs.ls(legacy):
+            fs.rmdir(legacy)  # an object store has no empty folders to leave behind
 
 
 def _sum_counts(counts: Any) -> dict[str, int]:

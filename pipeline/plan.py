@@ -1,5 +1,7 @@
 """Plan a run: expand `num_images`, derive keys and seeds, drop keys already done, group by shape.
 
+A done key whose row changed since its image was committed is refused or planned again (changed_rows.py).
+
 A key is a hash of (request id, variant), never user text, so it is safe as a file name. A seed is the
 row's seed plus the variant index, or derived from the key; the same row renders the same image.
 """
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.presets import ModelPreset
+from pipeline.changed_rows import compare, refusal
 from pipeline.manifest import Manifest
 from schemas import PLAN_SCHEMA, JobSpec, OutputFormat
 
@@ -34,17 +37,24 @@ def derived_seed(key: str) -> int:
 
 @dataclass
 class Plan:
-    """The images to render this run, and how many were expected and already done."""
+    """The images to render this run, how many were expected and already done, and which committed rows the
+    re-rendered changed ones supersede (key, output_format, part: for `changed_rows.drop_superseded`)."""
 
     table: pa.Table
     expected: int
     already_done: int
+    changed: int = 0
+    superseded: pa.Table | None = None
 
 
-def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, done_keys: set[str]) -> Plan:
-    """Expand every valid row into images, resolve defaults, and keep the ones not in `done_keys`.
+def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed: pa.Table | None,
+                rerender_changed: bool = False) -> Plan:
+    """Expand every valid row into images, resolve defaults, and keep the ones the ledger does not hold.
 
-    Column at a time (a million rows plan in seconds); only keys and missing seeds are hashed per image.
+    `committed` is the ledger's rows (changed_rows.read_committed; None when empty). A committed key whose
+    render parameters differ from its row now is refused (ChangedRowsError, before anything renders), or
+    planned again with `rerender_changed`. Column at a time (a million rows plan in seconds); only keys and
+    missing seeds are hashed per image.
     """
     defaults = job.defaults
     requests = manifest.requests()
@@ -55,18 +65,15 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, done_keys
     images = requests.take(pa.array(np.repeat(np.arange(len(counts), dtype=np.int64), counts)))
     # image_key, inlined: this line is most of the planner's time for a million images.
     blake2b = hashlib.blake2b
-    keys = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest()
-            for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
-    todo = np.fromiter((key not in done_keys for key in keys), dtype=bool, count=expected)
-    images, variants = images.filter(pa.array(todo)), variants[todo]
-    keys = pa.array(keys, pa.string()).filter(pa.array(todo))
-
+    key_list = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest()
+                for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
+    keys = pa.array(key_list, pa.string())
     seed = images.column("seed")
     given = seed.is_valid().to_numpy(zero_copy_only=False)
     # uint64 addition wraps, which is the modulo 2**64 a row's seed + variant is taken by.
     seeds = np.where(given, seed.fill_null(0).to_numpy(zero_copy_only=False) + variants.astype(np.uint64), 0)
     for i in np.flatnonzero(~given).tolist():
-        seeds[i] = derived_seed(keys[i].as_py())
+        seeds[i] = derived_seed(key_list[i])  # a done key's too: a row whose seed was removed changed
     fmt = (defaults.output_format or OutputFormat.png).value
     guidance = _first(defaults.guidance, preset.guidance)
     columns = {
@@ -78,7 +85,7 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, done_keys
         "height": images.column("height").fill_null(defaults.height or preset.height),
         "steps": images.column("steps").fill_null(defaults.steps or preset.steps),
         "guidance": images.column("guidance").fill_null(float(guidance)),
-        "seed": pa.array(seeds, pa.uint64()),
+        "seed": pa.array(seeds.view(np.int64), pa.int64()),  # the same 64 bits, signed (schemas/records.py SEED_TYPE)
         "max_sequence_length": pa.repeat(pa.scalar(job.model.max_sequence_length or preset.max_sequence_length,
                                                    pa.int32()), len(keys)),
         "adapters": images.column("adapters"),
@@ -89,11 +96,22 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, done_keys
     columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
     table = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    changed, superseded = 0, None
+    if committed is not None:
+        index, fields = compare(table, committed)
+        differs = fields != 0
+        if differs.any() and not rerender_changed:
+            raise refusal(table.filter(pa.array(differs)), fields[differs])
+        changed = int(differs.sum())
+        if changed:
+            superseded = committed.take(pa.array(index[differs])).select(["key", "output_format", "part"])
+        table = table.filter(pa.array((index < 0) | differs))
     # Same-shape images next to each other, so batches rarely mix shapes; key order makes it stable.
     if table.num_rows:
         order = [(c, "ascending") for c in ("width", "height", "steps", "guidance", "key")]
         table = table.take(pc.sort_indices(table, sort_keys=order))
-    return Plan(table=table, expected=expected, already_done=expected - table.num_rows)
+    return Plan(table=table, expected=expected, already_done=expected - table.num_rows, changed=changed,
+                superseded=superseded)
 
 
 def _first(*values: Any) -> Any:

@@ -40,8 +40,10 @@ def write_report(fs: fsspec.AbstractFileSystem, root: str, summary: RunSummary, 
     path = f"{root}/{REPORT_FILE}"
     try:
         images = sheet_rows(fs, root, summary.run_id, thumbnails)
-        failures = ledger.read_table(fs, root, "failures")
-        document = render_report(summary, images, failures, fs, failure_rows=failure_rows)
+        # The first rows only: a run may have written millions (ledger.FailureWriter), a report shows a few.
+        failures, failure_total = ledger.first_failures(fs, root, failure_rows)
+        document = render_report(summary, images, failures, fs, failure_rows=failure_rows,
+                                 failure_total=failure_total)
         write_bytes(fs, path, document.encode())
     except Exception as error:  # noqa: BLE001
         log.warning("%s not written: %s", path, error)
@@ -81,7 +83,7 @@ def thumbnail(fs: fsspec.AbstractFileSystem, image_uri: str) -> str | None:
 
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
-                  fs: fsspec.AbstractFileSystem, *, failure_rows: int = 500) -> str:
+                  fs: fsspec.AbstractFileSystem, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
     """The report as one HTML string: summary tables, contact sheet, failures table."""
     e = html.escape
     counts = [
@@ -119,7 +121,7 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
             f" · seed {row['seed']}{seconds}</span></figcaption></figure>"
         )
     parts.append("</div>")
-    total = failures.num_rows if failures is not None else 0
+    total = failure_total if failure_total is not None else failures.num_rows if failures is not None else 0
     shown = min(total, failure_rows)
     parts.append(f"<h2>failures <span class='note'>{total} row(s)"
                  f"{f', first {shown} shown' if shown < total else ''}</span></h2>")

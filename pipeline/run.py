@@ -15,6 +15,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,27 +25,31 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from flux_worker.presets import resolve_preset
+from flux_worker.presets import ModelPreset, resolve_preset
 from flux_worker.renderer import Renderer
-from flux_worker.storage import credential_options, filesystem, storage_env, uri, write_bytes
+from flux_worker.storage import NoSpaceLeftError, credential_options, filesystem, storage_env, uri
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, replica_stage, resolve_gpus_per_replica
-from pipeline import ledger
+from pipeline import changed_rows, lease, ledger, ownership, run_records
 from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
 from pipeline.manifest import read_manifest
-from pipeline.metrics import DriverMetrics, failure_reason
+from pipeline.metrics import DriverMetrics, FailureCounts
 from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
 from pipeline.ray_auth import keep_token_auth
-from pipeline.report import write_report
 from schemas import FailureRecord, JobSpec, ModelSpec, RunSummary
 
 log = logging.getLogger(__name__)
+DISK_FULL = f"write: {NoSpaceLeftError.__name__}: "  # how a renderer reports an image write on a full disk
 
 
-def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) -> RunSummary:
-    """Render every image of `job.manifest` not yet in `job.output`; returns what this run did."""
+def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: bool = False,
+           rerender_changed: bool = False, progress: bool = True) -> RunSummary:
+    """Render every image of `job.manifest` not yet in `job.output`; returns what this run did.
+
+    An OUTPUT holding files fluxbatch did not write is refused unless `allow_non_empty_output` (pipeline/ownership.py).
+    Rows edited since their images were committed are refused unless `rerender_changed` (pipeline/changed_rows.py).
+    """
     started = time.monotonic()
-    seconds: dict[str, float] = {}
     preset = resolve_preset(job.model.name)
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     job = writing_to(job, uri(fs, root))  # absolute: see model_for_workers
@@ -52,42 +57,68 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                          started_at=datetime.now(timezone.utc))
 
-    version_root = ledger.check_job(fs, root, job, new_version=new_version)
-    if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
-        job = writing_to(job, uri(fs, version_root))
-        root, summary.output = version_root, job.output.uri
-    ledger.remove_partial_files(fs, root)
+    ownership.refuse_foreign_output(fs, root, allow_non_empty_output)  # before anything is written
+    with ExitStack() as leases:
+        # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
+        # refused (LeaseHeldError, naming the holder) having written nothing.
+        held = leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
+        version_root = ledger.check_job(fs, root, job, new_version=new_version)
+        if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
+            job = writing_to(job, uri(fs, version_root))
+            root, summary.output = version_root, job.output.uri
+            output_lease, held = held, leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
+            output_lease.release()  # OUTPUT's lease guarded the choice of version folder only
+        return _render_held(job, preset, fs, root, summary, held, progress, started, rerender_changed)
+
+
+def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary: RunSummary, held: lease.Lease,
+                 progress: bool, started: float, rerender_changed: bool = False) -> RunSummary:
+    """The rest of `render`, run while this driver holds the lease on `root` (OUTPUT or its version folder)."""
+    run_id, seconds = summary.run_id, {}
+    # The cheap half of `fluxbatch verify`, before this run deletes or writes anything: an unreadable part
+    # stops the run in one line naming it (CorruptLedgerError), with the failures of the last run still there.
+    committed = changed_rows.read_committed(fs, root)
+    run_records.clear_success(fs, root)  # OUTPUT no longer says "done" while this run is under way
+    ownership.remove_partial_files(fs, root)
+    # Bad rows stream to this run's failure parts as they are found; the previous run's parts stay until the end.
+    validate_failures = ledger.FailureWriter(fs, root, run_id, "validate")
     manifest = read_manifest(
         job.manifest,
         job.storage_options,
         limits=preset.limits,
         model_name=job.model.name,
         adapter_names=set(job.model.adapters),
+        output=job.output.uri,  # never read as a manifest; a version folder's OUTPUT is excluded by its _job.json
+        sink=validate_failures.add,
     )
+    validate_failures.flush()
     seconds["read"] = time.monotonic() - started
 
     mark = time.monotonic()
-    ledger.clear_failures(fs, root)
-    ledger.write_failures(fs, root, f"{run_id}-validate", manifest.failures)
-    done = ledger.done_keys(fs, root)
-    plan = plan_images(manifest, job, preset, done)
+    # A refusal of changed rows (ChangedRowsError) writes nothing but this run's parts of bad rows, if any.
+    plan = plan_images(manifest, job, preset, committed, rerender_changed=rerender_changed)
+    del committed  # the ledger's rows: only the superseded ones are kept, in the plan
     seconds["plan"] = time.monotonic() - mark
-    invalid_rows = len({(f.source, f.row) for f in manifest.failures})
+    invalid_rows = manifest.failures.rows
     log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render",
              manifest.total_rows, invalid_rows, plan.expected, plan.already_done, plan.table.num_rows)
 
     mark = time.monotonic()
-    failures = list(manifest.failures)
+    failures_by_reason = Counter(manifest.failures.by_reason)
     rendered = 0
     if plan.table.num_rows:
-        writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields, seconds=job.commit_seconds)
+        writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields, seconds=job.commit_seconds,
+                                       before_commit=held.check)
         _ensure_ray(job)
         metrics = DriverMetrics(job.output.uri)
-        metrics.count_failures(manifest.failures)
+        metrics.count_reasons(manifest.failures.by_reason)
         render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics)
         writer.flush()
         rendered = writer.written
-        failures += render_failures
+        failures_by_reason.update(render_failures.by_reason)
+        if plan.changed:  # their new rows are committed: the old ones go, so each key is once on disk
+            held.check()
+            changed_rows.drop_superseded(fs, root, run_id, plan.superseded)
     seconds["render"] = time.monotonic() - mark
     if job.output.layout != "files":
         # Shards are packed from the finished image files and the ledger, so resume never depends on them.
@@ -105,21 +136,23 @@ def render(job: JobSpec, *, new_version: bool = False, progress: bool = True) ->
     summary.images_failed = plan.table.num_rows - rendered
     summary.images_total_done = plan.already_done + rendered
     summary.images_per_second = rendered / seconds["render"] if rendered else 0.0
-    summary.failures_by_reason = dict(Counter(failure_reason(f) for f in failures))
+    summary.failures_by_reason = dict(failures_by_reason)
     summary.finished_at = datetime.now(timezone.utc)
     seconds["total"] = time.monotonic() - started
     summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
-    body = (summary.model_dump_json(indent=2) + "\n").encode()
-    ledger.remove_partial_files(fs, root)  # temp files of renderer processes killed during this run
-    write_bytes(fs, f"{root}/summary.json", body)
-    write_report(fs, root, summary)
-    write_bytes(fs, f"{root}/_SUCCESS", body)
+    ownership.remove_partial_files(fs, root)  # temp files of renderer processes killed during this run
+    held.check()  # a driver that lost its lease records nothing more
+    # This run's failure parts are all written: they replace the previous run's (a run that stopped earlier
+    # left those in place, beside its own).
+    ledger.remove_failures_of_other_runs(fs, root, run_id)
+    run_records.write(fs, root, summary)
     return summary
 
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,
-                 progress: bool, metrics: DriverMetrics) -> list[FailureRecord]:
-    """Stream the plan through the actor pool (Ray already started); commit finished images, collect failed ones."""
+                 progress: bool, metrics: DriverMetrics) -> FailureCounts:
+    """Stream the plan through the actor pool (Ray already started); commit finished images, stream failed ones
+    to the failure parts; returns their counts."""
     gpus = resolve_gpus_per_replica(job)  # "auto": the memory planner picks the tensor-parallel degree
     on_gpu = gpus > 0
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -177,7 +210,8 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             alone = [lost.slice(i, 1) for i in range(lost.num_rows)]
             yield from dataset(alone, in_flight=1).iter_batches(batch_format="pyarrow", batch_size=None)
 
-    failures: list[FailureRecord] = []
+    failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
+    counts = FailureCounts()
     seen: set[str] = set()
     bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
     dropped = DroppedBatchErrors.install()
@@ -192,24 +226,33 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             seen.update(keys)
             ok = pc.is_null(batch.column("error"))
             writer.add(batch.filter(ok))
-            already_failed = len(failures)
-            for row in batch.filter(pc.invert(ok)).to_pylist():
-                failures.append(FailureRecord(
-                    stage="write" if row["error"].startswith("write:") else "render", source=row["source"],
-                    row=row["row"], request_id=row["request_id"], key=row["key"], variant=row["variant"],
-                    reason=row["error"], attempts=row["attempts"], at=datetime.now(timezone.utc)))
-            metrics.count_failures(failures[already_failed:])
+            failed = [FailureRecord(
+                stage="write" if row["error"].startswith("write:") else "render", source=row["source"],
+                row=row["row"], request_id=row["request_id"], key=row["key"], variant=row["variant"],
+                reason=row["error"], attempts=row["attempts"], at=datetime.now(timezone.utc))
+                for row in batch.filter(pc.invert(ok)).to_pylist()]
+            for failure in failed:
+                failures.add(failure)
+                counts.add(failure)
+            metrics.count_failures(failed)
             metrics.set_pending(plan.num_rows - len(seen))
             bar.update(batch.num_rows)
-            bar.set_postfix(failed=len(failures), refresh=False)
+            bar.set_postfix(failed=counts.total, refresh=False)
+            full = next((f.reason for f in failed if f.reason.startswith(DISK_FULL)), None)
+            if full:  # every later image would fail the same way: stop in one line (exit 1), not one by one
+                raise NoSpaceLeftError(full.removeprefix(DISK_FULL))
     finally:
         dropped.remove()
         bar.close()
-        writer.flush()
-        stop_leftover_renderers()
-    failures += lost_image_failures(plan, seen, dropped.last, job.max_renderer_deaths)
-    ledger.write_failures(fs, root, f"{run_id}-render", failures)
-    return failures
+        try:
+            writer.flush()  # commits the images written so far, also when the run stops early
+        finally:
+            stop_leftover_renderers()
+    for failure in lost_image_failures(plan, seen, dropped.last, job.max_renderer_deaths):
+        failures.add(failure)
+        counts.add(failure)
+    failures.flush()
+    return counts
 
 
 def stop_leftover_renderers() -> None:
@@ -258,6 +301,18 @@ def worker_env() -> dict[str, str]:
     return {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", **storage_env()}
 
 
+def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """`env` less the variables a submitted job's runtime env already sets (they reach every worker anyway):
+    Ray refuses a driver's `ray.init` that names one of them again, even with the same value."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: value for name, value in env.items() if name not in job_env}
+
+
 def _ensure_ray(job: JobSpec) -> None:
     """Join the job's Ray cluster, or start a local one; storage settings travel to every worker.
 
@@ -271,7 +326,7 @@ def _ensure_ray(job: JobSpec) -> None:
     keep_token_auth(address)
     ray.init(
         address=address,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": env_not_set_by_job(worker_env())},
         log_to_driver=os.environ.get("FLUXBATCH_WORKER_LOGS", "1") != "0",
         configure_logging=True,
         logging_level=logging.WARNING,

@@ -108,6 +108,12 @@ class JobSpec(BaseModel):
         description="commit finished images to the metadata at least this often; a killed driver loses at most "
         "this much work (their images are rendered again by the next run)",
     )
+    # Not part of identity(): how long a killed driver blocks OUTPUT never changes an image (pipeline/lease.py).
+    lease_seconds: float = Field(
+        default=60.0, ge=1, le=3600,
+        description="a driver's lease on OUTPUT goes stale this long after its last renewal (every quarter of it), "
+        "so another driver may take over OUTPUT this long after this one was killed on another machine",
+    )
     batch_invariant: bool = Field(
         default=True,
         description="render each image alone through the transformer, so its bytes never depend on its "

@@ -6,12 +6,18 @@ extra manifest columns are appended to the metadata after these.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 ADAPTERS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))
+# `seed` is int64, not uint64: Spark and several warehouses refuse unsigned 64-bit columns. Every seed fluxbatch
+# derives fits (63 bits); a manifest seed s >= 2**63 is stored as s - 2**64, the same 64 bits read as signed:
+# `seed % 2**64` gives s back, and torch.Generator.manual_seed takes either form and makes the same noise.
+SEED_TYPE = pa.int64()
 
 
 class ImageRecord(BaseModel):
@@ -51,7 +57,7 @@ IMAGE_RECORD_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("steps", pa.int32()),
         ("guidance", pa.float64()),
-        ("seed", pa.uint64()),
+        ("seed", SEED_TYPE),
         ("max_sequence_length", pa.int32()),
         ("adapters", ADAPTERS_TYPE),
         ("output_format", pa.string()),
@@ -74,7 +80,7 @@ class FailureRecord(BaseModel):
 
     stage: str  # "read", "validate", "render" or "write"
     source: str | None = None  # manifest file
-    row: int | None = None  # row number in that file, from 0
+    row: int | None = None  # the row's index in that file, from 0: the index pandas shows, `df.iloc[row]`
     request_id: str | None = None
     key: str | None = None
     variant: int | None = None
@@ -84,7 +90,20 @@ class FailureRecord(BaseModel):
     at: datetime
 
 
-FAILURE_SCHEMA = pa.schema(
+def nullable_integers_for_pandas(schema: pa.Schema) -> pa.Schema:
+    """`schema` with pandas metadata that reads its integer columns as pandas' nullable integers (Int32, Int64).
+
+    Without it `pd.read_parquet` turns an integer column holding a null into float64 (`variant` 3 reads as 3.0);
+    pyarrow's `to_pandas` follows the `pandas` schema metadata, and other readers ignore it.
+    """
+    columns = [{"name": f.name, "field_name": f.name, "pandas_type": str(f.type),
+                "numpy_type": str(f.type).capitalize(), "metadata": None}
+               for f in schema if pa.types.is_signed_integer(f.type)]
+    pandas = {"index_columns": [], "column_indexes": [], "columns": columns}
+    return schema.with_metadata({**(schema.metadata or {}), b"pandas": json.dumps(pandas).encode()})
+
+
+FAILURE_SCHEMA = nullable_integers_for_pandas(pa.schema(
     [
         ("stage", pa.string()),
         ("source", pa.string()),
@@ -97,7 +116,15 @@ FAILURE_SCHEMA = pa.schema(
         ("attempts", pa.int32()),
         ("at", pa.timestamp("us", tz="UTC")),
     ]
-)
+))
+
+
+def signed_seeds(table: pa.Table) -> pa.Table:
+    """A ledger table with `seed` as SEED_TYPE: parts written before seeds were int64 hold them as uint64."""
+    if "seed" not in table.column_names or table.schema.field("seed").type == SEED_TYPE:
+        return table
+    index = table.column_names.index("seed")
+    return table.set_column(index, "seed", pc.cast(table.column("seed"), SEED_TYPE, safe=False))
 
 
 # A planned image, as the driver hands it to a renderer; extra manifest columns follow these.
@@ -111,7 +138,7 @@ PLAN_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("steps", pa.int32()),
         ("guidance", pa.float64()),
-        ("seed", pa.uint64()),
+        ("seed", SEED_TYPE),
         ("max_sequence_length", pa.int32()),
         ("adapters", ADAPTERS_TYPE),
         ("output_format", pa.string()),

@@ -33,3 +33,9 @@ class RunSummary(BaseModel):
     def complete(self) -> bool:
         """Every expected image exists."""
         return self.images_total_done == self.images_expected
+
+    @property
+    def succeeded(self) -> bool:
+        """`fluxbatch render` exits 0 (README, "Exit codes"): some row was valid, no row was invalid, and
+        every valid row's images exist. A run that refused rows or rendered nothing is not a success."""
+        return self.complete and self.invalid_rows == 0 and self.images_expected > 0

@@ -64,19 +64,20 @@ def write(path: Path, rows: list[dict], schema: pa.Schema = SCHEMA) -> str:
 
 
 def read_both(url: str, monkeypatch) -> tuple:
-    """The manifest read by columns and row by row."""
+    """The manifest read by columns and row by row, each with the failures its reader sent to the sink."""
     monkeypatch.setattr(manifest_module, "VECTORIZE_FROM_ROWS", 0)
-    by_columns = read_manifest(url, limits=LIMITS, model_name="job-model")
+    by_columns = read_manifest(url, limits=LIMITS, model_name="job-model", sink=(columns_failed := []).append)
     monkeypatch.setattr(manifest_module, "VECTORIZE_FROM_ROWS", 10**12)
-    by_rows = read_manifest(url, limits=LIMITS, model_name="job-model")
+    by_rows = read_manifest(url, limits=LIMITS, model_name="job-model", sink=(rows_failed := []).append)
+    by_columns.failed, by_rows.failed = columns_failed, rows_failed
     return by_columns, by_rows
 
 
 def outcome(manifest) -> tuple:
-    failures = [(f.source, f.row, f.request_id, f.field, f.reason) for f in manifest.failures]
+    failures = [(f.source, f.row, f.request_id, f.field, f.reason) for f in manifest.failed]
     valid = [(r.source, r.row, request_id_of(r.request), r.request.model_dump(), r.extras)
              for r in manifest.valid_rows()]
-    return failures, valid
+    return failures, valid, manifest.failures.rows, dict(manifest.failures.by_reason)
 
 
 def test_column_checks_refuse_the_same_rows_with_the_same_messages(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_column_checks_refuse_the_same_rows_with_the_same_messages(tmp_path, mon
     assert not by_rows.tables, "the row path must have run"
     assert [t.num_rows for t in by_columns.tables] == [4], "the good rows must have passed on the column checks"
     assert outcome(by_columns) == outcome(by_rows)
-    refused = {f.row for f in by_rows.failures}
+    refused = {f.row for f in by_rows.failed}
     assert refused == set(range(4, len(ROWS))), "every bad row, and only those, is refused"
 
 
@@ -102,7 +103,7 @@ def test_both_paths_plan_the_same_images(tmp_path, monkeypatch):
     by_columns, by_rows = read_both(write(tmp_path / "m.parquet", ROWS), monkeypatch)
     job = JobSpec.model_validate({"manifest": "m", "output": {"uri": "o"}, "model": {"name": "job-model"}})
 
-    plans = [plan_images(m, job, PRESET, done_keys=set()) for m in (by_columns, by_rows)]
+    plans = [plan_images(m, job, PRESET, committed=None) for m in (by_columns, by_rows)]
 
     assert plans[0].table.equals(plans[1].table)
     assert plans[0].expected == 3 + 1 + 1 + 1 == plans[0].table.num_rows
@@ -111,10 +112,11 @@ def test_both_paths_plan_the_same_images(tmp_path, monkeypatch):
 def test_resume_skips_done_keys_on_the_column_path(tmp_path, monkeypatch):
     by_columns, _ = read_both(write(tmp_path / "m.parquet", ROWS), monkeypatch)
     job = JobSpec.model_validate({"manifest": "m", "output": {"uri": "o"}, "model": {"name": "job-model"}})
-    first = plan_images(by_columns, job, PRESET, done_keys=set())
-    done = set(first.table.column("key").to_pylist()[:4])
+    first = plan_images(by_columns, job, PRESET, committed=None)
+    committed = first.table.slice(0, 4)  # as the ledger holds them: the same keys and render parameters
+    done = set(committed.column("key").to_pylist())
 
-    again = plan_images(by_columns, job, PRESET, done_keys=done)
+    again = plan_images(by_columns, job, PRESET, committed=committed)
 
     assert (again.expected, again.already_done, again.table.num_rows) == (6, 4, 2)
     assert not done & set(again.table.column("key").to_pylist())

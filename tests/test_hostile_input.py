@@ -203,16 +203,20 @@ def write_files(folder: Path, files: dict[str, Any]) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_manifest_is_refused_row_by_row_with_the_field_and_reason(tmp_path, case):
     write_files(tmp_path / "in", case.files)
-    manifest = read_manifest(str(tmp_path / "in"), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS)
+    failures: list = []
+    manifest = read_manifest(str(tmp_path / "in"), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS,
+                             sink=failures.append)
 
-    got = sorted(((Path(f.source).name, f.row, f.field, f.reason) for f in manifest.failures), key=str)
+    got = sorted(((Path(f.source).name, f.row, f.field, f.reason) for f in failures), key=str)
     want = sorted(case.failures, key=str)
     assert len(got) == len(want), got
     for (g_file, g_row, g_field, g_reason), (w_file, w_row, w_field, w_pattern) in zip(got, want):
         assert (g_file, g_row, g_field) == (w_file, w_row, w_field)
         assert re.fullmatch(w_pattern, g_reason, flags=re.S), g_reason
         assert len(g_reason) <= 400
-    assert all(f.stage == ("read" if f.row is None else "validate") for f in manifest.failures)
+    assert all(f.stage == ("read" if f.row is None else "validate") for f in failures)
+    assert manifest.failures.total == len(failures)
+    assert manifest.failures.rows == len({(f.source, f.row) for f in failures})
     assert len(manifest.valid_rows()) == case.valid
     for name, arrow_type in case.extra.items():
         assert {f.name: f.type for f in manifest.extra_fields}[name] == arrow_type
@@ -258,10 +262,13 @@ def test_any_row_values_yield_a_valid_row_or_messages_naming_the_field(tmp_path,
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": pa.array([prompt]), **{k: pa.array([v]) for k, v in values.items()}}), path)
 
-    manifest = read_manifest(str(path), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS)
+    failures: list = []
+    manifest = read_manifest(str(path), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS,
+                             sink=failures.append)
 
-    assert len(manifest.valid_rows()) + bool(manifest.failures) == 1
-    for failure in manifest.failures:
+    assert len(manifest.valid_rows()) + bool(failures) == 1
+    assert manifest.failures.rows == bool(failures)
+    for failure in failures:
         assert failure.stage == "validate" and failure.row == 0
         assert failure.field in {"prompt", *values}, failure
         assert failure.reason and len(failure.reason) <= 400

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.submit import SubmitError, prepare, read_token
+from jobs.submit import SHIPPED_ENV, SubmitError, prepare, read_token
 from tests.conftest import free_port, write_manifest
 from tests.own_ray import REPO
 
@@ -108,7 +108,12 @@ def job_folder(tmp_path: Path, model: Path, output: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_submit_runs_a_render_job_on_a_ray_cluster_and_reports_its_success(tmp_path, tiny_model, ray_head):
+def test_submit_runs_a_render_job_on_a_ray_cluster_and_reports_its_success(tmp_path, tiny_model, ray_head,
+                                                                          monkeypatch):
+    # An S3 user's usual environment: the region is shipped to the job (SHIPPED_ENV) and is also what the
+    # driver inside the job hands its workers; Ray refuses a driver that sets a variable the job already sets.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
     out = tmp_path / "out"
     folder = job_folder(tmp_path, tiny_model, out)
     (folder / ".venv").mkdir()
@@ -158,7 +163,10 @@ def test_the_spec_folder_is_shipped_without_environments_or_local_output(tmp_pat
     folder = tmp_path / "job"
     folder.mkdir()
     (folder / "job.yaml").write_text(yaml.safe_dump({"manifest": "m.parquet", "output": {"uri": "renders/run1"}}))
+    for name in SHIPPED_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-shipped-unless-asked")
 
     plain = prepare(folder / "job.yaml")
@@ -167,7 +175,8 @@ def test_the_spec_folder_is_shipped_without_environments_or_local_output(tmp_pat
     assert plain.entrypoint == "python -m jobs.cli render m.parquet renders/run1 --job job.yaml --no-progress"
     assert plain.runtime_env["working_dir"] == str(folder)
     assert {".venv", ".git", "/renders/run1"} <= set(plain.runtime_env["excludes"])
-    assert plain.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    assert plain.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                                             "AWS_DEFAULT_REGION": "eu-west-1"}
     assert asked.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "never-shipped-unless-asked"
     assert asked.entrypoint == "python -m jobs.cli synthesize job.yaml"
 

@@ -110,9 +110,9 @@ def test_synthesis_writes_its_manifest_and_renders_webdataset_shards_that_webdat
         assert sample["png"].size == (64, 64)
         assert sample["txt"] == row["prompt"]
         assert sample["json"]["seed"] == row["seed"] and sample["json"]["label"] == row["label"]
-    stats = [json.loads((out / "webdataset" / "_stats" / f"{i:05d}.json").read_text()) for i in range(3)]
+    stats = [json.loads((out / "webdataset" / ".stats" / f"{i:05d}.json").read_text()) for i in range(3)]
     assert [s["count"] for s in stats] == [4, 4, 2]
-    total = json.loads((out / "webdataset" / "_stats.json").read_text())
+    total = json.loads((out / "webdataset" / ".stats.json").read_text())
     assert (total["images"], total["shards"], total["formats"]) == (10, 3, {"png": 10})
     assert total["image_bytes"] == sum(table.column("bytes").to_pylist())
 
@@ -152,14 +152,14 @@ def test_rerun_renders_new_prompts_rewrites_changed_shards_and_packs_only_the_ma
 
     assert (summary.images_already_done, summary.images_rendered) == (4, 3)
     assert (out / "webdataset" / "00000.tar").stat().st_mtime_ns == full_shard
-    total = json.loads((out / "webdataset" / "_stats.json").read_text())
+    total = json.loads((out / "webdataset" / ".stats.json").read_text())
     assert (total["images"], total["shards"]) == (7, 3)
 
     # Fewer prompts: nothing renders, and only the current manifest's images are packed.
     _, summary = synthesize(make_spec(str(out), str(tiny_model), prompts=2, **layout), progress=False)
     assert summary.images_rendered == 0
     assert sorted(p.name for p in (out / "webdataset").glob("*.tar")) == ["00000.tar"]
-    assert json.loads((out / "webdataset" / "_stats.json").read_text())["images"] == 2
+    assert json.loads((out / "webdataset" / ".stats.json").read_text())["images"] == 2
 
 
 def write_spec_yaml(path: Path, spec: SynthesisSpec) -> Path:
@@ -205,9 +205,9 @@ def test_synthesis_packs_hf_parquet_on_s3(tmp_path, tiny_model, s3_env, bucket):
     synthesize(make_spec(out, str(tiny_model), prompts=3, layout="hf-parquet"), progress=False)
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    assert fs.ls(f"{bucket}/synth/hf", detail=False) == [f"{bucket}/synth/hf/00000.parquet",
-                                                         f"{bucket}/synth/hf/_stats",
-                                                         f"{bucket}/synth/hf/_stats.json"]
+    assert sorted(fs.ls(f"{bucket}/synth/hf", detail=False)) == [f"{bucket}/synth/hf/.stats",
+                                                                 f"{bucket}/synth/hf/.stats.json",
+                                                                 f"{bucket}/synth/hf/00000.parquet"]
     table = pq.read_table(pa.BufferReader(fs.cat_file(f"{bucket}/synth/hf/00000.parquet")))
     assert json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]["image"] == {"_type": "Image"}
     rows = {r["key"]: r for r in metadata(out).to_pylist()}

@@ -1,0 +1,153 @@
+"""Rows edited since their image was committed: found by the planner, refused unless the user asks to re-render.
+
+A key is hash(request id, variant), so a row whose prompt, size, steps, ... was edited under the same id keeps
+the key of its committed image. Skipping it as done would leave an image that no longer matches its row, so the
+planner compares each planned key's render parameters with the ledger row of that key. By default a run with
+changed rows is refused before anything renders (`ChangedRowsError`, naming the rows and the flag). With
+`--rerender-changed` they are planned again: the new image replaces the old one at the same path (same key),
+and the new ledger row, committed in this run's part, supersedes the old one (the ledger keeps a key's row of
+the last part in name order). After the run `drop_superseded` rewrites the older parts without those rows, so
+each key is once on disk again, and removes an old image whose path changed with its format.
+
+Columnar throughout: the ledger is read one part at a time and only the columns compared; the comparison is
+an Arrow lookup of the planned keys in the committed ones, then one vector compare per field.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flux_worker.storage import with_retries
+from pipeline import ledger
+from schemas import OutputFormat
+from schemas.errors import FluxbatchError
+
+log = logging.getLogger(__name__)
+
+# Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
+# defaults are per job and `_job.json` guards them (ledger.check_job).
+RENDER_FIELDS = ("prompt", "width", "height", "steps", "guidance", "seed", "max_sequence_length", "adapters",
+                 "output_format")
+FLAG = "--rerender-changed"
+SHOWN = 5  # changed rows named in the refusal; the count says how many more
+
+
+class ChangedRowsError(FluxbatchError, ValueError):
+    """Rows whose render parameters differ from their committed images; re-rendering them replaces those images."""
+
+
+def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table | None:
+    """key, RENDER_FIELDS and part of every committed image: a key's row of the last part, in name
+    order (part names start with the run id, a UTC time, so name order is commit order); None when none.
+
+    Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
+    """
+    columns = ["key", *RENDER_FIELDS]
+    tables = []
+    for part in ledger._parts(fs, f"{root}/metadata"):
+        table = ledger.read_part(fs, root, part, columns)
+        tables.append(table.append_column("part", pa.repeat(pa.scalar(part), table.num_rows)))
+    if not tables:
+        return None
+    return ledger.latest_row_per_key(pa.concat_tables(tables, promote_options="permissive"))
+
+
+def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """For each planned image: the index of its committed row (-1 when none), and a bit mask of the
+    RENDER_FIELDS that differ from it (bit i for field i; 0 when equal or not committed)."""
+    found = pc.index_in(planned.column("key"), value_set=committed.column("key"))
+    index = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    changed = np.zeros(planned.num_rows, np.int64)
+    at = np.flatnonzero(index >= 0)
+    if not at.size:
+        return index, changed
+    new, old = planned.take(pa.array(at)), committed.take(pa.array(index[at]))
+    for bit, name in enumerate(RENDER_FIELDS):
+        differs = _lists_differ if name == "adapters" else _values_differ
+        changed[at] |= differs(old.column(name).combine_chunks(), new.column(name).combine_chunks()) << bit
+    return index, changed
+
+
+def _values_differ(old: pa.Array, new: pa.Array) -> np.ndarray:
+    # A null in the ledger is a value it did not record: nothing to compare against.
+    return pc.not_equal(old, new.cast(old.type)).fill_null(False).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _lists_differ(old: pa.Array, new: pa.Array) -> np.ndarray:
+    """Adapter lists, element by element (null and [] both mean none), without a Python loop over rows."""
+    lengths = [pc.list_value_length(a).fill_null(0).to_numpy(zero_copy_only=False) for a in (old, new)]
+    differs = lengths[0] != lengths[1]
+    same = np.flatnonzero(~differs & (lengths[1] > 0))
+    if same.size:
+        old_items, new_items = (pc.list_flatten(a.take(pa.array(same))) for a in (old, new))
+        item_differs = np.zeros(len(new_items), bool)
+        for child in ("name", "scale"):
+            a, b = pc.struct_field(old_items, child), pc.struct_field(new_items, child)
+            equal = pc.or_(pc.equal(a, b).fill_null(False), pc.and_(pc.is_null(a), pc.is_null(b)))
+            item_differs |= ~equal.to_numpy(zero_copy_only=False)
+        rows = pc.list_parent_indices(new.take(pa.array(same))).to_numpy(zero_copy_only=False)
+        per_row = np.zeros(same.size, bool)
+        np.logical_or.at(per_row, rows, item_differs)
+        differs[same] = per_row
+    return differs.astype(np.int64)
+
+
+def refusal(changed: pa.Table, masks: np.ndarray) -> ChangedRowsError:
+    """One line: how many rows changed, the first few (file, row, id, fields), and the flag that re-renders them.
+
+    `changed` holds the planned images whose parameters differ (source, row, request_id), `masks` their fields.
+    """
+    rows: dict[tuple[str, int], tuple[str, int]] = {}  # a row's images share its edit: name the row once
+    for source, row, request_id, mask in zip(changed.column("source").to_pylist(), changed.column("row").to_pylist(),
+                                             changed.column("request_id").to_pylist(), masks.tolist()):
+        rows.setdefault((source, row), (request_id, 0))
+        rows[(source, row)] = (request_id, rows[(source, row)][1] | mask)
+    ordered = sorted(rows.items())
+    shown = "; ".join(
+        f"{source} row {row} (id {request_id!r}): {', '.join(f for i, f in enumerate(RENDER_FIELDS) if mask >> i & 1)}"
+        for (source, row), (request_id, mask) in ordered[:SHOWN])
+    more = f"; and {len(ordered) - SHOWN} more" if len(ordered) > SHOWN else ""
+    return ChangedRowsError(
+        f"{len(ordered)} row{'s' if len(ordered) != 1 else ''} changed since their images were committed "
+        f"({changed.num_rows} images): {shown}{more}. "
+        f"Pass {FLAG} to render them again (each new image and ledger row replace the old ones), "
+        "or restore those rows")
+
+
+def drop_superseded(fs: fsspec.AbstractFileSystem, root: str, run_id: str, superseded: pa.Table) -> int:
+    """After a run that re-rendered changed rows: remove their old ledger rows, and old images at another path.
+
+    `superseded` holds the committed rows (key, output_format, part) of the keys this run planned again. Only keys
+    this run committed anew are dropped (a key that failed keeps its old row and image). Each older part is
+    rewritten whole in one put (ledger.rewrite_part_without), so a crash leaves it old or new, never a key lost;
+    until then the reader keeps the newer row. Returns the number of rows dropped.
+    """
+    from flux_worker.renderer import image_path  # here: the planner imports this module, and torch is slow to load
+
+    if not superseded.num_rows:
+        return 0
+    ours = [p for p in ledger._parts(fs, f"{root}/metadata") if p.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+    if not ours:
+        return 0
+    new = pa.concat_tables([ledger.read_part(fs, root, p, ["key", "output_format"]) for p in ours])
+    old = superseded.filter(pc.is_in(superseded.column("key"), value_set=new.column("key")))
+    dropped = 0
+    for part in sorted(set(old.column("part").to_pylist()) - set(ours)):  # never the part holding a new row
+        keys = old.filter(pc.equal(old.column("part"), part)).column("key").combine_chunks()
+        dropped += ledger.rewrite_part_without(fs, root, part, keys)
+    # An image whose format changed has a new path; the old file, ours by its name, has no ledger row any more.
+    new_format = dict(zip(new.column("key").to_pylist(), new.column("output_format").to_pylist()))
+    for key, fmt in zip(old.column("key").to_pylist(), old.column("output_format").to_pylist()):
+        if fmt != new_format[key]:
+            path = image_path(root, key, OutputFormat(fmt))
+            if with_retries(lambda p=path: fs.exists(p), f"stat {path}"):
+                with_retries(lambda p=path: fs.rm_file(p), f"remove {path}")
+    if dropped:
+        log.warning("replaced %d ledger rows and their images: their rows changed since they were committed",
+                    dropped)
+    return dropped

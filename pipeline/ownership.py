@@ -1,0 +1,92 @@
+"""What in OUTPUT is fluxbatch's, so that a run touches nothing else.
+
+fluxbatch renders into an empty folder (or prefix) or one holding its `_job.json`. A folder holding someone
+else's files is refused before anything is written, unless the user passes `--allow-non-empty-output`; then
+the run renders beside those files and never reads, moves or deletes them. The partial-file sweep looks only
+in the folders fluxbatch writes, for the one exact temp name `write_bytes` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection
+
+import fsspec
+
+from flux_worker.storage import is_temp_name, protocol_of, uri, with_retries
+from pipeline.lease import LEASE_FILE
+from pipeline.ledger import JOB_FILE, VERSIONS
+from pipeline.pack import LAYOUTS
+from pipeline.report import REPORT_FILE
+from pipeline.run_records import RUNS, SUCCESS_FILE, SUMMARY_FILE
+from schemas.errors import FluxbatchError
+
+log = logging.getLogger(__name__)
+# Folders under a version root that hold only what fluxbatch writes: images/<kk>/, metadata/, failures/,
+# runs/<run_id>/, and the packed layouts (webdataset/, hf/, each with _stats/).
+OWN_FOLDERS = ("images", "metadata", "failures", RUNS, *(folder for folder, _ in LAYOUTS.values()))
+# Every name fluxbatch writes at the top of OUTPUT. A foreign folder holding one of these is refused even with
+# --allow-non-empty-output: the run would read it as its ledger, replace it, or delete its failure parts.
+OWN_NAMES = frozenset({JOB_FILE, LEASE_FILE, VERSIONS, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, *OWN_FOLDERS})
+SHOWN = 3  # foreign names quoted in the refusal
+
+
+class ForeignOutputError(FluxbatchError, ValueError):
+    """OUTPUT holds files fluxbatch did not write; rendering there could mix or lose them."""
+
+
+def refuse_foreign_output(fs: fsspec.AbstractFileSystem, root: str, allow_non_empty: bool = False,
+                          own: Collection[str] = ()) -> None:
+    """Refuse an OUTPUT that is a file, or a non-empty folder without `_job.json`, before anything is written.
+
+    `own`: names the caller itself wrote there before calling (the manifest of `fluxbatch synthesize`).
+    """
+    where = uri(fs, root)
+    if with_retries(lambda: fs.exists(f"{root}/{JOB_FILE}"), f"stat {root}/{JOB_FILE}"):
+        return  # fluxbatch's own OUTPUT; ledger.check_job decides whether this job may write it
+    if not with_retries(lambda: fs.exists(root), f"stat {root}"):
+        return
+    if not with_retries(lambda: fs.isdir(root), f"stat {root}"):
+        raise ForeignOutputError(f"OUTPUT {where} is a file, not a folder: choose a folder (or prefix) to render into")
+    entries = with_retries(lambda: fs.ls(root, detail=False), f"list {root}")
+    names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries} - {""})
+    # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
+    # (pipeline/lease.py takes the lease right after this check).
+    foreign = [name for name in names if name != LEASE_FILE and name not in own and not is_temp_name(name)]
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
+    if not allow_non_empty:
+        raise ForeignOutputError(
+            f"OUTPUT {where} is not empty and has no {JOB_FILE}, so fluxbatch did not make it (it holds {shown}): "
+            "choose an empty or new OUTPUT, or pass --allow-non-empty-output to render beside these files, "
+            "which fluxbatch then never touches")
+    clashes = [name for name in foreign if name in OWN_NAMES]
+    if clashes:
+        raise ForeignOutputError(
+            f"OUTPUT {where} holds {', '.join(clashes)}, which fluxbatch writes and reads as its own, but no "
+            f"{JOB_FILE}: choose another OUTPUT (--allow-non-empty-output renders only beside other names)")
+    log.info("rendering into %s beside %d entries fluxbatch did not write; it never touches them",
+                where, len(foreign))
+
+
+def remove_partial_files(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Delete the temp files a killed writer left in this version's own folders (local disk only).
+
+    `root` is OUTPUT or one `_versions/<n>/`: its own top-level files and OWN_FOLDERS, never `_versions/`
+    (each version's run sweeps its own, under its own lease) and never a folder fluxbatch did not make.
+    Object stores need nothing: a put is atomic. No metadata row ever points at one of these files.
+    """
+    if protocol_of(fs) not in ("file", "local") or not os.path.isdir(root):
+        return 0
+    found = [entry.path for entry in os.scandir(root) if entry.is_file(follow_symlinks=False)]
+    for name in OWN_FOLDERS:
+        for folder, _, files in os.walk(os.path.join(root, name)):
+            found += [os.path.join(folder, file) for file in files]
+    partial = [path for path in found if is_temp_name(os.path.basename(path))]
+    for path in partial:
+        os.remove(path)
+    if partial:
+        log.warning("removed %d partial files left in %s by an interrupted run", len(partial), root)
+    return len(partial)

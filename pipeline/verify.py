@@ -1,0 +1,241 @@
+"""`fluxbatch verify OUTPUT [--repair]`: check the ledger against the images, and put right what it finds.
+
+The metadata parts are the ledger (pipeline/ledger.py): a run renders only the keys no part holds, so a
+damaged ledger either stops every run or silently claims images that are not there. Verify checks, in
+OUTPUT and in each OUTPUT/_versions/<n>/:
+- every metadata part is a readable Parquet table with the columns key, image_uri, sha256, bytes;
+- every row's image exists in this OUTPUT with the recorded byte count and sha256 (the image is looked
+  up under OUTPUT/images/<kk>/ by the file name in image_uri, so a copied or moved OUTPUT verifies too);
+- no key is held by two rows;
+- no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it).
+Only names fluxbatch writes count as images (images/<kk>/<key>.<png|jpg|webp>); any other file is not ours
+and is neither reported nor touched.
+
+`--repair` holds each folder's lease (pipeline/lease.py), so it never races a running driver, and deletes
+nothing outright: what it takes out of the ledger goes to OUTPUT/_quarantine/<repair id>/, at its path
+relative to OUTPUT.
+- an unreadable part is moved aside; its keys render again on the next run;
+- of rows sharing a key, the last one (last part in name order, last row in it) stays, as the ledger reader
+  keeps it; the others are dropped;
+- a row whose image is missing or has other bytes is dropped (the key renders again), and the altered image
+  is moved aside;
+- orphan images are moved aside.
+A part that loses rows is written again, without them, as a new part before the old one is moved aside:
+a crash in between leaves a key twice (the next verify removes it), never a key lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from flux_worker.storage import filesystem, protocol_of, read_bytes, uri, with_retries, write_bytes
+from pipeline import ledger
+from pipeline.lease import hold
+from schemas.errors import FluxbatchError
+
+COLUMNS = ["key", "image_uri", "sha256", "bytes"]
+QUARANTINE = "_quarantine"
+# The image files fluxbatch writes (flux_worker/renderer.py image_path): keys are 32 hex digits.
+IMAGE_NAME = re.compile(r"/images/([0-9a-f]{2})/\1[0-9a-f]{30}\.(png|jpg|webp)$")
+SHOWN = 5  # offenders named per kind of problem; the counts cover all
+HASH_THREADS = 16  # images are hashed in parallel: on object storage each read is a round trip
+
+
+class NotAnOutputError(FluxbatchError):
+    """The folder given to `verify` holds no `_job.json`: it is not a fluxbatch OUTPUT, so nothing is touched."""
+
+
+@dataclass
+class FolderCheck:
+    """What verify found in one ledger folder: OUTPUT itself or one of its versions."""
+
+    folder: str
+    parts: int = 0
+    rows: int = 0
+    images: int = 0
+    unreadable: dict[str, str] = field(default_factory=dict)  # part -> why
+    duplicates: dict[str, int] = field(default_factory=dict)  # key -> rows holding it
+    missing: dict[str, str] = field(default_factory=dict)  # key -> image path expected
+    altered: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, how it differs)
+    orphans: list[str] = field(default_factory=list)  # image paths no row names
+    drop: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # part -> rows repair drops
+
+    @property
+    def problems(self) -> int:
+        return (len(self.unreadable) + len(self.duplicates) + len(self.missing) + len(self.altered)
+                + len(self.orphans))
+
+
+@dataclass
+class Verification:
+    """The result of `verify_output`: one check per folder, and where repair moved things (if it ran)."""
+
+    output: str
+    checks: list[FolderCheck]
+    fs: Any
+    quarantine: str | None = None
+    moved: int = 0  # files repair moved into the quarantine folder
+
+    @property
+    def problems(self) -> int:
+        return sum(check.problems for check in self.checks)
+
+    def report(self) -> str:
+        """The short report `fluxbatch verify` prints: counts per problem kind and the first offenders."""
+        lines: list[str] = []
+        for check in self.checks:
+            lines += _folder_report(self.fs, check)
+        if not self.problems:
+            lines.append(f"{self.output}: clean")
+        elif self.quarantine is None:
+            lines.append(f"{self.problems} problems; `fluxbatch verify {self.output} --repair` moves unreadable parts "
+                         f"and orphan or altered images aside into {self.output}/{QUARANTINE}/ and drops duplicate "
+                         "rows and rows without their image (those keys render again on the next run)")
+        else:
+            dropped = sum(len(rows) for c in self.checks for rows in c.drop.values())
+            lines.append(f"repaired: {self.moved} files moved aside into {uri(self.fs, self.quarantine)}, {dropped} "
+                         "ledger rows dropped; the keys no longer in the ledger render again on the next run")
+        return "\n".join(lines)
+
+
+def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False) -> Verification:
+    """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease."""
+    fs, root = filesystem(url, storage_options)
+    if not with_retries(lambda: fs.exists(f"{root}/{ledger.JOB_FILE}"), f"stat {root}/{ledger.JOB_FILE}"):
+        raise NotAnOutputError(f"{uri(fs, root)} is not a fluxbatch OUTPUT (no {ledger.JOB_FILE}); nothing checked")
+    folders = [root] + [folder for _, folder in ledger._versions(fs, root)]
+    result = Verification(output=uri(fs, root), checks=[], fs=fs)
+    if not repair:
+        result.checks = [check_folder(fs, folder) for folder in folders]
+        return result
+    repair_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-repair-" + uuid.uuid4().hex[:6]
+    result.quarantine = f"{root}/{QUARANTINE}/{repair_id}"
+    for folder in folders:
+        with hold(fs, folder, repair_id):  # no driver commits or writes images here meanwhile
+            check = check_folder(fs, folder)
+            result.moved += repair_folder(fs, root, check, result.quarantine, repair_id)
+        result.checks.append(check)
+    return result
+
+
+def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
+    """Every check on one ledger folder; reads every part and every image once."""
+    check = FolderCheck(folder=folder)
+    columns: dict[str, dict[str, list]] = {}  # part -> column -> values, parts in name order
+    for part in ledger._parts(fs, f"{folder}/metadata"):
+        check.parts += 1
+        try:
+            table = ledger.read_part(fs, folder, part, COLUMNS)
+        except ledger.CorruptLedgerError as error:
+            check.unreadable[part] = error.reason
+            continue
+        columns[part] = {name: table.column(name).to_pylist() for name in COLUMNS}
+        check.rows += table.num_rows
+
+    # The last row of a key wins, as in the ledger reader: the last part in name order, the last row in it.
+    last: dict[str, tuple[str, int]] = {}
+    count: Counter[str] = Counter()
+    for part, values in columns.items():
+        for index, key in enumerate(values["key"]):
+            last[key] = (part, index)
+            count[key] += 1
+    check.duplicates = {key: n for key, n in count.items() if n > 1}
+    for part, values in columns.items():
+        for index, key in enumerate(values["key"]):
+            if last[key] != (part, index):
+                check.drop[part].add(index)
+
+    on_disk = _images(fs, folder)
+    check.images = len(on_disk)
+    named: dict[str, tuple[str, str, int, str, int]] = {}  # image path -> (key, sha256, bytes, part, row)
+    for key, (part, index) in last.items():
+        values = columns[part]
+        name = str(values["image_uri"][index] or "").rsplit("/", 1)[-1]
+        named[f"{folder}/images/{key[:2]}/{name}"] = (key, values["sha256"][index], values["bytes"][index],
+                                                       part, index)
+    to_hash = []
+    for path, (key, _, size, part, index) in named.items():
+        if path not in on_disk:
+            check.missing[key] = path
+            check.drop[part].add(index)
+        elif on_disk[path] != size:
+            check.altered[key] = (path, f"{on_disk[path]} bytes, the ledger says {size}")
+            check.drop[part].add(index)
+        else:
+            to_hash.append(path)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = pool.map(lambda p: hashlib.sha256(read_bytes(fs, p)).hexdigest(), to_hash)
+        for path, digest in zip(to_hash, digests):
+            key, sha, _, part, index = named[path]
+            if digest != sha:
+                check.altered[key] = (path, "its sha256 differs from the ledger's")
+                check.drop[part].add(index)
+    check.orphans = sorted(set(on_disk) - set(named))
+    return check
+
+
+def repair_folder(fs: fsspec.AbstractFileSystem, root: str, check: FolderCheck, quarantine: str,
+                  repair_id: str) -> int:
+    """Put one folder right (see the module docstring); the caller holds its lease. Returns the files moved."""
+    moved = list(check.unreadable)
+    for part in moved:
+        _move_aside(fs, root, quarantine, part)
+    for seq, (part, rows) in enumerate(sorted(check.drop.items())):
+        if not rows:
+            continue
+        table = ledger.read_part(fs, check.folder, part)  # every column: the new part carries the whole rows
+        kept = table.filter(pa.array([index not in rows for index in range(table.num_rows)]))
+        if kept.num_rows:  # first the new part, then the old one aside: a crash never loses a key
+            new_part = f"{check.folder}/metadata/part-{repair_id}-{seq:05d}.parquet"
+            write_bytes(fs, new_part, ledger._parquet_bytes(kept))
+        _move_aside(fs, root, quarantine, part)
+        moved.append(part)
+    for path in [path for path, _ in check.altered.values()] + check.orphans:
+        _move_aside(fs, root, quarantine, path)
+        moved.append(path)
+    return len(moved)
+
+
+def _images(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """The image files fluxbatch wrote under `folder`/images, with their sizes."""
+    base = f"{folder}/images"
+    if not with_retries(lambda: fs.exists(base), f"stat {base}"):
+        return {}
+    found = with_retries(lambda: fs.find(base, detail=True), f"list {base}")
+    return {path: info["size"] for path, info in found.items() if IMAGE_NAME.search(path)}
+
+
+def _move_aside(fs: fsspec.AbstractFileSystem, root: str, quarantine: str, path: str) -> None:
+    """Move `path` to the same path under `quarantine` (relative to OUTPUT): repair deletes nothing outright."""
+    target = f"{quarantine}/{path[len(root) + 1:]}"
+    if protocol_of(fs) in ("file", "local"):
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    with_retries(lambda: fs.mv(path, target), f"move {path} to {target}")
+
+
+def _folder_report(fs: fsspec.AbstractFileSystem, check: FolderCheck) -> list[str]:
+    lines = [f"{uri(fs, check.folder)}: {check.parts} metadata parts, {check.rows} rows, {check.images} images"]
+    kinds = [
+        ("unreadable part", [f"{uri(fs, part)}: {why}" for part, why in check.unreadable.items()]),
+        ("duplicate key", [f"{key}: {n} rows" for key, n in check.duplicates.items()]),
+        ("missing image", [f"{key}: no {uri(fs, path)}" for key, path in check.missing.items()]),
+        ("altered image", [f"{key}: {uri(fs, path)}: {how}" for key, (path, how) in check.altered.items()]),
+        ("orphan image", [f"{uri(fs, path)}: no ledger row names it" for path in check.orphans]),
+    ]
+    for kind, offenders in kinds:
+        if offenders:
+            lines.append(f"  {kind}: {len(offenders)}")
+            lines += [f"    {offender}" for offender in offenders[:SHOWN]]
+            if len(offenders) > SHOWN:
+                lines.append(f"    ... and {len(offenders) - SHOWN} more")
+    return lines
