@@ -6,8 +6,10 @@ without loading a model.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -83,8 +85,15 @@ def resolve_preset(name_or_path: str) -> ModelPreset:
         return replace(base, name=name_or_path, source=name_or_path)
     raise UnknownModelError(
         f"model {name_or_path!r} is not a preset ({', '.join(PRESETS)}), "
-        "an existing local folder, or a hub id of the form owner/name"
+        f"an existing local folder, or a hub id of the form owner/name{did_you_mean(name_or_path, PRESETS)}"
     )
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """"; did you mean 'X'?" for the candidate closest to a mistyped `name` (case aside), or "" if none is close."""
+    by_lower = {candidate.lower(): candidate for candidate in candidates}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.8)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def write_preset(folder: Path, preset: ModelPreset) -> None:
@@ -97,6 +106,12 @@ def model_revision(preset: ModelPreset, spec: ModelSpec) -> str:
     folder = Path(preset.source)
     if not folder.is_dir():
         return spec.revision or "unpinned"
+    return local_fingerprint(folder)
+
+
+def local_fingerprint(folder: Path) -> str:
+    """`local-<16 hex>` from a model folder's configs and weight sizes: the same model wherever it is copied,
+    however its path is spelled, and a different one once its configs or weights change size."""
     digest = hashlib.sha256()
     for item in sorted(folder.rglob("*")):
         if item.is_file() and item.suffix in {".json", ".safetensors"}:

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -108,6 +109,20 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path.rstrip("/")
 
 
+# botocore settings for pre-flight requests (pipeline/preflight.py): one attempt, short timeouts, so an endpoint
+# nobody listens on is reported in seconds, not after botocore's and s3fs's retries (15 s and more). The run's
+# own requests keep the retries: by then the store is known to be there, and a fault is likely transient.
+PROBE_CONFIG = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1}}
+
+
+def probe_options(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`storage_options` for one quick pre-flight request to `url`: botocore's retries capped on S3."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        options["config_kwargs"] = {**options.get("config_kwargs", {}), **PROBE_CONFIG}
+    return options
+
+
 def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     protocol = fs.protocol
     return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
@@ -139,20 +154,84 @@ def is_temp_name(name: str) -> bool:
     return TMP_NAME.fullmatch(name) is not None
 
 
+class StorageError(FluxbatchError):
+    """Storage refused an operation or could not be reached: the message names the URL, the operation (read or
+    write) and what to do. Made from the library's error by `storage_error`, the one place that translates them."""
+
+
+# Local errors a user fixes by choosing another path or changing permissions; their strerror says which.
+_LOCAL_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+
+
+def storage_error(error: BaseException, what: str) -> StorageError | None:
+    """The one-line `StorageError` for a storage failure a user can act on, or None for any other error.
+
+    `what` is the operation and its URL ("write s3://bucket/run/x"). botocore's classes are matched by name,
+    so this module imports no AWS library. A missing file stays FileNotFoundError (callers test for it); a
+    missing bucket does not.
+    """
+    names = {cls.__name__ for cls in type(error).__mro__}
+    cause = error.__cause__ or error.__context__
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    verb, _, target = what.partition(" ")
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return StorageError(
+            f"no AWS credentials to {what}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "or pass --storage-option key=... --storage-option secret=... (anon=true for a public bucket)")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionRefusedError", "ClientConnectorError"}:
+        url = urlsplit(getattr(error, "kwargs", {}).get("endpoint_url") or "")  # the request's URL: keep the host
+        host = url.netloc.rsplit("@", 1)[-1]  # never a user:password written into the URL
+        endpoint = f"{url.scheme}://{host}" if host else "the storage endpoint"
+        return StorageError(
+            f"cannot reach {endpoint} to {what} ({type(error).__name__}): is the endpoint up and its address "
+            "right? It comes from AWS_ENDPOINT_URL or --storage-option endpoint_url=...")
+    if isinstance(error, FileNotFoundError) and (code == "NoSuchBucket" or "bucket does not exist" in str(error)):
+        bucket = target.split("://", 1)[-1].split("/", 1)[0]
+        return StorageError(f"bucket {bucket!r} does not exist (to {what}): create it, or correct the URL")
+    if isinstance(error, PermissionError):
+        if "://" in target:  # s3fs maps 403 AccessDenied / Forbidden to PermissionError
+            reason = code if code and not code.isdigit() else "Forbidden"  # a HEAD's 403 has no code but "403"
+            return StorageError(
+                f"access denied (403 {reason}) to {what}: the credentials in use may not {verb} "
+                "there; check the key, its policy and the bucket's policy")
+        return StorageError(f"permission denied to {what}: {error.strerror or error}; choose a path you may "
+                            f"{verb}, or change its permissions")
+    if isinstance(error, OSError) and error.errno in _LOCAL_REFUSALS:
+        return StorageError(f"cannot {what}: {error.strerror}"
+                            + (f" ({error.filename})" if error.filename and str(error.filename) not in what else ""))
+    return None
+
+
 def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay: float = 0.2) -> T:
-    """Run a storage action, retrying transient faults with exponential backoff and full jitter."""
+    """Run a storage action, retrying transient faults with exponential backoff and full jitter.
+
+    A failure a user can act on (no credentials, endpoint down, no bucket, access denied) comes out as one
+    `StorageError` naming `what` (see `storage_error`); anything else as the library raised it.
+    """
     for attempt in range(1, tries + 1):
         try:
             return action()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+            translated = storage_error(error, what)
+            if translated is not None:
+                raise translated from error
             raise
         except TRANSIENT as error:
-            if attempt == tries:
+            refused = isinstance(error, OSError) and error.errno in _LOCAL_REFUSALS  # a read-only disk stays one
+            if attempt == tries or refused:
+                translated = storage_error(error, what)
+                if translated is not None:
+                    raise translated from error
                 raise
             delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
             log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(error).__name__, error,
                         attempt, tries - 1, delay)
             time.sleep(delay)
+        except Exception as error:  # botocore's own classes (no credentials, endpoint down) are no OSError
+            translated = storage_error(error, what)
+            if translated is not None:
+                raise translated from error
+            raise
     raise AssertionError("unreachable")
 
 
@@ -170,16 +249,19 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                 handle.write(data)
             os.replace(tmp, path)
         except BaseException as error:  # also KeyboardInterrupt: a half-written file must not stay behind
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # not there, or its folder could not be made
                 os.unlink(tmp)
             if isinstance(error, OSError) and error.errno in NO_SPACE:
                 raise NoSpaceLeftError(
                     f"no space left on device writing {path}: free space there (or choose another OUTPUT) "
                     "and run again; images already committed stay, the rest render then") from error
+            translated = storage_error(error, f"write {path}") if isinstance(error, Exception) else None
+            if translated is not None:
+                raise translated from error
             raise
         return
-    with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
+    with_retries(lambda: fs.pipe_file(path, data), f"write {uri(fs, path)}")
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return with_retries(lambda: fs.cat_file(path), f"read {path}")
+    return with_retries(lambda: fs.cat_file(path), f"read {uri(fs, path)}")

@@ -217,6 +217,11 @@ def resolve_gpus_per_replica(job: JobSpec) -> float:
     return float(plan.tp_degree)
 
 
+def cpus_per_rank(job: JobSpec, degree: int) -> int:
+    """CPU cores each rank actor of a TP-`degree` group reserves: the replica's cores shared out, at least 1."""
+    return max(1, (job.cpus_per_replica or degree) // degree)
+
+
 def replica_stage(job: JobSpec, degree: int, renderer: dict[str, Any]) -> tuple[type, dict[str, Any], dict[str, Any]]:
     """The map_batches callable, its constructor kwargs and its own resources for a TP-`degree` replica.
 
@@ -231,8 +236,8 @@ def replica_stage(job: JobSpec, degree: int, renderer: dict[str, Any]) -> tuple[
         plan = None  # a hub id the planner has no configs for: the default placement
     if plan is not None and plan.fits:
         placement = placement_of(plan)
-    cpus_per_rank = max(1, (job.cpus_per_replica or degree) // degree)
-    kwargs = {**renderer, "tp_degree": degree, "placement": placement, "cpus_per_rank": cpus_per_rank}
+    cpus = cpus_per_rank(job, degree)
+    kwargs = {**renderer, "tp_degree": degree, "placement": placement, "cpus_per_rank": cpus}
     if kwargs.get("threads"):
-        kwargs["threads"] = cpus_per_rank
+        kwargs["threads"] = cpus
     return TensorParallelReplica, kwargs, {"num_gpus": None, "num_cpus": 0}

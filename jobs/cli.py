@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,33 +23,52 @@ EXAMPLES = """examples:
 """
 
 
-def _add_job_flags(parser: argparse.ArgumentParser) -> None:
-    from flux_worker.storage import add_storage_option_flag
-
-    parser.add_argument("--job", metavar="JOB.yaml", help="job spec in YAML; flags below override it")
-    parser.add_argument("--model", help="preset (flux.1-schnell, flux.1-dev), hub id, or local folder")
-    parser.add_argument("--revision", help="hub revision of the model to pin")
-    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    add_storage_option_flag(parser)
+# Flags every subcommand takes, before or after its name (CommandParser adds them to each).
+GLOBAL_FLAGS = ("-v", "--verbose")
 
 
-def _gpus(text: str) -> float | str:
-    if text == "auto":
-        return text
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose subcommands (argparse builds them with the parent's class) all take the global flags, so
+    `fluxbatch render ... -v` works as well as `fluxbatch -v render ...`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand given no -v leaves what the main parser (or another level) set.
+        self.add_argument(*GLOBAL_FLAGS, action="store_true", default=argparse.SUPPRESS,
+                          help="show INFO logs, the libraries' own output, and the traceback of an error")
+
+    def error(self, message: str) -> typing.NoReturn:
+        """A usage error in one line, like every other mistake (argparse would print the whole usage first)."""
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+        return version("fluxbatch")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def _add_job_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] = ("",)) -> None:
+    """--job, --storage-option, and the flags generated from JobSpec (jobs/flags.py) for the fields under `fields`."""
+    from flux_worker.storage import add_storage_option_flag
+    from jobs.flags import add_job_flags
+
+    parser.add_argument("--job", metavar="JOB.yaml", help="job spec in YAML; the command line overrides it")
+    add_storage_option_flag(parser)
+    add_job_flags(parser, fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="fluxbatch",
         description="Batch-render FLUX text-to-image models over Parquet prompt manifests on Ray.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"fluxbatch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="render an example manifest with the offline model (no GPU, no network)",
@@ -57,32 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("output", nargs="?", default="demo-output", help="output folder (default: demo-output)")
 
     render = sub.add_parser("render", help="render a manifest to OUTPUT",
-                            description="Render every image of MANIFEST that OUTPUT does not hold yet.")
-    render.add_argument("manifest", help="Parquet file, folder or glob; local path or s3://")
-    render.add_argument("output", help="output folder or s3:// prefix")
+                            description="Render every image of MANIFEST that OUTPUT does not hold yet. "
+                            "MANIFEST and OUTPUT may come from --job instead (`manifest:`, `output:`).")
+    # Optional here so `--job job.yaml` alone is enough; job_from_args says which one is missing.
+    render.add_argument("manifest", nargs="?", metavar="MANIFEST",
+                        help="Parquet file, folder or glob; local path or s3:// (job file: manifest)")
+    render.add_argument("output", nargs="?", metavar="OUTPUT",
+                        help="output folder or s3:// prefix (job file: output.uri)")
     _add_job_flags(render)
-    render.add_argument("--replicas", type=int, help="renderer actors (default 1)")
-    render.add_argument("--batch-size", type=int, help="images per batch sent to a replica (default 4)")
-    render.add_argument("--gpus-per-replica", type=_gpus, metavar="N|auto",
-                        help="GPUs per replica: 0 renders on CPU (default), 2+ makes a tensor-parallel group, "
-                        "auto asks the memory planner")
-    render.add_argument("--cpus-per-replica", type=int, help="CPU cores per replica (default: all / replicas)")
-    render.add_argument("--width", type=int, help="default width for rows that give none")
-    render.add_argument("--height", type=int, help="default height for rows that give none")
-    render.add_argument("--steps", type=int, help="default steps for rows that give none")
-    render.add_argument("--guidance", type=float, help="default guidance for rows that give none")
-    render.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"],
-                        help="default image format (default png)")
-    render.add_argument("--max-retries", type=int, help="tries per image after the first (default 3)")
-    render.add_argument("--max-renderer-deaths", type=int,
-                        help="re-runs of a batch whose renderer process died, before its images count as failed "
-                        "(default 3)")
-    render.add_argument("--commit-seconds", type=float,
-                        help="commit finished images to the metadata at least this often (default 30)")
-    render.add_argument("--no-batch-invariant", action="store_true",
-                        help="batch same-shape images through the transformer (faster on GPUs; an image's "
-                        "last bits may then depend on its batch-mates)")
-    render.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     render.add_argument("--new-version", action="store_true",
                         help="if the job's parameters differ from every version in OUTPUT, render a new version "
                         "into OUTPUT/_versions/<n>/ instead of refusing")
@@ -96,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a manifest; print each bad row with its reason",
                               description="Read and validate MANIFEST; exit 1 if any row is bad.")
-    validate.add_argument("manifest", help="Parquet file, folder or glob; local path or s3://")
-    _add_job_flags(validate)
+    validate.add_argument("manifest", nargs="?", metavar="MANIFEST",
+                          help="Parquet file, folder or glob; local path or s3:// (job file: manifest)")
+    _add_job_flags(validate, ("model.",))  # a row's size limits and adapter names come from the model
 
     from flux_worker.storage import add_storage_option_flag
 
@@ -132,42 +135,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_from_args(args: argparse.Namespace, output: str | None) -> Any:
-    """A JobSpec from --job (if given) with every flag the user set layered on top."""
-    from flux_worker.storage import apply_storage_options
-    from schemas import JobSpec
-    from schemas.overrides import apply_overrides
+def job_from_args(args: argparse.Namespace) -> Any:
+    """A JobSpec from --job (if given), then the positionals, then every flag the user set, each winning over the last.
 
-    overrides: dict[str, Any] = {
-        "manifest": args.manifest,
-        "output.uri": output,
-        "model.name": args.model,
-        "model.revision": args.revision,
-        "model.dtype": args.dtype,
-    }
-    for flag, dotted in [("replicas", "replicas"), ("batch_size", "batch_size"),
-                         ("gpus_per_replica", "gpus_per_replica"), ("cpus_per_replica", "cpus_per_replica"),
-                         ("width", "defaults.width"), ("height", "defaults.height"), ("steps", "defaults.steps"),
-                         ("guidance", "defaults.guidance"), ("output_format", "defaults.output_format"),
-                         ("max_retries", "max_retries"), ("ray_address", "ray_address"),
-                         ("max_renderer_deaths", "max_renderer_deaths"), ("commit_seconds", "commit_seconds")]:
-        overrides[dotted] = getattr(args, flag, None)
-    if getattr(args, "no_batch_invariant", False):
-        overrides["batch_invariant"] = False
-    if output is None:
-        overrides["output.uri"] = "unused://"
-    if args.job:
-        job = JobSpec.from_yaml(args.job, **overrides)
-    else:
-        job = JobSpec.model_validate(apply_overrides({}, overrides))
+    Every mistake is one line naming the flag or the job file at fault (schemas/overrides.py).
+    """
+    from flux_worker.storage import apply_storage_options
+    from jobs.errors import UsageError
+    from jobs.flags import flags_as_typed, job_overrides
+    from schemas import JobSpec
+    from schemas.overrides import apply_overrides, spec_data, validate_spec
+
+    data = spec_data(args.job, "job", {}) if args.job else {}
+    manifest, output = args.manifest, getattr(args, "output", None)
+    if args.command == "validate":
+        output = "unused://"  # validate writes nothing
+    elif output is None and manifest is not None and "manifest" in data and not _output_uri(data):
+        manifest, output = None, manifest  # `render --job job.yaml OUT`: the file names the manifest, not the output
+    apply_overrides(data, {"manifest": manifest, "output.uri": output, **job_overrides(args)}, args.job)
+    where = f"in {args.job}" if args.job else "in a --job file"
+    if not data.get("manifest"):
+        raise UsageError(f"{args.command}: no manifest; give MANIFEST on the command line or `manifest:` {where}")
+    if not _output_uri(data):
+        raise UsageError(f"{args.command}: no output; give OUTPUT on the command line or `output: {{uri: ...}}` "
+                         f"{where}")
+    job = validate_spec(JobSpec, data, source=args.job, flags=flags_as_typed(args))
     return apply_storage_options(job, args.storage_option)
+
+
+def _output_uri(data: dict[str, Any]) -> Any:
+    output = data.get("output")
+    return output.get("uri") if isinstance(output, dict) else output
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from flux_worker.presets import resolve_preset
     from pipeline.manifest import read_manifest
 
-    job = job_from_args(args, None)
+    job = job_from_args(args)
     preset = resolve_preset(job.model.name)
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
@@ -193,7 +198,7 @@ def _print_failure(failure: Any) -> None:
 def cmd_render(args: argparse.Namespace) -> int:
     from pipeline import render
 
-    job = job_from_args(args, args.output)
+    job = job_from_args(args)
     summary = render(job, new_version=args.new_version, allow_non_empty_output=args.allow_non_empty_output,
                      rerender_changed=args.rerender_changed, progress=not args.no_progress)
     print(f"{summary.images_rendered} rendered, {summary.images_already_done} already done, "
@@ -229,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
+    words = [word for word in argv if word not in GLOBAL_FLAGS]
+    if words and words[0] == "plan":  # the planner parses its own flags (flux_worker/memory_plan.py)
         from flux_worker.memory_plan import plan_main
 
-        return plan_main(argv[1:])
+        return plan_main(words[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     from jobs.errors import USER_ERRORS
@@ -263,13 +270,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as error:
         from schemas import row_errors
 
+        _traceback_if(verbose)
         for item in row_errors(error):
             print(f"error: job field {item.field!r}: {item.reason}", file=sys.stderr)
         return 2
     except USER_ERRORS as error:
+        _traceback_if(verbose)
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)  # 1 for a run that failed once under way (NoSpaceLeftError)
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _traceback_if(verbose: bool) -> None:
+    """-v: the traceback of the error being handled, above its one line."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

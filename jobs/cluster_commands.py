@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -41,17 +40,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run `submit` or `schedule`; their errors print as one line and exit 2."""
-    from jobs.schedule import ScheduleError, run_schedule
-    from jobs.submit import SubmitError, submit
+    """Run `submit` or `schedule`; their errors (FluxbatchError) print as one line in `jobs.cli.main`, exit 2."""
+    from jobs.schedule import run_schedule
+    from jobs.submit import submit
 
-    try:
-        if args.command == "submit":
-            return submit(args.spec, args.address, token_file=args.token_file, follow=not args.no_wait,
-                          working_dir=args.working_dir, command=shlex.split(args.command_words or "") or None,
-                          python=args.python, env_names=args.env, excludes=args.exclude,
-                          submission_id=args.submission_id)
-        return run_schedule(args.spec, once=args.once)
-    except (SubmitError, ScheduleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "submit":
+        return submit(args.spec, args.address, token_file=args.token_file, follow=not args.no_wait,
+                      working_dir=args.working_dir, command=shlex.split(args.command_words or "") or None,
+                      python=args.python, env_names=args.env, excludes=args.exclude,
+                      submission_id=args.submission_id)
+    return run_schedule(args.spec, once=args.once)

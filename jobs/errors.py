@@ -13,3 +13,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     PermissionError,
 )
+
+
+class UsageError(FluxbatchError):
+    """A command line that lacks something it needs (MANIFEST, OUTPUT) and no job file gives it."""

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from schemas.errors import FluxbatchError
+from schemas.overrides import read_spec_file
 
 # Never uploaded: environments, caches, and the outputs a local run leaves behind.
 EXCLUDES = [".venv", "venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
@@ -110,9 +109,7 @@ def prepare(spec_file: str | Path, *, working_dir: str | Path | None = None, com
     except ValueError:
         raise SubmitError(f"the spec {spec_file} is not inside the working directory {root}; "
                           "it is uploaded from there, so pass a --working-dir that holds it") from None
-    spec = yaml.safe_load(spec_path.read_text()) or {}
-    if not isinstance(spec, dict):
-        raise SubmitError(f"{spec_file}: a job spec must be a mapping of fields, got {type(spec).__name__}")
+    spec = read_spec_file(spec_file, "spec")
     command = command or command_for(spec)
     args = entrypoint_args(relative, spec, command, python)
     env = {name: os.environ[name] for name in SHIPPED_ENV if os.environ.get(name)}

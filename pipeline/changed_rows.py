@@ -49,7 +49,7 @@ def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table | None:
     """
     columns = ["key", *RENDER_FIELDS]
     tables = []
-    for part in ledger._parts(fs, f"{root}/metadata"):
+    for part in ledger.parts(fs, f"{root}/metadata"):
         table = ledger.read_part(fs, root, part, columns)
         tables.append(table.append_column("part", pa.repeat(pa.scalar(part), table.num_rows)))
     if not tables:
@@ -124,14 +124,14 @@ def drop_superseded(fs: fsspec.AbstractFileSystem, root: str, run_id: str, super
 
     `superseded` holds the committed rows (key, output_format, part) of the keys this run planned again. Only keys
     this run committed anew are dropped (a key that failed keeps its old row and image). Each older part is
-    rewritten whole in one put (ledger.rewrite_part_without), so a crash leaves it old or new, never a key lost;
+    rewritten whole in one put (ledger.rewrite_part), so a crash leaves it old or new, never a key lost;
     until then the reader keeps the newer row. Returns the number of rows dropped.
     """
     from flux_worker.renderer import image_path  # here: the planner imports this module, and torch is slow to load
 
     if not superseded.num_rows:
         return 0
-    ours = [p for p in ledger._parts(fs, f"{root}/metadata") if p.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
+    ours = [p for p in ledger.parts(fs, f"{root}/metadata") if p.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
     if not ours:
         return 0
     new = pa.concat_tables([ledger.read_part(fs, root, p, ["key", "output_format"]) for p in ours])
@@ -139,7 +139,8 @@ def drop_superseded(fs: fsspec.AbstractFileSystem, root: str, run_id: str, super
     dropped = 0
     for part in sorted(set(old.column("part").to_pylist()) - set(ours)):  # never the part holding a new row
         keys = old.filter(pc.equal(old.column("part"), part)).column("key").combine_chunks()
-        dropped += ledger.rewrite_part_without(fs, root, part, keys)
+        superseded = lambda table, keys=keys: pc.is_in(table.column("key"), value_set=keys)  # noqa: E731
+        dropped += ledger.rewrite_part(fs, root, part, superseded)
     # An image whose format changed has a new path; the old file, ours by its name, has no ledger row any more.
     new_format = dict(zip(new.column("key").to_pylist(), new.column("output_format").to_pylist()))
     for key, fmt in zip(old.column("key").to_pylist(), old.column("output_format").to_pylist()):

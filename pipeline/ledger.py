@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flux_worker.presets import PRESETS, local_fingerprint
 from flux_worker.storage import read_bytes, uri, with_retries, write_bytes
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError
@@ -37,7 +39,7 @@ class JobMismatchError(FluxbatchError, ValueError):
     """OUTPUT was made by a job with different render parameters; mixing them would mix images."""
 
 
-def _parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+def parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
     if not with_retries(lambda: fs.exists(folder), f"list {folder}"):
         return []
     found = with_retries(lambda: fs.find(folder), f"list {folder}")
@@ -77,7 +79,7 @@ def read_part(fs: fsspec.AbstractFileSystem, root: str, part: str, columns: list
 def done_keys(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
     """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
     keys: set[str] = set()
-    for part in _parts(fs, f"{root}/metadata"):
+    for part in parts(fs, f"{root}/metadata"):
         keys.update(read_part(fs, root, part, ["key"]).column("key").to_pylist())
     return keys
 
@@ -88,7 +90,7 @@ def read_table(fs: fsspec.AbstractFileSystem, root: str, which: str) -> pa.Table
     The metadata keeps one row per key: the row of the last part in name order. Part names start with the
     run id, a UTC timestamp, so that is the latest commit: a re-rendered key's new row supersedes the old.
     """
-    tables = [signed_seeds(pq.read_table(pa.BufferReader(read_bytes(fs, p)))) for p in _parts(fs, f"{root}/{which}")]
+    tables = [signed_seeds(pq.read_table(pa.BufferReader(read_bytes(fs, p)))) for p in parts(fs, f"{root}/{which}")]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -109,7 +111,7 @@ def first_failures(fs: fsspec.AbstractFileSystem, root: str, rows: int) -> tuple
     a run may have written millions, and only their count and a few are needed to report them."""
     tables: list[pa.Table] = []
     kept = total = 0
-    for part in _parts(fs, f"{root}/failures"):
+    for part in parts(fs, f"{root}/failures"):
         file = pq.ParquetFile(pa.BufferReader(read_bytes(fs, part)))
         total += file.metadata.num_rows
         if kept < rows:
@@ -124,18 +126,18 @@ def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_versio
     A first run writes OUTPUT/_job.json. A job matching no recorded version is refused with what differs,
     or, with `new_version`, gets the next OUTPUT/_versions/<n>/ so no image of another version is touched.
     """
-    identity = job.identity()
+    identity = job_identity(job)
     if not with_retries(lambda: fs.exists(f"{root}/{JOB_FILE}"), f"stat {root}/{JOB_FILE}"):
         _write_job(fs, root, job, version=1)
         return root
-    versions = [(1, root)] + _versions(fs, root)
+    recorded_versions = [(1, root)] + versions(fs, root)
     differences: list[str] = []
-    for _, folder in versions:
-        recorded = json.loads(read_bytes(fs, f"{folder}/{JOB_FILE}")).get("identity", {})
+    for _, folder in recorded_versions:
+        recorded = recorded_identity(fs, folder)
         differences = _differences(recorded, identity)
         if not differences:
             return folder
-    latest, folder = versions[-1]
+    latest, folder = recorded_versions[-1]
     if not new_version:
         which = root if latest == 1 else f"{root} (latest version: {folder})"
         raise JobMismatchError(
@@ -150,7 +152,52 @@ def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_versio
     return folder
 
 
-def _versions(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, str]]:
+class CorruptJobFileError(FluxbatchError, ValueError):
+    """`_job.json` is not the JSON record fluxbatch writes: which job made OUTPUT is unknown."""
+
+
+def job_identity(job: JobSpec) -> dict[str, Any]:
+    """What `_job.json` records and a re-run must match: `JobSpec.identity()`, a local model named by its
+    fingerprint (presets.local_fingerprint), so `./tiny`, `/abs/tiny` and `/abs/tiny/` are one job, and a
+    folder rebuilt with other weights is another."""
+    identity = job.identity()
+    identity["model"] = _model_by_content(identity["model"])
+    return identity
+
+
+def _model_by_content(model: dict[str, Any]) -> dict[str, Any]:
+    """`model` with a local folder's path replaced by the folder's fingerprint; a preset or hub id as it is."""
+    name = model.get("name")
+    if not isinstance(name, str) or name in PRESETS or not Path(name).expanduser().is_dir():
+        return model
+    return {**model, "name": local_fingerprint(Path(name).expanduser())}
+
+
+def recorded_identity(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
+    """The identity `folder/_job.json` recorded; CorruptJobFileError naming the file when it is not one.
+
+    A file written before fingerprints recorded a local model by its path: that path, if it is still a
+    folder here, compares by its fingerprint now, so those OUTPUTs resume as before.
+    """
+    path = f"{folder}/{JOB_FILE}"
+    data = read_bytes(fs, path)
+    try:
+        document = json.loads(data)
+        identity = document.get("identity", {}) if isinstance(document, dict) else None
+    except ValueError as error:  # also bytes that are not UTF-8
+        reason = f"not JSON: {str(error).splitlines()[0]}" if data.strip() else "empty"
+    else:
+        if isinstance(identity, dict) and isinstance(identity.get("model", {}), dict):
+            if "model" in identity:
+                identity = {**identity, "model": _model_by_content(identity["model"])}
+            return identity
+        reason = "not the job record fluxbatch writes"
+    raise CorruptJobFileError(
+        f"{uri(fs, path)} is {reason}, so which job made this OUTPUT is unknown: restore the file from a backup, "
+        "or render into a new OUTPUT")
+
+
+def versions(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, str]]:
     """The recorded versions after the first, oldest first: OUTPUT/_versions/<n> holding a `_job.json`."""
     base = f"{root}/{VERSIONS}"
     if not with_retries(lambda: fs.exists(base), f"stat {base}"):
@@ -167,7 +214,7 @@ def _versions(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, str]]
 
 def _write_job(fs: fsspec.AbstractFileSystem, folder: str, job: JobSpec, version: int) -> None:
     document = {
-        "identity": job.identity(),
+        "identity": job_identity(job),
         "job": job.model_dump(mode="json"),  # storage options are excluded by the schema
         "version": version,
         "written_at": datetime.now(timezone.utc).isoformat(),
@@ -191,7 +238,7 @@ def remove_failures_of_other_runs(fs: fsspec.AbstractFileSystem, root: str, run_
     before its end removes nothing, and failures/ then holds the earlier run's parts beside this run's.
     """
     removed = 0
-    for part in _parts(fs, f"{root}/failures"):
+    for part in parts(fs, f"{root}/failures"):
         name = part.rsplit("/", 1)[-1]
         if name.startswith("part-") and not name.startswith(f"part-{run_id}-"):
             with_retries(lambda p=part: fs.rm_file(p), f"remove {part}")
@@ -199,7 +246,7 @@ def remove_failures_of_other_runs(fs: fsspec.AbstractFileSystem, root: str, run_
     return removed
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
@@ -237,24 +284,27 @@ class FailureWriter:
             return
         table = pa.Table.from_pylist(self._pending, schema=FAILURE_SCHEMA)
         path = f"{self.root}/failures/part-{self.run_id}-{self.stage}-{self._seq:05d}.parquet"
-        write_bytes(self.fs, path, _parquet_bytes(table))
+        write_bytes(self.fs, path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
         self._pending = []
 
 
-def rewrite_part_without(fs: fsspec.AbstractFileSystem, root: str, part: str, keys: pa.Array) -> int:
-    """Rewrite a metadata part without the rows of `keys` (superseded by a later part); returns rows removed.
+def rewrite_part(fs: fsspec.AbstractFileSystem, root: str, part: str,
+                 drop: Callable[[pa.Table], pa.Array]) -> int:
+    """Rewrite a metadata part without the rows `drop(table)` marks; returns the rows removed.
 
-    In place and whole: one put on object stores, write-then-rename on local disk, so a crash leaves the old
-    part (the reader keeps the later row meanwhile) or the new one, never a key lost. An emptied part is removed.
+    The one way rows leave the ledger (superseded rows of changed prompts, `fluxbatch verify --repair`). In place
+    and whole: one put on object stores, write-then-rename on local disk, so a crash leaves the old part or the
+    new one, never a key lost, and the part keeps its name, so name order stays commit order. An emptied part
+    is removed.
     """
     table = read_part(fs, root, part)
-    kept = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=keys)))
+    kept = table.filter(pc.invert(drop(table)))
     if kept.num_rows == table.num_rows:
         return 0
     if kept.num_rows:
-        write_bytes(fs, part, _parquet_bytes(kept))
+        write_bytes(fs, part, parquet_bytes(kept))
     else:
         with_retries(lambda: fs.rm_file(part), f"remove {part}")
     return table.num_rows - kept.num_rows
@@ -290,7 +340,7 @@ class MetadataWriter:
             self.before_commit()
         table = pa.concat_tables(self._pending)
         path = f"{self.root}/metadata/part-{self.run_id}-{self._seq:05d}.parquet"
-        write_bytes(self.fs, path, _parquet_bytes(table))
+        write_bytes(self.fs, path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
         self._pending, self._pending_rows = [], 0

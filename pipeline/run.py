@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -25,17 +26,18 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from flux_worker.presets import ModelPreset, resolve_preset
+from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.renderer import Renderer
 from flux_worker.storage import NoSpaceLeftError, credential_options, filesystem, storage_env, uri
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, replica_stage, resolve_gpus_per_replica
-from pipeline import changed_rows, lease, ledger, ownership, run_records
+from pipeline import changed_rows, lease, ledger, ownership, preflight, resources, run_records
 from pipeline.lost_batches import DroppedBatchErrors, lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.metrics import DriverMetrics, FailureCounts
 from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
-from pipeline.ray_auth import keep_token_auth
+from pipeline.ray_auth import keep_token_auth, starts_local_cluster
+from pipeline.ray_session import RaySession, connect, quiet_ray_data, verbose
 from schemas import FailureRecord, JobSpec, ModelSpec, RunSummary
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,21 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
     Rows edited since their images were committed are refused unless `rerender_changed` (pipeline/changed_rows.py).
     """
     started = time.monotonic()
-    preset = resolve_preset(job.model.name)
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     job = writing_to(job, uri(fs, root))  # absolute: see model_for_workers
+    # Model, adapters, manifest files, OUTPUT reachable, ours and writable: a mistake is one line, before anything
+    # is written (no _job.json recording a job that never ran) and before Ray starts (pipeline/preflight.py).
+    preset = preflight.check(job, allow_non_empty_output)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
-                         started_at=datetime.now(timezone.utc))
+                         model_revision=model_revision(preset, job.model), started_at=datetime.now(timezone.utc))
 
-    ownership.refuse_foreign_output(fs, root, allow_non_empty_output)  # before anything is written
+    # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
+    # grow could hold is refused here in one line (pipeline/resources.py), OUTPUT untouched, no actor started.
+    # The price: a re-run with nothing left to render starts Ray too.
+    session = _ensure_ray(job)
+    ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
+    resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
     with ExitStack() as leases:
         # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
         # refused (LeaseHeldError, naming the holder) having written nothing.
@@ -68,11 +77,12 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
             root, summary.output = version_root, job.output.uri
             output_lease, held = held, leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
             output_lease.release()  # OUTPUT's lease guarded the choice of version folder only
-        return _render_held(job, preset, fs, root, summary, held, progress, started, rerender_changed)
+        return _render_held(job, preset, fs, root, summary, held, progress, started, session, ask, rerender_changed)
 
 
 def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary: RunSummary, held: lease.Lease,
-                 progress: bool, started: float, rerender_changed: bool = False) -> RunSummary:
+                 progress: bool, started: float, session: RaySession, ask: resources.ReplicaAsk,
+                 rerender_changed: bool = False) -> RunSummary:
     """The rest of `render`, run while this driver holds the lease on `root` (OUTPUT or its version folder)."""
     run_id, seconds = summary.run_id, {}
     # The cheap half of `fluxbatch verify`, before this run deletes or writes anything: an unreadable part
@@ -109,10 +119,11 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     if plan.table.num_rows:
         writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields, seconds=job.commit_seconds,
                                        before_commit=held.check)
-        _ensure_ray(job)
+        print(session.start_line(), file=sys.stderr)  # where to watch the run: dashboard and metrics
         metrics = DriverMetrics(job.output.uri)
         metrics.count_reasons(manifest.failures.by_reason)
-        render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics)
+        render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics, ask,
+                                       session.can_grow)
         writer.flush()
         rendered = writer.written
         failures_by_reason.update(render_failures.by_reason)
@@ -146,17 +157,18 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # left those in place, beside its own).
     ledger.remove_failures_of_other_runs(fs, root, run_id)
     run_records.write(fs, root, summary)
+    if session.started_here and plan.table.num_rows:
+        # This process's cluster stops with it: its metrics endpoint must show the run's last values first.
+        metrics.wait_until_exported(session.metrics_url)
     return summary
 
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,
-                 progress: bool, metrics: DriverMetrics) -> FailureCounts:
+                 progress: bool, metrics: DriverMetrics, ask: resources.ReplicaAsk, can_grow: bool) -> FailureCounts:
     """Stream the plan through the actor pool (Ray already started); commit finished images, stream failed ones
     to the failure parts; returns their counts."""
-    gpus = resolve_gpus_per_replica(job)  # "auto": the memory planner picks the tensor-parallel degree
+    gpus = ask.gpus  # "auto" already resolved: the memory planner picked the tensor-parallel degree
     on_gpu = gpus > 0
-    cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    threads = job.cpus_per_replica or max(1, cores // job.replicas)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours below shows images/s and ETA
     context.print_on_execution_start = False
@@ -169,15 +181,15 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
         # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
         "storage_options": {**credential_options(job.output.uri), **job.output.storage_options},
         "batch_invariant": job.batch_invariant,
-        "threads": None if on_gpu and not job.cpus_per_replica else threads,
+        "threads": None if on_gpu and not job.cpus_per_replica else ask.threads,
         "max_retries": job.max_retries,
         "jpeg_quality": job.output.jpeg_quality,
         "webp_quality": job.output.webp_quality,
     }
-    resources = {"num_gpus": gpus if on_gpu else None, "num_cpus": job.cpus_per_replica or (1 if on_gpu else threads)}
+    actor = ask.actor_resources()
     if gpus > 1:
         # One pool member per tensor-parallel group; its rank actors hold the GPUs (flux_worker/tensor_parallel.py).
-        stage, kwargs, resources = replica_stage(job, int(gpus), kwargs)
+        stage, kwargs, actor = replica_stage(job, int(gpus), kwargs)
 
     def dataset(blocks: list[pa.Table], in_flight: int | None = None) -> ray.data.Dataset:
         with warnings.catch_warnings():
@@ -191,7 +203,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=min(job.replicas, len(blocks)),
                                                    max_tasks_in_flight_per_actor=in_flight),
-                **resources,
+                **actor,
                 # A lost actor is replaced and its batch re-run, at most max_renderer_deaths times
                 # (lost_batches.py).
                 max_restarts=-1,
@@ -216,8 +228,13 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
     dropped = DroppedBatchErrors.install()
     metrics.set_pending(plan.num_rows)
+    quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
+    quiet.enter_context(quiet_ray_data())
+    notice = quiet.enter_context(resources.PendingNotice(ask)) if can_grow else None
     try:
         for batch in results():
+            if notice:
+                notice.started()
             # A batch retried after a lost actor may come back twice; the ledger keeps each key once.
             keys = batch.column("key").to_pylist()
             if any(key in seen for key in keys):  # per-key set lookups: a run can return millions of keys
@@ -242,6 +259,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             if full:  # every later image would fail the same way: stop in one line (exit 1), not one by one
                 raise NoSpaceLeftError(full.removeprefix(DISK_FULL))
     finally:
+        quiet.close()
         dropped.remove()
         bar.close()
         try:
@@ -298,7 +316,8 @@ def model_for_workers(model: ModelSpec) -> dict[str, Any]:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers: the storage settings, and quiet library imports."""
-    return {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", **storage_env()}
+    quiet = {} if verbose() else {"TRANSFORMERS_VERBOSITY": "error"}  # -v: transformers' warnings as they are
+    return {**quiet, "TOKENIZERS_PARALLELISM": "false", **storage_env()}
 
 
 def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
@@ -313,22 +332,18 @@ def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name not in job_env}
 
 
-def _ensure_ray(job: JobSpec) -> None:
-    """Join the job's Ray cluster, or start a local one; storage settings travel to every worker.
+def _ensure_ray(job: JobSpec) -> RaySession:
+    """Join the job's Ray cluster, or start a local one, quietly (pipeline/ray_session.py); storage settings
+    travel to every worker.
 
     Without `--ray-address` (or `RAY_ADDRESS`, which Ray Jobs sets for a submitted driver) fluxbatch starts
     its own local cluster rather than joining whatever `ray start` left on the machine: joining a cluster is
-    asked for by name (`--ray-address auto`).
+    asked for by name (`--ray-address auto`). Only a joined cluster may grow (an autoscaler); the job's
+    address decides, also when the caller initialized Ray already.
     """
-    if ray.is_initialized():
-        return
     address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    keep_token_auth(address)
-    ray.init(
-        address=address,
-        runtime_env={"env_vars": env_not_set_by_job(worker_env())},
-        log_to_driver=os.environ.get("FLUXBATCH_WORKER_LOGS", "1") != "0",
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    if not ray.is_initialized():
+        keep_token_auth(address)
+    return connect(address, {"env_vars": env_not_set_by_job(worker_env())},
+                   can_grow=not starts_local_cluster(address))
 

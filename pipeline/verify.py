@@ -20,8 +20,8 @@ relative to OUTPUT.
 - a row whose image is missing or has other bytes is dropped (the key renders again), and the altered image
   is moved aside;
 - orphan images are moved aside.
-A part that loses rows is written again, without them, as a new part before the old one is moved aside:
-a crash in between leaves a key twice (the next verify removes it), never a key lost.
+A part that loses rows is copied aside as it was, then rewritten in place without them (`ledger.rewrite_part`,
+whole or not at all): a crash leaves the old part or the new one, never a key lost.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from flux_worker.storage import filesystem, protocol_of, read_bytes, uri, with_retries, write_bytes
+from flux_worker.storage import filesystem, protocol_of, read_bytes, uri, with_retries
 from pipeline import ledger
 from pipeline.lease import hold
 from schemas.errors import FluxbatchError
@@ -113,7 +113,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     fs, root = filesystem(url, storage_options)
     if not with_retries(lambda: fs.exists(f"{root}/{ledger.JOB_FILE}"), f"stat {root}/{ledger.JOB_FILE}"):
         raise NotAnOutputError(f"{uri(fs, root)} is not a fluxbatch OUTPUT (no {ledger.JOB_FILE}); nothing checked")
-    folders = [root] + [folder for _, folder in ledger._versions(fs, root)]
+    folders = [root] + [folder for _, folder in ledger.versions(fs, root)]
     result = Verification(output=uri(fs, root), checks=[], fs=fs)
     if not repair:
         result.checks = [check_folder(fs, folder) for folder in folders]
@@ -123,7 +123,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     for folder in folders:
         with hold(fs, folder, repair_id):  # no driver commits or writes images here meanwhile
             check = check_folder(fs, folder)
-            result.moved += repair_folder(fs, root, check, result.quarantine, repair_id)
+            result.moved += repair_folder(fs, root, check, result.quarantine)
         result.checks.append(check)
     return result
 
@@ -132,7 +132,7 @@ def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
     """Every check on one ledger folder; reads every part and every image once."""
     check = FolderCheck(folder=folder)
     columns: dict[str, dict[str, list]] = {}  # part -> column -> values, parts in name order
-    for part in ledger._parts(fs, f"{folder}/metadata"):
+    for part in ledger.parts(fs, f"{folder}/metadata"):
         check.parts += 1
         try:
             table = ledger.read_part(fs, folder, part, COLUMNS)
@@ -184,21 +184,18 @@ def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
     return check
 
 
-def repair_folder(fs: fsspec.AbstractFileSystem, root: str, check: FolderCheck, quarantine: str,
-                  repair_id: str) -> int:
+def repair_folder(fs: fsspec.AbstractFileSystem, root: str, check: FolderCheck, quarantine: str) -> int:
     """Put one folder right (see the module docstring); the caller holds its lease. Returns the files moved."""
     moved = list(check.unreadable)
     for part in moved:
         _move_aside(fs, root, quarantine, part)
-    for seq, (part, rows) in enumerate(sorted(check.drop.items())):
+    for part, rows in sorted(check.drop.items()):
         if not rows:
             continue
-        table = ledger.read_part(fs, check.folder, part)  # every column: the new part carries the whole rows
-        kept = table.filter(pa.array([index not in rows for index in range(table.num_rows)]))
-        if kept.num_rows:  # first the new part, then the old one aside: a crash never loses a key
-            new_part = f"{check.folder}/metadata/part-{repair_id}-{seq:05d}.parquet"
-            write_bytes(fs, new_part, ledger._parquet_bytes(kept))
-        _move_aside(fs, root, quarantine, part)
+        # The part as it was goes aside first (repair deletes nothing outright), then loses those rows in place.
+        _copy_aside(fs, root, quarantine, part)
+        ledger.rewrite_part(fs, check.folder, part,
+                            lambda table, rows=rows: pa.array([index in rows for index in range(table.num_rows)]))
         moved.append(part)
     for path in [path for path, _ in check.altered.values()] + check.orphans:
         _move_aside(fs, root, quarantine, path)
@@ -221,6 +218,14 @@ def _move_aside(fs: fsspec.AbstractFileSystem, root: str, quarantine: str, path:
     if protocol_of(fs) in ("file", "local"):
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
     with_retries(lambda: fs.mv(path, target), f"move {path} to {target}")
+
+
+def _copy_aside(fs: fsspec.AbstractFileSystem, root: str, quarantine: str, path: str) -> None:
+    """Copy `path` to the same path under `quarantine`, keeping the original where it is."""
+    target = f"{quarantine}/{path[len(root) + 1:]}"
+    if protocol_of(fs) in ("file", "local"):
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    with_retries(lambda: fs.copy(path, target), f"copy {path} to {target}")
 
 
 def _folder_report(fs: fsspec.AbstractFileSystem, check: FolderCheck) -> list[str]:

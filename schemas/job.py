@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.overrides import load_spec_file
+from schemas.overrides import load_spec
 from schemas.request import OutputFormat
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -27,7 +27,8 @@ class ModelSpec(BaseModel):
     dtype: Dtype = Field(default="auto", description="auto: bf16 on GPUs, fp32 on CPU")
     # Rows refer to adapters by these names, so a manifest can never point the workers at a file.
     adapters: dict[str, str] = Field(default_factory=dict, description="adapter name -> safetensors path")
-    max_sequence_length: int | None = Field(default=None, ge=16, le=512)
+    max_sequence_length: int | None = Field(
+        default=None, ge=16, le=512, description="prompt tokens the T5 encoder reads (default: the preset's)")
     # GPU fast path (flux_worker/fast_path.py); each trades something, see benchmarks/README.md.
     compile: bool = Field(default=False, description="torch.compile the transformer's repeated blocks (regional)")
     fuse_qkv: bool = Field(default=False, description="fuse the attention Q, K and V projections into one matmul")
@@ -53,11 +54,11 @@ class RenderDefaults(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    output_format: OutputFormat = OutputFormat.png
+    width: int | None = Field(default=None, description="width for rows that give none (default: the preset's)")
+    height: int | None = Field(default=None, description="height for rows that give none (default: the preset's)")
+    steps: int | None = Field(default=None, description="steps for rows that give none (default: the preset's)")
+    guidance: float | None = Field(default=None, description="guidance for rows that give none (default: the preset's)")
+    output_format: OutputFormat = Field(default=OutputFormat.png, description="image format for rows that give none")
 
 
 class OutputSpec(BaseModel):
@@ -66,8 +67,8 @@ class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     uri: str = Field(description="any fsspec URL: a local folder, s3://bucket/prefix ...")
-    jpeg_quality: int = Field(default=95, ge=1, le=100)
-    webp_quality: int = Field(default=95, ge=1, le=100)
+    jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality, 1-100")
+    webp_quality: int = Field(default=95, ge=1, le=100, description="WebP quality, 1-100")
     # Images are always written as files by the renderers (the ledger relies on it); a packed layout is
     # built from those files and the metadata after the render (pipeline/writers.py), so resume still works.
     layout: Literal["files", "webdataset", "hf-parquet"] = Field(
@@ -89,14 +90,15 @@ class JobSpec(BaseModel):
     output: OutputSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     defaults: RenderDefaults = Field(default_factory=RenderDefaults)
-    replicas: int = Field(default=1, ge=1, le=4096)
-    batch_size: int = Field(default=4, ge=1, le=256)
+    replicas: int = Field(default=1, ge=1, le=4096, description="renderer actors: the size of the pool")
+    batch_size: int = Field(default=4, ge=1, le=256, description="images per batch sent to a replica")
     gpus_per_replica: float | Literal["auto"] = Field(
         default=0.0,
         description="0 renders on CPU; a fraction shares a GPU; 2 or more (a whole number) shards the transformer "
         "over a tensor-parallel group on one node; auto asks the memory planner",
     )
-    cpus_per_replica: int | None = Field(default=None, ge=1, description="default: all cores / replicas")
+    cpus_per_replica: int | None = Field(
+        default=None, ge=1, description="CPU cores per replica (default: all cores / replicas)")
     max_retries: int = Field(default=3, ge=0, le=100, description="tries per image after the first")
     max_renderer_deaths: int = Field(
         default=3, ge=0, le=100,
@@ -117,9 +119,9 @@ class JobSpec(BaseModel):
     batch_invariant: bool = Field(
         default=True,
         description="render each image alone through the transformer, so its bytes never depend on its "
-        "batch-mates; False batches same-shape images for throughput (last-bit differences)",
+        "batch-mates; off (false) batches same-shape images for throughput (last-bit differences)",
     )
-    ray_address: str | None = Field(default=None, description="None starts or joins a local Ray")
+    ray_address: str | None = Field(default=None, description="Ray cluster to join; unset starts or joins a local one")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
     )
@@ -152,8 +154,7 @@ class JobSpec(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobSpec:
         """Load a job from YAML; `overrides` are dotted keys (`model.name`) that win over the file."""
-        data = load_spec_file(path, "job", overrides)
-        return cls.model_validate(data)
+        return load_spec(cls, path, "job", overrides)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.job import JobSpec, ModelSpec, OutputSpec, RenderDefaults
-from schemas.overrides import load_spec_file
+from schemas.overrides import load_spec
 from schemas.request import row_errors
 
 
@@ -72,5 +72,4 @@ class JobTemplate(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
         """Load a spec from YAML; `overrides` are dotted keys (`output.uri`) that win over the file."""
-        data = load_spec_file(path, "spec", overrides)
-        return cls.model_validate(data)
+        return load_spec(cls, path, "spec", overrides)

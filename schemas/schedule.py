@@ -18,8 +18,9 @@ import re
 import shlex
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.overrides import load_spec
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -97,7 +98,4 @@ class ScheduleSpec(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> ScheduleSpec:
         """Load a schedule from YAML."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a schedule must be a mapping with a 'jobs' list, got {type(data).__name__}")
-        return cls.model_validate(data)
+        return load_spec(cls, path, "schedule")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 
 class RunSummary(BaseModel):
@@ -29,11 +29,13 @@ class RunSummary(BaseModel):
     started_at: datetime
     finished_at: datetime | None = None
 
+    @computed_field  # in summary.json and _SUCCESS, so a sensor reading _SUCCESS knows the outcome
     @property
     def complete(self) -> bool:
         """Every expected image exists."""
         return self.images_total_done == self.images_expected
 
+    @computed_field
     @property
     def succeeded(self) -> bool:
         """`fluxbatch render` exits 0 (README, "Exit codes"): some row was valid, no row was invalid, and

@@ -168,8 +168,13 @@ def test_success_marker_is_removed_when_a_run_starts_so_a_run_that_fails_leaves_
     render(job, progress=False)
     assert (out / "_SUCCESS").exists()
     manifest.unlink()
+    with pytest.raises(FluxbatchError):  # refused by the pre-flight: the run never starts, OUTPUT is as it was
+        render(job, progress=False)
+    assert (out / "_SUCCESS").exists()
 
-    with pytest.raises((FluxbatchError, FileNotFoundError)):
+    # Edited rows are refused once the run has started (it reads the ledger under its lease to find them).
+    write_manifest(manifest, [{**row, "prompt": row["prompt"] + ", edited"} for row in ROWS])
+    with pytest.raises(FluxbatchError):
         render(job, progress=False)
 
     assert not (out / "_SUCCESS").exists(), "_SUCCESS still claims a finished OUTPUT after a run that failed"

@@ -1,0 +1,128 @@
+"""Which weights fluxbatch loads: safetensors only, in a pipeline of a class it renders with.
+
+Pickle checkpoints (.bin, .pt, .ckpt ...) can run code when loaded, so they are refused. These checks import
+neither torch nor diffusers: the driver runs them before `_job.json` is written or any actor starts
+(pipeline/preflight.py), and each actor runs them again before it loads (flux_worker/loading.py), since a
+worker of a joined cluster may see other files than the driver did.
+
+Adapters have no list of allowed folders: a job names each by a local path (manifest rows name adapters, never
+files), and the job is written by the person who runs it, with their rights. What is allowed is decided by
+content: a regular file (no device, FIFO or /proc entry), named *.safetensors, whose header parses as a
+safetensors header. So `/etc/passwd`, a renamed pickle or a truncated download is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from schemas.errors import FluxbatchError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# The pipeline classes flux_worker/loading.py renders with (it loads every model through FluxPipeline);
+# tests/test_preflight.py checks the two agree.
+PIPELINE_CLASSES = ("FluxPipeline",)
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own bound on its JSON header
+
+
+class UnsafeWeightsError(FluxbatchError, ValueError):
+    """Weights in a pickle-based format (which can run code when loaded), or a file that is no safetensors file."""
+
+
+class UnloadableModelError(FluxbatchError, ValueError):
+    """A local model folder fluxbatch cannot load: no diffusers pipeline of a class it renders with, or no weights."""
+
+
+class AdapterNotFoundError(FluxbatchError, FileNotFoundError):
+    """An adapter named in the job has no file at its path."""
+
+
+def refuse_pickle(path: str | Path) -> None:
+    """Raise if a local model folder or adapter file holds pickle weights without safetensors beside them."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    safe = {p.parent for p in files if p.suffix == ".safetensors"}
+    unsafe = [p for p in pickled if p.parent not in safe]
+    if unsafe:
+        raise UnsafeWeightsError(
+            f"{unsafe[0]} is a pickle-format checkpoint; fluxbatch loads safetensors only. "
+            "Convert it (e.g. `safetensors.torch.save_file(torch.load(..., weights_only=True), ...)`)"
+        )
+
+
+def check_model_folder(folder: str | Path) -> None:
+    """Raise unless `folder` holds a diffusers pipeline of a supported class with safetensors weights."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UnloadableModelError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+                                   "build one with `fluxbatch model build PATH` or give a preset name")
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise UnloadableModelError(f"{index} is not readable JSON ({error}); the folder is not a loadable "
+                                   "pipeline") from None
+    kind = components.get("_class_name") if isinstance(components, dict) else None
+    if kind not in PIPELINE_CLASSES:
+        raise UnloadableModelError(f"{index} names the pipeline class {kind!r}; fluxbatch renders with "
+                                   f"{', '.join(PIPELINE_CLASSES)} pipelines only")
+    refuse_pickle(folder)
+    for name, entry in components.items():
+        if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
+            continue  # "_class_name", "_diffusers_version"; [null, null] is an optional component left out
+        part = folder / name
+        if not part.is_dir():
+            raise UnloadableModelError(f"{index} lists the component {name!r}, but there is no folder {part}")
+        # A model component (it has a config.json; schedulers and tokenizers do not) needs its weights.
+        if (part / "config.json").is_file() and not any(part.glob("*.safetensors")):
+            raise UnloadableModelError(f"{part} holds no .safetensors weights; fluxbatch loads safetensors only")
+
+
+def check_adapter(name: str, path: str) -> Path:
+    """The adapter file at `path`, or one line saying why it is not a readable safetensors file."""
+    file = Path(path).expanduser()
+    if file.suffix != ".safetensors":
+        raise UnsafeWeightsError(f"adapter {name!r}: {path} is not a .safetensors file; fluxbatch loads no pickles")
+    try:
+        mode = os.stat(file).st_mode
+    except FileNotFoundError:
+        raise AdapterNotFoundError(f"adapter {name!r}: no file at {path}") from None
+    except OSError as error:
+        raise UnsafeWeightsError(f"adapter {name!r}: cannot read {path}: {error.strerror}") from None
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise UnsafeWeightsError(f"adapter {name!r}: {path} is not a regular file")
+    try:
+        reason = _safetensors_header_problem(file)
+    except OSError as error:
+        raise UnsafeWeightsError(f"adapter {name!r}: cannot read {path}: {error.strerror}") from None
+    if reason:
+        raise UnsafeWeightsError(f"adapter {name!r}: {path} is not a safetensors file ({reason})")
+    return file
+
+
+def _safetensors_header_problem(file: Path) -> str | None:
+    """Why `file` does not start like a safetensors file (8-byte little-endian length, then a JSON table of
+    tensors whose data lies inside the file), or None when it does."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            return "its first 8 bytes are not the length of a header inside the file"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a table of tensors"
+    data = size - 8 - length
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data):
+            return f"tensor {tensor!r} has no data offsets inside the file (truncated?)"
+    return None

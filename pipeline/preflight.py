@@ -1,0 +1,72 @@
+"""Pre-flight: what a render checks on the driver before it writes anything to OUTPUT or starts Ray.
+
+A mistake found here is one line (a FluxbatchError, exit 2) within seconds, and OUTPUT is left as it was:
+no `_job.json` records a job that never ran, so the corrected run is not refused as another job. In order:
+
+1. the model resolves: a preset, a local folder holding a safetensors pipeline of a class fluxbatch renders
+   with (flux_worker/weights.py), or a hub id in the local cache or known to the hub (flux_worker/hub.py);
+2. every adapter is a readable safetensors file (flux_worker/weights.py: what "allowed" means for adapters);
+3. the manifest names Parquet files (listed only; the run reads and validates them under its lease);
+4. OUTPUT can be reached, holds nothing foreign (pipeline/ownership.py), and can be written: a probe file,
+   named as fluxbatch's own temp files so that a run killed in between has it swept, is written and deleted.
+
+Storage is asked with botocore's retries capped (storage.probe_options), so an endpoint nobody listens on is
+reported in seconds; the run's own requests keep their retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+from flux_worker.hub import check_hub_model
+from flux_worker.presets import ModelPreset, resolve_preset
+from flux_worker.storage import TMP_MARK, StorageError, filesystem, probe_options, uri, with_retries, write_bytes
+from flux_worker.weights import check_adapter, check_model_folder
+from pipeline import ledger, ownership
+from pipeline.manifest import list_manifest_files
+from schemas import JobSpec, ModelSpec
+
+PROBE_NAME = "_write-test"  # + TMP_MARK + pid + 8 hex: a temp name, swept by ownership.remove_partial_files
+
+
+def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
+    """Raise the first mistake found in `job` as one FluxbatchError; returns the model's preset."""
+    preset = check_model(job.model)
+    list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
+    check_output(job, allow_non_empty_output)
+    return preset
+
+
+def check_model(model: ModelSpec) -> ModelPreset:
+    """The model's preset, once its weights are known to be loadable from where the workers will look."""
+    preset = resolve_preset(model.name)  # an unknown preset name: "did you mean" (presets.did_you_mean)
+    if Path(preset.source).expanduser().is_dir():
+        check_model_folder(preset.source)
+    else:
+        check_hub_model(preset.source, model.revision)
+    for name, path in model.adapters.items():
+        check_adapter(name, path)
+    return preset
+
+
+def check_output(job: JobSpec, allow_non_empty_output: bool = False) -> None:
+    """OUTPUT answers, is empty or fluxbatch's (ownership.refuse_foreign_output), and takes a write and a delete."""
+    fs, root = filesystem(job.output.uri, probe_options(job.output.uri, job.output.storage_options))
+    where = uri(fs, root)
+    # The first request, named as the user wrote OUTPUT: no credentials, an endpoint down or a read refused are
+    # reported as reading OUTPUT, not as some file inside it.
+    with_retries(lambda: fs.exists(root), f"read {where}", tries=1)
+    ownership.refuse_foreign_output(fs, root, allow_non_empty_output)
+    for _, folder in [(1, root), *ledger.versions(fs, root)]:
+        if with_retries(lambda f=folder: fs.exists(f"{f}/{ledger.JOB_FILE}"), f"read {uri(fs, folder)}"):
+            ledger.recorded_identity(fs, folder)  # CorruptJobFileError naming a _job.json that is not one
+    probe = f"{root}/{PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
+    try:
+        write_bytes(fs, probe, b"")
+    except StorageError as error:
+        raise StorageError(f"OUTPUT {where} cannot be written: {error}") from error
+    with contextlib.suppress(FileNotFoundError):  # a run holding OUTPUT's lease may have swept it already
+        with_retries(lambda: fs.rm_file(probe), f"remove {uri(fs, probe)}", tries=1)

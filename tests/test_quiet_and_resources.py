@@ -1,0 +1,223 @@
+"""Resources no node has are refused at once on a cluster that cannot grow, and said to be pending on one
+that may; a run prints its start line (dashboard, metrics endpoint), its progress and its summary, and
+nothing from Ray or the libraries under it unless `-v`; its last metric values reach the endpoint before
+the local cluster it started stops."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from pipeline.metrics import scrape
+from tests.conftest import write_manifest
+from tests.helpers import session_cluster_env
+from tests.own_ray import REPO, OwnRay
+from tests.test_cli import call_cli
+
+START_LINE = re.compile(r"^fluxbatch: local Ray cluster \(1 node, \d+ CPUs, \d+ GPUs\); "
+                        r"dashboard (?P<dashboard>\S+); metrics (?P<metrics>http://\S+:\d+/metrics)$")
+# Progress bar frames (tqdm redraws the line with \r): fluxbatch's own, "render: 50%|..."
+PROGRESS = re.compile(r"^render: +\d+%\|")
+
+
+def tiny_manifest(tmp_path):
+    return write_manifest(tmp_path / "m.parquet", [
+        {"id": "cat", "prompt": "a red cat", "width": 64, "height": 64, "steps": 2},
+        {"id": "dog", "prompt": "a blue dog", "width": 64, "height": 64, "steps": 2},
+    ])
+
+
+# --- a cluster that cannot grow: refused in one line -------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--cpus-per-replica", "64", "asks for 64 CPUs per replica"),  # the session cluster has 4 CPUs
+    ("--gpus-per-replica", "8", "asks for 8 GPUs and 8 CPUs per replica"),  # ... and 4 (fake) GPUs
+])
+def test_more_per_replica_than_the_local_cluster_has_is_refused_at_once_in_one_line(
+        flag, value, named, tmp_path, tiny_model, ray_cluster, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's own cluster, which never grows
+    out = tmp_path / "out"
+    began = time.monotonic()
+
+    result = call_cli(capsys, "render", str(tiny_manifest(tmp_path)), str(out), "--model", str(tiny_model),
+                      flag, value, "--no-progress")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"error: {flag} {named}, but no node has that: the cluster has 4 GPUs and 4 CPUs")
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - began < 60
+    # Refused before anything was written, so before any renderer actor could start (they start after _job.json).
+    assert not out.exists() or not any(out.iterdir())
+
+
+TWO_NODES = textwrap.dedent("""
+    import json
+    import ray
+    from ray.cluster_utils import Cluster
+    from pipeline import resources
+    from schemas import JobSpec
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+    cluster.wait_for_nodes()
+    nodes = resources.alive_nodes()
+    out = {"total_gpus": ray.cluster_resources().get("GPU")}
+    for degree in (2, 4):
+        job = JobSpec(manifest="m.parquet", output={"uri": "out"}, gpus_per_replica=degree)
+        ask = resources.replica_ask(job, float(degree), 4)
+        try:
+            resources.check_fits(ask, nodes, can_grow=False)
+            out[degree] = "fits"
+        except resources.ClusterTooSmallError as error:
+            out[degree] = str(error)
+    print("RESULT" + json.dumps(out))
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_group_larger_than_every_node_is_refused_though_the_cluster_has_enough_gpus():
+    """Two nodes of 2 (fake) GPUs: a TP-2 group fits; a TP-4 group would have to span them and is refused,
+    although the cluster holds 4 GPUs in all. Own process: Ray is initialised once per process."""
+    done = subprocess.run([sys.executable, "-c", TWO_NODES], capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[0].removeprefix("RESULT"))
+    assert result["total_gpus"] == 4
+    assert result["2"] == "fits"
+    assert result["4"] == ("--gpus-per-replica asks for 4 GPUs and 4 CPUs per replica, but no node has that: the "
+                           "cluster has 2 nodes, each with at most 2 GPUs and 2 CPUs (a replica never spans nodes); "
+                           "lower --gpus-per-replica, or join a larger cluster with --ray-address")
+
+
+# --- a cluster that may grow: say what is pending ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_joined_cluster_is_not_refused_and_the_run_says_what_it_waits_for(tmp_path, tiny_model, ray_cluster):
+    """Joining the session's cluster (as RAY_ADDRESS does), more CPUs per replica than it has: the run waits
+    (an autoscaler could add a node) and says so once; the notice comes after FLUXBATCH_PENDING_NOTICE_SECONDS."""
+    env = {**session_cluster_env(ray_cluster), "FLUXBATCH_PENDING_NOTICE_SECONDS": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "render", str(tiny_manifest(tmp_path)),
+                             str(tmp_path / "out"), "--model", str(tiny_model), "--cpus-per-replica", "64",
+                             "--no-progress"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stderr.readline()
+            lines.append(line.rstrip("\n"))
+            if "waiting for" in line:
+                break
+    finally:
+        proc.kill()
+        proc.communicate()
+    waiting = [line for line in lines if "waiting for" in line]
+    assert waiting == [
+        "WARNING pipeline.resources: waiting for 64 CPUs per replica x 1 replica; the cluster has 4 GPUs and 4 CPUs; "
+        "check the autoscaler"], lines
+
+
+# --- quiet by default, start line, metrics at the end ------------------------------------------------------
+
+
+class EndpointWatcher:
+    """Scrapes a metrics endpoint until it stops answering; keeps the last answer for `job`."""
+
+    def __init__(self, job: str):
+        self.job, self.url, self.last = job, None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, url: str) -> None:
+        self.url = url
+        self.thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while failures < 20:  # the cluster is gone
+            try:
+                self.last = scrape(self.url, self.job)
+                failures = 0
+            except OSError:
+                failures += 1
+            time.sleep(0.2)
+
+
+def render_on_own_cluster(tmp_path, tiny_model, *extra: str) -> tuple[subprocess.CompletedProcess, EndpointWatcher]:
+    """`fluxbatch render` with a local cluster of its own; its metrics endpoint watched from its start line on."""
+    ray = OwnRay()
+    out = tmp_path / "out"
+    watcher = EndpointWatcher(str(out))
+    try:
+        # FLUXBATCH_WORKER_LOGS empty: the default (worker output only with -v), whatever OwnRay forces
+        proc = ray.start(["render", str(tiny_manifest(tmp_path)), str(out), "--model", str(tiny_model), *extra],
+                         FLUXBATCH_WORKER_LOGS="")
+        err_lines: list[str] = []
+        for line in proc.stderr:  # stream: the endpoint must be watched while the run is alive
+            err_lines.append(line)
+            if (found := START_LINE.match(line.strip())) and watcher.url is None:
+                watcher.start(found["metrics"])
+        stdout = proc.stdout.read()
+        proc.wait(timeout=600)
+    finally:
+        ray.cleanup()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(err_lines)), watcher
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tmp_path_factory, tiny_model):
+    return render_on_own_cluster(tmp_path_factory.mktemp("quiet"), tiny_model)
+
+
+def lines_of(stderr: str) -> list[str]:
+    """stderr as lines, tqdm's redraws (\\r) split apart."""
+    return [part.strip() for line in stderr.splitlines() for part in line.split("\r") if part.strip()]
+
+
+@pytest.mark.slow
+def test_a_render_prints_its_start_line_progress_and_summary_and_nothing_from_ray_or_libraries(quiet_run):
+    result, _ = quiet_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines() == [
+        f"2 rendered, 0 already done, 0 failed, 0 bad rows; 2/2 images in {result.args[-3]}"]
+    err = lines_of(result.stderr)
+    assert START_LINE.match(err[0]), err
+    assert all(PROGRESS.match(line) for line in err[1:]), err  # no Ray, Ray Data or transformers line
+
+
+@pytest.mark.slow
+def test_the_start_line_names_the_dashboard_and_the_metrics_endpoint(quiet_run):
+    result, watcher = quiet_run
+    found = START_LINE.match(lines_of(result.stderr)[0])
+    assert found and found["dashboard"].startswith("http://"), result.stderr[:500]
+    assert watcher.url == found["metrics"]
+    assert watcher.last is not None, "the printed metrics endpoint never answered"
+
+
+@pytest.mark.slow
+def test_the_last_metric_values_reach_the_endpoint_before_the_local_cluster_stops(quiet_run):
+    result, watcher = quiet_run
+    assert result.returncode == 0
+    assert watcher.last is not None
+    assert watcher.last.get("ray_fluxbatch_rows_pending") == 0.0, watcher.last
+    assert watcher.last.get("ray_fluxbatch_images_total") == 2.0, watcher.last
+
+
+@pytest.mark.slow
+def test_verbose_shows_what_ray_and_ray_data_print(tmp_path, tiny_model):
+    result, _ = render_on_own_cluster(tmp_path, tiny_model, "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Started a local Ray instance" in result.stderr  # Ray's own logger
+    assert "core_worker.cc" in result.stderr  # Ray's C++ core: "constructor arguments in the object store"
+    assert "streaming_executor.py" in result.stderr  # Ray Data's "execution finished"
