@@ -2,7 +2,10 @@
 
 Every figure comes from the models' configs: each component is built on the `meta` device (no memory,
 no download) and its parameters counted; the transformer's `_tp_plan` says which of them are split
-across the ranks and which every rank keeps whole. Activations are estimated from the same configs:
+across the ranks and which every rank keeps whole. For the known models those counts are recorded in
+param_counts.json (keyed by component and a hash of its config), so `fluxbatch plan` needs no torch;
+`python -m flux_worker.memory_plan --recount` rewrites it, and a test fails when it disagrees with a fresh
+count. Activations are estimated from the same configs:
 
 - transformer, per rank: tokens x (4 D replicated + 17 D / N sharded) values, D = heads x head_dim.
   A single-stream block holds the residual, its norm, the all-reduced output and the modulated sum
@@ -21,8 +24,10 @@ The peak on a GPU is the weights it holds plus the largest activation of the sta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -146,8 +151,31 @@ def count_component(name: str, config: dict[str, Any]) -> Component:
     return _count(name, json.dumps(config, sort_keys=True))
 
 
+# Counts of every component of KNOWN_MODELS, as _count_on_meta makes them: read instead of importing torch,
+# diffusers and transformers (~5 s) for the presets. Package data (pyproject.toml); a test compares it
+# with a fresh count, and `python -m flux_worker.memory_plan --recount` rewrites it.
+COUNTS_FILE = Path(__file__).with_name("param_counts.json")
+
+
+def _count_key(name: str, config_json: str) -> str:
+    """The file's key for a component: its name (only the transformer's split is counted) and its config's hash."""
+    return f"{name} {hashlib.sha256(config_json.encode()).hexdigest()}"
+
+
+@lru_cache(maxsize=1)
+def _recorded_counts() -> dict[str, dict[str, int]]:
+    return json.loads(COUNTS_FILE.read_text())
+
+
 @lru_cache(maxsize=64)
 def _count(name: str, config_json: str) -> Component:
+    recorded = _recorded_counts().get(_count_key(name, config_json))
+    if recorded:
+        return Component(name, recorded["params"], recorded["sharded"], json.loads(config_json))
+    return _count_on_meta(name, config_json)  # a local folder's own config
+
+
+def _count_on_meta(name: str, config_json: str) -> Component:
     import torch
 
     config = json.loads(config_json)
@@ -177,6 +205,18 @@ def _build(config: dict[str, Any]) -> Any:
     settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     hf_config = transformers.AutoConfig.for_model(config["model_type"], **settings)
     return cls(hf_config)
+
+
+def count_known_models() -> dict[str, dict[str, Any]]:
+    """Count every component of KNOWN_MODELS on the meta device: what COUNTS_FILE must hold."""
+    counts = {}
+    for configs, _ in KNOWN_MODELS.values():
+        for name, config in configs.items():
+            config_json = json.dumps(config, sort_keys=True)
+            comp = _count_on_meta(name, config_json)
+            counts[_count_key(name, config_json)] = {"class": config.get("_class_name") or config["architectures"][0],
+                                                     "params": comp.params, "sharded": comp.sharded}
+    return dict(sorted(counts.items()))
 
 
 # -- activations ------------------------------------------------------------------------------------
@@ -440,3 +480,15 @@ def plan_main(argv: list[str]) -> int:
     else:
         print(plan.describe())
     return 0 if plan.fits else 1
+
+
+def recount_main() -> int:
+    """`python -m flux_worker.memory_plan --recount`: rewrite COUNTS_FILE after a diffusers/transformers
+    upgrade or an edit to a preset's config."""
+    COUNTS_FILE.write_text(json.dumps(count_known_models(), indent=1) + "\n")
+    print(f"wrote {COUNTS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(recount_main() if sys.argv[1:] == ["--recount"] else plan_main(sys.argv[1:]))

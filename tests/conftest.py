@@ -27,9 +27,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ray_cluster():
-    """A real local Ray cluster; 4 logical CPUs and 4 fake GPUs so pools and TP groups can be scheduled."""
+    """A real local Ray cluster; 4 logical CPUs and 4 fake GPUs so pools and TP groups can be scheduled.
+
+    Started first in every test process (autouse): a test that renders without asking for it would otherwise
+    start a default cluster of its own (this machine's 2 CPUs, no GPUs) that every later test in the process
+    would then share."""
     import ray
 
     if not ray.is_initialized():

@@ -24,7 +24,7 @@ from flux_worker.memory_plan import (
 D = 3072  # Flux.1: 24 heads x 128
 
 
-def flux1_transformer_by_hand(guidance: bool = True) -> tuple[int, int]:
+def flux1_transformer_by_hand(guidance: bool = True, double_blocks: int = 19) -> tuple[int, int]:
     """(all parameters, parameters the _tp_plan splits), from the Flux.1 config by hand."""
     double = 2 * (6 * D * D + 6 * D)  # norm1, norm1_context: D -> 6D modulation
     double += 8 * (D * D + D) + 4 * 128  # q k v, added q k v, to_out, to_add_out; four RMSNorms of head_dim
@@ -36,9 +36,9 @@ def flux1_transformer_by_hand(guidance: bool = True) -> tuple[int, int]:
     embed += 768 * D + D + D * D + D  # pooled text embedder
     embed += 4096 * D + D + 64 * D + D  # context_embedder (T5 width), x_embedder (64 latent channels)
     embed += 2 * D * D + 2 * D + 64 * D + 64  # norm_out, proj_out
-    total = 19 * double + 38 * single + embed
+    total = double_blocks * double + 38 * single + embed
     # Split: every planned Linear's weight, and the biases of column-wise ones (row-wise biases stay whole).
-    sharded = 19 * (8 * D * D + 6 * D + 2 * (8 * D * D + 4 * D))
+    sharded = double_blocks * (8 * D * D + 6 * D + 2 * (8 * D * D + 4 * D))
     sharded += 38 * (3 * D * D + 3 * D + 4 * D * D + 4 * D + 5 * D * D)
     return total, sharded
 
@@ -179,3 +179,18 @@ def test_gpus_per_replica_auto_asks_the_planner_simulated(ray_cluster, monkeypat
     assert resolve_gpus_per_replica(job) == 2
     monkeypatch.setenv("FLUXBATCH_GPU_MEMORY", "80GB")
     assert resolve_gpus_per_replica(job) == 1
+
+
+def test_recorded_parameter_counts_equal_a_fresh_count_on_the_meta_device_for_every_known_model():
+    """`fluxbatch plan` reads flux_worker/param_counts.json instead of importing torch; after a diffusers or
+    transformers upgrade (or an edited preset config) this fails until `python -m flux_worker.memory_plan --recount`."""
+    from flux_worker.memory_plan import COUNTS_FILE, count_known_models
+
+    assert json.loads(COUNTS_FILE.read_text()) == count_known_models(), \
+        "run `python -m flux_worker.memory_plan --recount`"
+
+
+def test_a_config_not_recorded_is_counted_on_the_meta_device():
+    # one double block less than Flux.1: no preset has this config, so no count is recorded for it
+    transformer = count_component("transformer", {**FLUX1_TRANSFORMER, "num_layers": 18})
+    assert (transformer.params, transformer.sharded) == flux1_transformer_by_hand(double_blocks=18)

@@ -113,13 +113,17 @@ def test_a_joined_cluster_is_not_refused_and_the_run_says_what_it_waits_for(tmp_
                              str(tmp_path / "out"), "--model", str(tiny_model), "--cpus-per-replica", "64",
                              "--no-progress"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stderr.readline()
+    seen = threading.Event()
+
+    def read() -> None:  # on a thread: a readline that blocks must not outlive the deadline
+        for line in proc.stderr:
             lines.append(line.rstrip("\n"))
             if "waiting for" in line:
-                break
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        seen.wait(timeout=240)
     finally:
         proc.kill()
         proc.communicate()
