@@ -9,6 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+# Hermetic: the Ray cluster, object store and model hub of the machine running the tests never reach them
+# (a set RAY_ADDRESS would send every render to that cluster, AWS_ENDPOINT_URL every s3:// URL to that endpoint).
+# A test that is about such a variable sets it itself (monkeypatch, or a subprocess's env).
+for _name in list(os.environ):
+    if _name.startswith(("AWS_", "HF_", "HUGGINGFACE_")) or _name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        del os.environ[_name]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
