@@ -7,7 +7,6 @@ so `fluxbatch --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -45,16 +44,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run `synthesize` or `catalog run`; a problem the user can fix prints one line and returns 2."""
-    from jobs.catalog import ProductTableError
-    from jobs.synthesize import SlotVocabularyError
-    from pipeline.pack import CorruptImageError
-
-    try:
-        return _synthesize(args) if args.command == "synthesize" else _catalog_run(args)
-    except (SlotVocabularyError, ProductTableError, CorruptImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """Run `synthesize` or `catalog run`; a problem the user can fix (a FluxbatchError) reaches `jobs.cli.main`,
+    which prints it as one line, exit 2."""
+    return _synthesize(args) if args.command == "synthesize" else _catalog_run(args)
 
 
 def _load(spec_type: Any, args: argparse.Namespace) -> Any:

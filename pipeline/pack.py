@@ -36,6 +36,7 @@ from pipeline.manifest import Manifest
 from pipeline.plan import image_key
 from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ STATS = ".stats"
 LEGACY_STATS = "_stats"  # where fluxbatch wrote the stats before; moved to STATS on the next pack
 
 
-class CorruptImageError(RuntimeError):
-    """An image file no longer matches the sha256 its metadata row recorded."""
+class CorruptImageError(FluxbatchError, RuntimeError):
+    """An image file no longer matches the sha256 its metadata row recorded (`fluxbatch verify --repair` mends it)."""
 
 
 @dataclass
@@ -173,7 +174,8 @@ def _read_image(fs: fsspec.AbstractFileSystem, record: dict[str, Any]) -> bytes:
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CorruptImageError(
             f"image {record['image_uri']} (key {record['key']}) does not match the sha256 in its metadata row; "
-            "delete that row's metadata part or the image, and re-run to render it again"
+            "run `fluxbatch verify OUTPUT --repair` (it moves the image aside and drops its row), then run again to "
+            "render it again"
         )
     return data
 

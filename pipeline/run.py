@@ -124,8 +124,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         metrics.count_reasons(manifest.failures.by_reason)
         render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics, ask,
                                        session.can_grow)
-        writer.flush()
-        rendered = writer.written
+        rendered = writer.written  # _render_plan flushed the last rows, whatever happened
         failures_by_reason.update(render_failures.by_reason)
         if plan.changed:  # their new rows are committed: the old ones go, so each key is once on disk
             held.check()

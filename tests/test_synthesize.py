@@ -214,3 +214,23 @@ def test_synthesis_packs_hf_parquet_on_s3(tmp_path, tiny_model, s3_env, bucket):
     assert table.num_rows == 3
     for row in table.to_pylist():
         assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == rows[row["key"]]["sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_cli_synthesize_names_an_image_altered_since_its_row_in_one_line(tmp_path, tiny_model, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "out"
+    spec_file = write_spec_yaml(tmp_path / "s.yaml", make_spec(str(out), model=str(tiny_model), layout="webdataset"))
+    assert main(["synthesize", str(spec_file), "--no-progress"]) == 0
+    image = next((out / "images").rglob("*.png"))
+    image.write_bytes(image.read_bytes() + b"tampered")
+    for shard in (out / "webdataset").glob("*.tar"):  # packing must read every image again
+        shard.unlink()
+    capsys.readouterr()
+
+    assert main(["synthesize", str(spec_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"error: image {image} (key {image.stem}) does not match the sha256 in its metadata row")
