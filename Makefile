@@ -5,7 +5,14 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine, see "Running on GPUs" in the README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean image
+
+# `make image`: the GPU image (renderers) and the CPU image (the head), deploy/Dockerfile. The pins come from
+# pyproject.toml and TORCH_SPEC above, so the images cannot disagree with them (tests/test_k8s.py).
+IMAGE ?= fluxbatch
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/.*"ray\[data,default\]==\([^"]*\)".*/\1/p' pyproject.toml)
+TORCH_VERSION := $(patsubst torch==%,%,$(TORCH_SPEC))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +35,12 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+image:
+	@if ! docker info > /dev/null 2>&1; then \
+		echo "make image: no Docker here (docker info failed), so no image was built; run it where Docker runs"; \
+		exit 0; fi; \
+	for variant in gpu cpu; do \
+		docker build -f deploy/Dockerfile --build-arg VARIANT=$$variant --build-arg RAY_VERSION=$(RAY_VERSION) \
+			--build-arg TORCH_VERSION=$(TORCH_VERSION) -t $(IMAGE):$(VERSION)-$$variant . || exit 1; \
+	done

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,54 +75,19 @@ def transformer_flops(config: FluxConfig = FLUX1, image_tokens: int = 4096, text
             "total": linear + embed + modulation + attention}
 
 
-@contextmanager
-def built_on(device: str):
-    """Modules created inside are made directly on `device` in bf16: no fp32 copy, no host-to-device transfer."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_transformer(device: str, guidance: bool):
     """A fresh Flux.1 transformer with random weights (each fast-path option changes the one it is given)."""
-    from diffusers import FluxTransformer2DModel
+    from flux_worker.model_build import full_transformer
 
-    with built_on(device):
-        return FluxTransformer2DModel(guidance_embeds=guidance)  # diffusers' defaults are Flux.1's dimensions
+    return full_transformer(device, guidance)
 
 
 def build_full(device: str, guidance: bool):
-    """The full Flux.1 pipeline with random weights, built directly on `device` in bf16."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    """The full Flux.1 pipeline with random weights, built directly on `device` in bf16 (the same builder as
+    `fluxbatch model build --size full`)."""
+    from flux_worker.model_build import full_pipeline
 
-    from flux_worker.model_build import _clip_tokenizer, _t5_tokenizer
-
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    transformer = build_transformer(device, guidance)
-    with built_on(device):
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768,
-                                                    intermediate_size=3072, num_hidden_layers=12,
-                                                    num_attention_heads=12, projection_dim=768,
-                                                    bos_token_id=tokenizer.bos_token_id,
-                                                    eos_token_id=tokenizer.eos_token_id,
-                                                    pad_token_id=tokenizer.pad_token_id))
-        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240,
-                                                 num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, use_quant_conv=False,
-                            use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer, vae=vae)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return full_pipeline(device, guidance)
 
 
 def build_tiny(device: str):

@@ -1,7 +1,8 @@
 """A bounded cache of prompt encodings, so a prompt rendered many times is encoded once per actor.
 
 Keyed by (prompt, max sequence length); one cache belongs to one loaded pipeline, so the encoder is
-fixed. Bounded by bytes, not entries: one Flux.1 T5 encoding at 512 tokens is 4 MiB in bf16.
+fixed. Bounded by bytes, not entries: one Flux.1 T5 encoding at 512 tokens is 4 MiB in bf16, one FLUX.2 [dev]
+encoding (three Mistral layers stacked, 15360 wide) 15 MiB.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from collections import OrderedDict
 
 import torch
 
-Encoding = tuple[torch.Tensor, torch.Tensor]  # (T5 sequence embeddings, CLIP pooled embedding)
+# The family's encoding of one prompt (flux_worker/families.py): pipeline keyword -> tensor.
+Encoding = dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def _size(encoding: Encoding) -> int:
+    tensors = encoding.values() if isinstance(encoding, dict) else encoding
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class EmbeddingCache:
@@ -34,7 +41,7 @@ class EmbeddingCache:
         return found
 
     def put(self, prompt: str, max_sequence_length: int, encoding: Encoding) -> None:
-        size = sum(t.numel() * t.element_size() for t in encoding)
+        size = _size(encoding)
         if size > self.max_bytes:
             return
         key = (prompt, max_sequence_length)
@@ -44,7 +51,7 @@ class EmbeddingCache:
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, old = self._items.popitem(last=False)
-            self._bytes -= sum(t.numel() * t.element_size() for t in old)
+            self._bytes -= _size(old)
 
     def __len__(self) -> int:
         return len(self._items)

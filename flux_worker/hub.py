@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from flux_worker.presets import PRESETS, UnknownModelError, did_you_mean
+from schemas.errors import first_line
 
 PROBE_SECONDS = 5.0  # the hub's answer, or none: either way the user hears within seconds
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -53,7 +54,7 @@ def check_hub_model(repo_id: str, revision: str | None = None) -> None:
     try:
         found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache, revision=revision)
     except HFValidationError as error:
-        raise UnknownModelError(f"model {repo_id!r} is not a valid hub id: {str(error).splitlines()[0]}") from None
+        raise UnknownModelError(f"model {repo_id!r} is not a valid hub id: {first_line(error)}") from None
     if isinstance(found, str):
         return
     at = f" at revision {revision!r}" if revision else ""
@@ -99,5 +100,5 @@ def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> str | None:
     if isinstance(error, RepositoryNotFoundError):
         return (f"the hub at {endpoint} has no such model (or it is private and no token gives access: "
                 "set HF_TOKEN)")
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = first_line(error)
     return f"the hub at {endpoint} cannot be reached ({reason}); give a local folder, or check the network"

@@ -33,6 +33,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from flux_worker.families import (  # noqa: F401 - the published configs, re-exported for their tests
+    CLIP_L,
+    FAMILIES,
+    FLUX1_TRANSFORMER,
+    FLUX1_VAE,
+    FLUX2_TRANSFORMER,
+    FLUX2_VAE,
+    KLEIN_4B_TRANSFORMER,
+    KLEIN_9B_TRANSFORMER,
+    MISTRAL_SMALL_3_1,
+    QWEN3_4B,
+    QWEN3_8B,
+    T5_XXL,
+    published_configs,
+)
 from schemas.errors import FluxbatchError
 
 GIB = 2**30
@@ -41,70 +56,14 @@ MAX_GPUS = 8  # a group never spans nodes, and GPU nodes have at most 8
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
-# -- the published configs (config.json of each component in the Hugging Face repos) ---------------
-
-FLUX1_TRANSFORMER = {
-    "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
-    "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
-}
-CLIP_L = {
-    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
-    "hidden_size": 768, "intermediate_size": 3072, "max_position_embeddings": 77, "num_attention_heads": 12,
-    "num_hidden_layers": 12, "projection_dim": 768, "vocab_size": 49408,
-}
-T5_XXL = {
-    "architectures": ["T5EncoderModel"], "model_type": "t5", "d_ff": 10240, "d_kv": 64, "d_model": 4096,
-    "dense_act_fn": "gelu_new", "feed_forward_proj": "gated-gelu", "is_gated_act": True, "num_heads": 64,
-    "num_layers": 24, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
-    "tie_word_embeddings": False, "vocab_size": 32128,
-}
-FLUX1_VAE = {
-    "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2, "norm_num_groups": 32,
-    "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
-    "use_post_quant_conv": False, "mid_block_add_attention": True,
-}
-FLUX2_TRANSFORMER = {
-    "_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [32, 32, 32, 32],
-    "eps": 1e-06, "guidance_embeds": True, "in_channels": 128, "joint_attention_dim": 15360, "mlp_ratio": 3.0,
-    "num_attention_heads": 48, "num_layers": 8, "num_single_layers": 48, "patch_size": 1, "rope_theta": 2000,
-    "timestep_guidance_channels": 256,
-}
-MISTRAL_SMALL_3_1 = {
-    "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
-    "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": 2,
-    "vision_feature_layer": -1, "tie_word_embeddings": False,
-    "text_config": {
-        "model_type": "mistral", "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
-        "intermediate_size": 32768, "max_position_embeddings": 131072, "num_attention_heads": 32,
-        "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000000.0,
-        "sliding_window": None, "vocab_size": 131072,
-        "tie_word_embeddings": False,
-    },
-    "vision_config": {
-        "model_type": "pixtral", "head_dim": 64, "hidden_act": "silu", "hidden_size": 1024, "image_size": 1540,
-        "intermediate_size": 4096, "num_attention_heads": 16, "num_channels": 3, "num_hidden_layers": 24,
-        "patch_size": 14, "rope_theta": 10000.0,
-    },
-}
-FLUX2_VAE = {
-    "_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3, "out_channels": 3, "latent_channels": 32, "layers_per_block": 2, "norm_num_groups": 32,
-    "patch_size": [2, 2], "sample_size": 1024, "use_quant_conv": True, "use_post_quant_conv": True,
-}
-
-# name -> (components' configs, text tokens). The Flux.1 pair differ only in guidance_embeds.
+# The published configs live in the model table (flux_worker/families.py); named here for the tests that
+# count them by hand. KNOWN_MODELS is the table's presets as the planner sees them: configs and text length.
 KNOWN_MODELS: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
-    "flux.1-dev": ({"transformer": FLUX1_TRANSFORMER, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL,
-                    "vae": FLUX1_VAE}, 512),
-    "flux.1-schnell": ({"transformer": {**FLUX1_TRANSFORMER, "guidance_embeds": False}, "text_encoder": CLIP_L,
-                        "text_encoder_2": T5_XXL, "vae": FLUX1_VAE}, 256),
-    # Planned only: the renderer drives FluxPipeline; see docs/tensor-parallel.md.
-    "flux.2-dev": ({"transformer": FLUX2_TRANSFORMER, "text_encoder": MISTRAL_SMALL_3_1, "vae": FLUX2_VAE}, 512),
+    preset.name: (family.configs[preset.name], preset.max_sequence_length)
+    for family in FAMILIES.values() for preset in family.presets
 }
+# What an offloaded component costs per image, at this much host compute (a 2-socket server's cores, fp32/bf16).
+HOST_FLOPS = 1e12
 
 
 class PlanError(FluxbatchError, ValueError):
@@ -129,9 +88,11 @@ class Component:
 
 
 def model_configs(model: str) -> tuple[dict[str, dict[str, Any]], int]:
-    """The configs of a known preset, or read from a local diffusers folder; plus its text length."""
-    if model in KNOWN_MODELS:
-        return KNOWN_MODELS[model]
+    """The configs of a preset (by name or hub id, from the model table), or read from a local diffusers folder;
+    plus its text length."""
+    found = published_configs(model)
+    if found:
+        return found
     folder = Path(model).expanduser()
     if not (folder / "model_index.json").is_file():
         known = ", ".join(KNOWN_MODELS)
@@ -278,6 +239,7 @@ class MemoryPlan:
     peak_per_gpu: list[int]  # predicted peak bytes on each rank's GPU
     cpu_bytes: int  # weights offloaded to host memory, per replica
     note: str = ""
+    offload_seconds: dict[str, float] = field(default_factory=dict)  # offloaded component -> host s per image
 
     @property
     def fits(self) -> bool:
@@ -301,6 +263,10 @@ class MemoryPlan:
         lines.append(f"predicted peak per GPU: {peaks}")
         if self.cpu_bytes:
             lines.append(f"host memory for offloaded weights: {_gib(self.cpu_bytes)} per replica")
+        for name, seconds in self.offload_seconds.items():
+            per = "new prompt (repeated prompts are cached)" if name in TEXT_ENCODERS else "image"
+            lines.append(f"offloaded {name}: ~{seconds:.2g} s of host compute per {per}, "
+                         f"at {HOST_FLOPS / 1e12:.0f} TFLOP/s")
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -341,6 +307,12 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
         return weights, transformer_activation_bytes(tcfg, tokens, batch_size, degree, act)
 
     heads = tcfg["num_attention_heads"]
+    single_gpu = _single_gpu_family(model)
+    if single_gpu:
+        max_gpus = 1  # the family has no tensor-parallel replicas: plan what the renderer can run
+        if tp_degree not in (None, 1):
+            raise PlanError(f"{tp_degree} GPUs per replica: {single_gpu} models render on one GPU per replica "
+                            "(no tensor-parallel replicas)")
     degrees = [d for d in range(1, max_gpus + 1) if heads % d == 0]
     if tp_degree is not None:
         if tp_degree < 1 or heads % tp_degree:
@@ -353,6 +325,9 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
         need = sum(transformer_on_rank(degrees[-1]))
         base.note = (f"the transformer needs {_gib(need)} per GPU even over {degrees[-1]} GPUs; "
                      f"use bigger cards{' or --dtype fp8' if dtype != 'fp8' else ''}")
+        if single_gpu:
+            base.note = (f"the transformer needs {_gib(need)} on one GPU, and {single_gpu} models render on one "
+                         "GPU per replica; use bigger cards")
         return base
 
     t_weights, t_act = transformer_on_rank(degree)
@@ -392,10 +367,57 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     base.where = where
     base.peak_per_gpu = [held[r] + max(acts[r]) + reserve for r in range(degree)]
     base.cpu_bytes = cpu
+    base.offload_seconds = offload_seconds(comps, configs, where, text_tokens, width, height)
     if dtype == "fp8":
         base.note = ("fp8: the transformer quantized on one GPU (model.quantize: fp8); a quantized transformer "
                      "cannot be sharded, so fp8 plans needing 2+ GPUs are figures only")
     return base
+
+
+def _single_gpu_family(model: str) -> str:
+    """The name of `model`'s family if it renders on one GPU per replica only (families.py: no `tp_decode`);
+    "" if it has tensor-parallel replicas or its family cannot be told."""
+    from flux_worker.presets import resolve_preset
+
+    try:
+        family = FAMILIES[resolve_preset(model).family]
+    except (FluxbatchError, KeyError):
+        return ""
+    return "" if family.tp_decode else family.name
+
+
+def offload_seconds(comps: dict[str, Component], configs: dict[str, dict[str, Any]], where: dict[str, str],
+                    text_tokens: int, width: int, height: int) -> dict[str, float]:
+    """Host seconds per image (per new prompt for an encoder) of each component the plan put on the CPU."""
+    seconds = {}
+    for name, place in where.items():
+        if not place.startswith("CPU"):
+            continue
+        if name == "vae":
+            flops = vae_decode_flops(configs["vae"], width, height)
+        else:
+            text = configs[name].get("text_config", configs[name])
+            tokens = min(text_tokens, text.get("max_position_embeddings") or text_tokens)  # CLIP stops at 77
+            flops = 2 * comps[name].params * tokens  # one multiply-add per weight per token
+        seconds[name] = flops / HOST_FLOPS
+    return seconds
+
+
+def vae_decode_flops(config: dict[str, Any], width: int, height: int) -> int:
+    """Multiply-adds x 2 of one VAE decode: its 3x3 convolutions, from the deepest level (the latent) up."""
+    channels = list(reversed(config.get("decoder_block_out_channels") or config["block_out_channels"]))
+    pixels = (width // 2 ** (len(channels) - 1)) * (height // 2 ** (len(channels) - 1))  # latent resolution
+    per_block = config.get("layers_per_block", 2) + 1  # the decoder's up blocks have one resnet more
+    flops = 2 * 2 * 9 * channels[0] ** 2 * pixels * 2  # the middle block: two resnets of two convolutions
+    previous = channels[0]
+    for level, width_c in enumerate(channels):
+        for _ in range(per_block):
+            flops += 2 * 9 * pixels * (previous * width_c + width_c * width_c)
+            previous = width_c
+        if level < len(channels) - 1:
+            pixels *= 4
+            flops += 2 * 9 * pixels * width_c * width_c  # the upsampler's convolution, at the new resolution
+    return flops
 
 
 def placement_of(plan: MemoryPlan) -> dict[str, Any]:
@@ -476,7 +498,8 @@ def plan_main(argv: list[str]) -> int:
         return 2
     if args.json:
         print(json.dumps({"model": plan.model, "tp_degree": plan.tp_degree, "where": plan.where,
-                          "peak_per_gpu": plan.peak_per_gpu, "cpu_bytes": plan.cpu_bytes, "note": plan.note}))
+                          "peak_per_gpu": plan.peak_per_gpu, "cpu_bytes": plan.cpu_bytes, "note": plan.note,
+                          "offload_seconds": plan.offload_seconds}))
     else:
         print(plan.describe())
     return 0 if plan.fits else 1

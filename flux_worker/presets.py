@@ -1,6 +1,7 @@
-"""Model presets as data: each names where the weights live and the defaults that suit the model.
+"""Model presets: resolve a preset name, a local diffusers folder or a hub id to its defaults and limits.
 
-This module imports neither torch nor diffusers, so the driver can resolve defaults and size limits
+The presets themselves are entries of the one model table (flux_worker/families.py); this module only finds
+the right one. It imports neither torch nor diffusers, so the driver can resolve defaults and size limits
 without loading a model.
 """
 
@@ -10,55 +11,26 @@ import difflib
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-from schemas import ModelLimits, ModelSpec
+from flux_worker.families import (
+    FAMILIES,
+    PIPELINE_CLASSES,
+    PRESETS_BY_NAME,
+    ModelPreset,
+    family_for_class,
+    preset_for_hub_id,
+)
+from schemas import ModelSpec
 from schemas.errors import FluxbatchError
 
 PRESET_FILE = "fluxbatch_preset.json"  # written by `fluxbatch model build` beside model_index.json
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """Defaults and limits of one model family member."""
-
-    name: str
-    source: str  # hub id or local path the weights load from
-    steps: int
-    guidance: float
-    max_sequence_length: int
-    width: int = 1024
-    height: int = 1024
-    min_side: int = 256
-    max_side: int = 2048
-    max_steps: int = 200
-
-    @property
-    def limits(self) -> ModelLimits:
-        return ModelLimits(min_side=self.min_side, max_side=self.max_side, max_steps=self.max_steps)
-
-
-PRESETS: dict[str, ModelPreset] = {
-    "flux.1-schnell": ModelPreset(
-        name="flux.1-schnell",
-        source="black-forest-labs/FLUX.1-schnell",
-        steps=4,
-        guidance=0.0,
-        max_sequence_length=256,
-    ),
-    "flux.1-dev": ModelPreset(
-        name="flux.1-dev",
-        source="black-forest-labs/FLUX.1-dev",
-        steps=28,
-        guidance=3.5,
-        max_sequence_length=512,
-    ),
-}
+PRESETS: dict[str, ModelPreset] = PRESETS_BY_NAME
 
 
 class UnknownModelError(FluxbatchError, ValueError):
-    """The model is neither a preset, nor a local folder, nor something that looks like a hub id."""
+    """The model is neither a preset, nor a local folder of a known pipeline class, nor a hub id."""
 
 
 def resolve_preset(name_or_path: str) -> ModelPreset:
@@ -67,26 +39,52 @@ def resolve_preset(name_or_path: str) -> ModelPreset:
         return PRESETS[name_or_path]
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        own = folder / PRESET_FILE
-        if own.is_file():
-            data = json.loads(own.read_text())
-            return replace(ModelPreset(**data), source=str(folder))
-        config = folder / "transformer" / "config.json"
-        if not (folder / "model_index.json").is_file():
-            raise UnknownModelError(
-                f"{folder} is not a diffusers pipeline folder (no model_index.json); "
-                "build one with `fluxbatch model build PATH` or give a preset name"
-            )
-        guidance = config.is_file() and json.loads(config.read_text()).get("guidance_embeds", False)
-        base = PRESETS["flux.1-dev" if guidance else "flux.1-schnell"]
-        return replace(base, name=str(folder), source=str(folder))
+        return _folder_preset(folder)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        base = PRESETS["flux.1-schnell" if "schnell" in name_or_path.lower() else "flux.1-dev"]
-        return replace(base, name=name_or_path, source=name_or_path)
+        return replace(_hub_preset(name_or_path), name=name_or_path, source=name_or_path)
     raise UnknownModelError(
         f"model {name_or_path!r} is not a preset ({', '.join(PRESETS)}), "
         f"an existing local folder, or a hub id of the form owner/name{did_you_mean(name_or_path, PRESETS)}"
     )
+
+
+def _folder_preset(folder: Path) -> ModelPreset:
+    """A built model's own preset file, else the family its model_index.json names, with that family's defaults."""
+    own = folder / PRESET_FILE
+    if own.is_file():
+        data = json.loads(own.read_text())
+        known = {f.name for f in fields(ModelPreset)}
+        return replace(ModelPreset(**{k: v for k, v in data.items() if k in known}), source=str(folder))
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise UnknownModelError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+            "build one with `fluxbatch model build PATH` or give a preset name"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        class_name = None
+    family = family_for_class(class_name)
+    if family is None:
+        raise UnknownModelError(f"{index} names the pipeline class {class_name!r}; fluxbatch renders with "
+                                f"{', '.join(PIPELINE_CLASSES)} pipelines only")
+    return family.preset_for_folder(folder)
+
+
+def _hub_preset(repo_id: str) -> ModelPreset:
+    """The preset of this hub id, else the closest family member by name (a fine-tune keeps its base's name)."""
+    found = preset_for_hub_id(repo_id)
+    if found:
+        return found
+    lowered = repo_id.lower()
+    if "klein" in lowered:
+        return PRESETS["flux.2-klein-9b" if "9b" in lowered else "flux.2-klein-4b"]
+    if "kontext" in lowered:
+        return PRESETS["flux.1-kontext-dev"]
+    if "flux.2" in lowered or "flux2" in lowered:
+        return FAMILIES["flux.2"].presets[0]
+    return PRESETS["flux.1-schnell" if "schnell" in lowered else "flux.1-dev"]
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""Read and write OUTPUT and manifests through fsspec, with retries for transient storage faults.
+"""Read and write OUTPUT and manifests through fsspec: `Storage`, whose every operation retries transient faults.
 
 pyarrow's own S3 filesystem ignores `AWS_ENDPOINT_URL`, so every byte goes through fsspec (s3fs honours
 it). Storage options may hold credentials: they are passed around, never logged or written.
@@ -98,15 +98,15 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem holding `url` and the path inside it, with no instance caching across options."""
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Storage, str]:
+    """The `Storage` holding `url` and the path inside it, with no instance caching across options."""
     options = dict(storage_options or {})
     if url.startswith(("s3://", "s3a://")):
         # Fresh listings: a re-run must see parts written since the filesystem was created.
         options.setdefault("use_listings_cache", False)
         options.setdefault("skip_instance_cache", True)
     fs, path = url_to_fs(url, **options)
-    return fs, path.rstrip("/")
+    return Storage(fs), path.rstrip("/")
 
 
 # botocore settings for pre-flight requests (pipeline/preflight.py): one attempt, short timeouts, so an endpoint
@@ -121,17 +121,6 @@ def probe_options(url: str, storage_options: dict[str, Any] | None = None) -> di
     if url.startswith(("s3://", "s3a://")):
         options["config_kwargs"] = {**options.get("config_kwargs", {}), **PROBE_CONFIG}
     return options
-
-
-def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
-    protocol = fs.protocol
-    return protocol[0] if isinstance(protocol, (tuple, list)) else protocol
-
-
-def uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A full URL for a path, for the metadata's image_uri."""
-    protocol = protocol_of(fs)
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -150,7 +139,7 @@ class NoSpaceLeftError(FluxbatchError):
 
 
 def is_temp_name(name: str) -> bool:
-    """Whether a file name (no folder) is one of `write_bytes`'s temp files."""
+    """Whether a file name (no folder) is one of `Storage.write_bytes`'s temp files."""
     return TMP_NAME.fullmatch(name) is not None
 
 
@@ -202,7 +191,7 @@ def storage_error(error: BaseException, what: str) -> StorageError | None:
     return None
 
 
-def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay: float = 0.2) -> T:
+def _with_retries(action: Callable[[], T], what: str, tries: int, base_delay: float = 0.2) -> T:
     """Run a storage action, retrying transient faults with exponential backoff and full jitter.
 
     A failure a user can act on (no credentials, endpoint down, no bucket, access denied) comes out as one
@@ -235,16 +224,45 @@ def with_retries(action: Callable[[], T], what: str, tries: int = 6, base_delay:
     raise AssertionError("unreachable")
 
 
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write one object whole: a single put on object stores, write-then-rename on local disk.
+class Storage:
+    """A filesystem (local disk or an object store) whose every operation retries transient faults with backoff
+    and turns a failure the user can act on into one `StorageError`: no call site can forget either.
 
-    A local write that fails for any reason removes its temp file and re-raises; a full disk raises
-    `NoSpaceLeftError` naming the path. Only a killed process leaves a temp file (swept by the next run).
+    Made by `filesystem(url, options)`. Method names and paths are fsspec's; each message names the operation and
+    the URL ("read s3://bucket/run/_job.json"). `fs` is the fsspec filesystem underneath, for what only one
+    store offers (the lease's conditional puts on S3), called through `retry`.
     """
-    if protocol_of(fs) in ("file", "local"):
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, tries: int = 6):
+        self.fs, self.tries = fs, tries  # tries=1: pre-flight's first request, reported at once
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        self.protocols: tuple[str, ...] = tuple(protocols)
+        self.protocol = self.protocols[0]
+        self.local = self.protocol in ("file", "local")
+
+    def uri(self, path: str) -> str:
+        """A full URL for a path (a local path stays as it is), as the metadata's image_uri and messages show it."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def retry(self, action: Callable[[], T], what: str) -> T:
+        """Run `action` (a call on `fs`), retrying transient faults; `what` is the operation and its URL."""
+        return _with_retries(action, what, self.tries)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.retry(lambda: self.fs.cat_file(path), f"read {self.uri(path)}")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write one object whole: a single put on object stores, write-then-rename on local disk.
+
+        A local write that fails for any reason removes its temp file and re-raises; a full disk raises
+        `NoSpaceLeftError` naming the path. Only a killed process leaves a temp file (swept by the next run).
+        """
+        if not self.local:
+            self.retry(lambda: self.fs.pipe_file(path, data), f"write {self.uri(path)}")
+            return
         tmp = f"{path}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
         try:
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
@@ -259,9 +277,45 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             if translated is not None:
                 raise translated from error
             raise
-        return
-    with_retries(lambda: fs.pipe_file(path, data), f"write {uri(fs, path)}")
 
+    def put_file(self, local_path: str, path: str) -> None:
+        """Upload a local file (a finished shard) to `path`."""
+        self.retry(lambda: self.fs.put_file(local_path, path), f"write {self.uri(path)}")
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    return with_retries(lambda: fs.cat_file(path), f"read {uri(fs, path)}")
+    def exists(self, path: str) -> bool:
+        return self.retry(lambda: self.fs.exists(path), f"read {self.uri(path)}")
+
+    def isdir(self, path: str) -> bool:
+        return self.retry(lambda: self.fs.isdir(path), f"read {self.uri(path)}")
+
+    def info(self, path: str, refresh: bool = False) -> dict[str, Any]:
+        """fsspec's info; `refresh` asks the store again (the lease's ETag), where the store caches."""
+        options = {"refresh": True} if refresh else {}
+        return self.retry(lambda: self.fs.info(path, **options), f"read {self.uri(path)}")
+
+    def ls(self, path: str) -> list[str]:
+        """The paths directly inside a folder."""
+        return self.retry(lambda: self.fs.ls(path, detail=False), f"list {self.uri(path)}")
+
+    def find(self, path: str, detail: bool = False) -> Any:
+        """Every file under a folder: paths, or (detail) a mapping of path to info."""
+        return self.retry(lambda: self.fs.find(path, detail=detail), f"list {self.uri(path)}")
+
+    def glob(self, pattern: str, detail: bool = False) -> Any:
+        return self.retry(lambda: self.fs.glob(pattern, detail=detail), f"list {self.uri(pattern)}")
+
+    def rm_file(self, path: str) -> None:
+        self.retry(lambda: self.fs.rm_file(path), f"remove {self.uri(path)}")
+
+    def rmdir(self, path: str) -> None:
+        self.retry(lambda: self.fs.rmdir(path), f"remove {self.uri(path)}")
+
+    def makedirs(self, path: str) -> None:
+        """Make a folder and its parents if missing (local disk; object stores have no folders)."""
+        self.retry(lambda: self.fs.makedirs(path, exist_ok=True), f"write {self.uri(path)}")
+
+    def mv(self, path: str, target: str) -> None:
+        self.retry(lambda: self.fs.mv(path, target), f"move {self.uri(path)} to {self.uri(target)}")
+
+    def copy(self, path: str, target: str) -> None:
+        self.retry(lambda: self.fs.copy(path, target), f"copy {self.uri(path)} to {self.uri(target)}")

@@ -4,13 +4,16 @@
       ├─ placement group: N bundles {GPU: 1, CPU: c}, STRICT_PACK, so a group never spans nodes
       └─ N RankWorker actors joined in one torch.distributed group (NCCL on GPUs, gloo on CPU)
             every rank: the transformer's shard (diffusers' `_tp_plan`), the scheduler
-            encoder rank: CLIP + T5, encodes each prompt and broadcasts the embeddings
+            encoder rank: the text encoders (FLUX.1: CLIP + T5; FLUX.2: Mistral), encodes each prompt and
+                          broadcasts the family's encodings
             rank 0:       the VAE; decodes and writes the images, returns the result table
 
-All ranks get the same batch and run the same `Renderer` code in lock-step (see
-flux_worker/tensor_parallel_rank.py, which this module imports only inside the rank actors, so the
-driver and the group's own actor stay light). Where the text encoders and the VAE live (a GPU,
-another GPU, or CPU) comes from the memory planner.
+All ranks get the same batch and run the single-GPU render steps of flux_worker/renderer.py in
+lock-step (`RankRenderer` in flux_worker/tensor_parallel_rank.py, which this module imports only inside
+the rank actors, so the driver and the group's own actor stay light). The pool's stage for a group is
+built beside the single-GPU one, by pipeline/render_stage.py, with `group_options` below. Where the
+text encoders and the VAE live (a GPU, another GPU, or CPU) comes from the memory planner. Which families have
+tensor-parallel replicas, and which classes their ranks load, comes from the model table (families.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flux_worker.memory_plan import KNOWN_MODELS, PlanError, model_configs, parse_size, placement_of, plan_memory
+from flux_worker.families import FAMILIES, Family, family_of
+from flux_worker.memory_plan import PlanError, model_configs, parse_size, placement_of, plan_memory
 from flux_worker.presets import resolve_preset
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
@@ -38,6 +42,20 @@ GROUP_READY_SECONDS = float(os.environ.get("FLUXBATCH_TP_READY_SECONDS", "600"))
 
 class TensorParallelError(FluxbatchError, RuntimeError):
     """A tensor-parallel group could not be formed or lost lock-step; the message says what to change."""
+
+
+def unsupported_family(family: Family) -> str:
+    """Why a family has no tensor-parallel replicas (its entry names no `tp_decode`), and what to do instead."""
+    able = ", ".join(f.name for f in FAMILIES.values() if f.tp_decode)
+    return (f"model family {family.name} ({family.pipeline_class}) renders on one GPU per replica; "
+            f"tensor-parallel replicas render {able} only: set gpus_per_replica 1")
+
+
+def check_family(job: JobSpec) -> None:
+    """Refuse a tensor-parallel replica of a family that has none, before anything is written or started."""
+    family = family_of(resolve_preset(job.model.name))
+    if family.tp_decode is None:
+        raise TensorParallelError(f"gpus_per_replica {job.gpus_per_replica}: {unsupported_family(family)}")
 
 
 def check_divisible(config: Any, degree: int) -> None:
@@ -85,8 +103,12 @@ class RankWorker:
                                      device=device, placement=Placement(**placement), threads=threads, **renderer)
 
     def render(self, batch: pa.Table) -> pa.Table | None:
-        result = self.renderer(batch)
-        return result if self.renderer.rank == 0 else None
+        """The batch's result rows on rank 0; None on the other ranks, which render in lock-step and write nothing."""
+        return self.renderer(batch)
+
+    def holdings(self) -> dict[str, Any]:
+        """What this rank holds, on which device (RankRenderer.holdings)."""
+        return self.renderer.holdings()
 
 
 GROUP_NAME_PREFIX = "fluxbatch-tp-"
@@ -140,10 +162,16 @@ class TensorParallelReplica:
                                 threads, renderer)
             for rank, worker in enumerate(self.ranks)
         ])
+        log.info("tensor-parallel group of %d: %s", tp_degree, "; ".join(
+            f"rank {rank}: {held}" for rank, held in enumerate(self.holdings())))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Same batch to every rank; they run in lock-step and rank 0 returns the written rows.
         return ray.get([worker.render.remote(batch) for worker in self.ranks])[0]
+
+    def holdings(self) -> list[dict[str, Any]]:
+        """What each rank holds, in rank order: where the plan's placement put the text encoders and the VAE."""
+        return ray.get([worker.holdings.remote() for worker in self.ranks])
 
     def nodes(self) -> list[str]:
         """The node id of every rank (all the same: a group never spans nodes)."""
@@ -177,15 +205,10 @@ def gpu_memory() -> int | None:
         return None
 
 
-def _planner_model(job: JobSpec) -> str:
-    preset = resolve_preset(job.model.name)
-    return preset.name if preset.name in KNOWN_MODELS else preset.source
-
-
 def _plan_for(job: JobSpec, degree: int | None):
     """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
     preset = resolve_preset(job.model.name)
-    model = _planner_model(job)
+    model = job.model.name  # the planner looks it up in the model table: a preset, its hub id, or a folder
     memory = gpu_memory()
     if memory is None:
         return None
@@ -200,6 +223,8 @@ def _plan_for(job: JobSpec, degree: int | None):
 def resolve_gpus_per_replica(job: JobSpec) -> float:
     """The job's GPUs per replica; `auto` asks the memory planner about the cluster's cards (0 without GPUs)."""
     if job.gpus_per_replica != "auto":
+        if float(job.gpus_per_replica) > 1:
+            check_family(job)
         return float(job.gpus_per_replica)
     if not ray.cluster_resources().get("GPU"):
         return 0.0
@@ -222,14 +247,12 @@ def cpus_per_rank(job: JobSpec, degree: int) -> int:
     return max(1, (job.cpus_per_replica or degree) // degree)
 
 
-def replica_stage(job: JobSpec, degree: int, renderer: dict[str, Any]) -> tuple[type, dict[str, Any], dict[str, Any]]:
-    """The map_batches callable, its constructor kwargs and its own resources for a TP-`degree` replica.
-
-    The callable itself holds no GPU: its rank actors do, in their placement group.
-    """
+def group_options(job: JobSpec, degree: int, threads: int | None) -> dict[str, Any]:
+    """`TensorParallelReplica`'s own constructor arguments for a TP-`degree` group of `job` (those it shares with
+    `Renderer` come from pipeline/render_stage.py); `threads` becomes the threads of each rank."""
     placement: dict[str, Any] = {"encoder_rank": degree - 1}
     try:
-        configs, _ = model_configs(_planner_model(job))
+        configs, _ = model_configs(job.model.name)
         check_divisible(configs["transformer"], degree)  # fail here, not in N actors
         plan = _plan_for(job, degree)
     except PlanError:
@@ -237,7 +260,4 @@ def replica_stage(job: JobSpec, degree: int, renderer: dict[str, Any]) -> tuple[
     if plan is not None and plan.fits:
         placement = placement_of(plan)
     cpus = cpus_per_rank(job, degree)
-    kwargs = {**renderer, "tp_degree": degree, "placement": placement, "cpus_per_rank": cpus}
-    if kwargs.get("threads"):
-        kwargs["threads"] = cpus
-    return TensorParallelReplica, kwargs, {"num_gpus": None, "num_cpus": 0}
+    return {"tp_degree": degree, "placement": placement, "cpus_per_rank": cpus, "threads": cpus if threads else None}

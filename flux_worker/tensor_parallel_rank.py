@@ -1,9 +1,12 @@
 """What one rank of a tensor-parallel group runs: the process group, the sharded transformer, the renderer.
 
-Every rank holds its shard of the transformer (diffusers' `_tp_plan`) and the scheduler; the encoder
-rank also holds CLIP and T5 and broadcasts each prompt's embeddings; rank 0 also holds the VAE, and
-decodes and writes. The row-wise layers all-reduce, so every rank ends the denoising loop with the
-same latents. flux_worker/tensor_parallel.py forms the groups and drives them.
+Every rank holds its shard of the transformer (diffusers' `_tp_plan` of the family's transformer class) and the
+scheduler; the encoder rank also holds the text encoders (FLUX.1: CLIP and T5; FLUX.2: Mistral) and broadcasts
+each prompt's encodings, the family's dict of tensors (families.py); rank 0 also holds the VAE, and decodes
+(the family's `tp_decode`) and writes. The row-wise layers all-reduce, so every rank ends the denoising loop
+with the same latents. Which pipeline class and components, from the model table (families.py); where the
+text encoders and the VAE sit, from the memory planner's plan (`Placement`). flux_worker/tensor_parallel.py
+forms the groups and drives them.
 
 On GPUs the transformer is loaded with diffusers' shard-on-load path, so no rank ever holds all of
 it. Diffusers' entry points refuse a CPU mesh, so on CPU (tests, Ray's fake GPUs) the transformer is
@@ -13,21 +16,27 @@ loaded whole and sharded one level below them, with the same plan and the same
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import pyarrow as pa
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
+from flux_worker.cold_start import ColdStart
+from flux_worker.embedding_cache import EmbeddingCache
+from flux_worker.families import Encoding, Family, family_of
 from flux_worker.loading import refuse_pickle, torch_dtype
-from flux_worker.presets import ModelPreset, resolve_preset
-from flux_worker.renderer import Renderer
-from flux_worker.tensor_parallel import TensorParallelError, check_divisible
+from flux_worker.presets import ModelPreset, model_revision, resolve_preset
+from flux_worker.renderer import ImageWriter, Rendered, quiet_libraries, render_rows, render_same_shape, run_pipeline
+from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
 from schemas import ModelSpec
+from schemas.errors import first_line
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("FLUXBATCH_TP_TIMEOUT_SECONDS", "1800")))
 
@@ -85,24 +94,29 @@ def shard_transformer(transformer: torch.nn.Module, mesh: Any) -> None:
         parallelize_module(block, mesh, _styles(relative_plan))
 
 
-def load_transformer(source: str, dtype: torch.dtype, mesh: Any, device: torch.device) -> FluxTransformer2DModel:
-    """This rank's shard of the transformer: shard-on-load on GPUs, load-then-shard on CPU."""
+def load_transformer(family: Family, source: str, dtype: torch.dtype, mesh: Any, device: torch.device,
+                     revision: str | None = None) -> torch.nn.Module:
+    """This rank's shard of the family's transformer: shard-on-load on GPUs, load-then-shard on CPU."""
+    transformer_class = getattr(diffusers, family.component_class("transformer"))
+    common = {"subfolder": "transformer", "revision": revision, "dtype": dtype, "use_safetensors": True}
     if device.type == "cuda":
-        from diffusers import TensorParallelConfig
-
         # Each rank reads only its own slice of every planned weight from the safetensors files.
-        return FluxTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", dtype=dtype, use_safetensors=True,
-            parallel_config=TensorParallelConfig(mesh=mesh),
-        ).to(device)
-    transformer = FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", dtype=dtype,
-                                                         use_safetensors=True)
+        return transformer_class.from_pretrained(
+            source, parallel_config=diffusers.TensorParallelConfig(mesh=mesh), **common).to(device)
+    transformer = transformer_class.from_pretrained(source, **common)
     shard_transformer(transformer, mesh)
     return transformer
 
 
+def text_components(pipeline_class: type) -> list[str]:
+    """The pipeline's components other than the transformer, the VAE and the scheduler: its text encoders and
+    tokenizers (and optional parts such as an image encoder), which only the encoder rank loads."""
+    names = inspect.signature(pipeline_class.__init__).parameters
+    return [n for n in names if n not in ("self", "transformer", "vae", "scheduler", "args", "kwargs")]
+
+
 def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torch.device, placement: Placement,
-                       ) -> tuple[FluxPipeline, FluxPipeline | None, AutoencoderKL | None, ModelPreset]:
+                       ) -> tuple[Any, Any | None, Any | None, ModelPreset]:
     """Load what this rank holds: (denoising pipeline, text-encoding pipeline or None, VAE or None, preset)."""
     if spec.adapters:
         raise TensorParallelError(
@@ -115,119 +129,195 @@ def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torc
             "cannot be split into DTensor shards (diffusers refuses it too); use bf16 shards or one GPU per replica"
         )
     preset = resolve_preset(spec.name)
+    family = family_of(preset)
+    if family.tp_decode is None:
+        raise TensorParallelError(unsupported_family(family))
     if Path(preset.source).is_dir():
         refuse_pickle(preset.source)
     dtype = torch_dtype(spec.dtype, device.type)
     mesh = device_mesh(world_size)
-    transformer = load_transformer(preset.source, dtype, mesh, device)
+    transformer = load_transformer(family, preset.source, dtype, mesh, device, spec.revision)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    vae_class = getattr(diffusers, family.component_class("vae"))
     common = {"revision": spec.revision, "dtype": dtype, "use_safetensors": True}
     # Components passed as None are not read at all, so a rank loads only what it holds.
-    pipe = FluxPipeline.from_pretrained(preset.source, transformer=transformer, vae=None, text_encoder=None,
-                                        text_encoder_2=None, tokenizer=None, tokenizer_2=None, **common)
+    no_text = dict.fromkeys(text_components(pipeline_class))
+    pipe = pipeline_class.from_pretrained(preset.source, transformer=transformer, vae=None, **no_text, **common)
     encoder = vae = None
     if rank == placement.encoder_rank:
-        encoder = FluxPipeline.from_pretrained(preset.source, transformer=None, vae=None, **common)
+        encoder = pipeline_class.from_pretrained(preset.source, transformer=None, vae=None, **common)
         encoder.to(device if placement.encoder_device == "gpu" else "cpu")
     if rank == 0:
-        vae = AutoencoderKL.from_pretrained(preset.source, subfolder="vae", **common)
+        vae = vae_class.from_pretrained(preset.source, subfolder="vae", **common)
         vae.to(device if placement.vae_device == "gpu" else "cpu")
         vae_config = vae.config
     else:
-        vae_config = AutoencoderKL.load_config(preset.source, subfolder="vae", revision=spec.revision)
+        vae_config = vae_class.load_config(preset.source, subfolder="vae", revision=spec.revision)
     # Without a VAE the pipeline would guess the latent scale factor; every rank must agree on it.
     _use_vae_scale(pipe, len(vae_config["block_out_channels"]))
     pipe.set_progress_bar_config(disable=True)
     return pipe, encoder, vae, preset
 
 
-def _use_vae_scale(pipe: FluxPipeline, vae_blocks: int) -> None:
-    from diffusers.image_processor import VaeImageProcessor
-
+def _use_vae_scale(pipe: Any, vae_blocks: int) -> None:
+    # As the pipelines' own __init__ sets them from a VAE (FLUX.1 and FLUX.2 alike: 2x2 patches of latents).
     pipe.vae_scale_factor = 2 ** (vae_blocks - 1)
-    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    pipe.image_processor = type(pipe.image_processor)(vae_scale_factor=pipe.vae_scale_factor * 2)
 
 
 # -- one rank ---------------------------------------------------------------------------------------
 
 
-class RankRenderer(Renderer):
-    """`Renderer` on one rank: prompts are encoded on the encoder rank and broadcast, rank 0 decodes and writes."""
+class RankRenderer:
+    """One rank's part of a group's render, composed of the single-GPU steps (flux_worker/renderer.py): every
+    rank runs `render_rows` on the same batch in lock-step; the prompts are encoded on the encoder rank and
+    broadcast; rank 0 decodes, writes (`ImageWriter`) and returns the rows, the other ranks return nothing."""
 
     def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 rank: int, world_size: int, device: torch.device, placement: Placement, **kwargs: Any):
-        self.rank, self.world_size, self.placement = rank, world_size, placement
+                 rank: int, world_size: int, device: torch.device, placement: Placement,
+                 batch_invariant: bool = True, threads: int | None = None, max_retries: int = 3,
+                 jpeg_quality: int = 95, webp_quality: int = 95, embedding_cache_bytes: int = 256 * 2**20,
+                 write_threads: int = 4, run_id: str | None = None,
+                 compile_cache_options: dict[str, Any] | None = None):
+        # Rank 0 reports the group's cold start (flux_worker/cold_start.py). compile_cache_options: unused, as
+        # the ranks do not compile (model.compile applies to one-GPU replicas).
+        self.start, self.run_id = ColdStart(device.type), run_id
+        quiet_libraries()  # threads: set by RankWorker.start before the group formed
+        self.rank, self.placement, self.device = rank, placement, device
+        self.batch_invariant, self.max_retries = batch_invariant, max_retries
         spec = ModelSpec.model_validate(model)
-        pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement)
-        super().__init__(model, output_uri, storage_options, pipeline=(pipe, preset), **kwargs)
-        self.device = device.type
-        self.rank_device = device
-        config = pipe.transformer.config
-        self.text_shape = (config.joint_attention_dim, config.pooled_projection_dim)
-        self.embed_dtype = pipe.transformer.dtype
-        if self.encoder is not None:
-            self.encoder_device = self.encoder.text_encoder_2.device
-        if rank != 0:
-            self.metrics.enabled = False  # rank 0 counts the group's images
+        self.pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement)
+        self.start.model_loaded()
+        self.family = family_of(preset)
+        self.decode = globals()[self.family.tp_decode]  # decode_flux1 or decode_flux2, below
+        self.embed_dtype = self.pipe.transformer.dtype
+        self.cache = EmbeddingCache(embedding_cache_bytes)  # filled on the encoder rank only
+        self.writer = None
+        if rank == 0:
+            identity = {"model_id": preset.name, "model_revision": model_revision(preset, spec),
+                        "dtype": str(self.embed_dtype).removeprefix("torch.")}
+            self.writer = ImageWriter(output_uri, storage_options, identity=identity, jpeg_quality=jpeg_quality,
+                                      webp_quality=webp_quality, write_threads=write_threads, device=device.type)
 
-    def _encode(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Only the encoder rank holds the text encoders; the others receive its result. A status flag
-        # goes first, so a failed encode raises on every rank instead of leaving the others waiting.
-        embeds = torch.empty((1, max_sequence_length, self.text_shape[0]), dtype=self.embed_dtype,
-                             device=self.rank_device)
-        pooled = torch.empty((1, self.text_shape[1]), dtype=self.embed_dtype, device=self.rank_device)
-        error: BaseException | None = None
-        if self.rank == self.placement.encoder_rank:
+    def __call__(self, batch: pa.Table) -> pa.Table | None:
+        outcomes = render_rows(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,
+                               max_retries=self.max_retries)
+        if self.writer is None:
+            for _ in outcomes:  # the same groups, splits and retries as rank 0; nothing to write or report
+                pass
+            return None
+        result = self.writer.results(batch, outcomes)
+        self.start.after_batch(result, self.writer.fs, self.writer.root, self.run_id)
+        return result
+
+    def holdings(self) -> dict[str, Any]:
+        """What this rank holds and on which device: the transformer (with the parameters of its shard), and the
+        text encoders and the VAE where the plan put them here."""
+        from torch.distributed.tensor import DTensor
+
+        shard = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in self.pipe.transformer.parameters())
+        held: dict[str, Any] = {"transformer": str(self.device), "transformer_parameters": shard}
+        for owner, names in ((self.encoder, text_components(type(self.pipe))), (self, ["vae"])):
+            for name in names:
+                module = getattr(owner, name, None) if owner is not None else None
+                if isinstance(module, torch.nn.Module):
+                    held[name] = str(next(module.parameters()).device)
+        return held
+
+    def render_group(self, rows: list[dict[str, Any]]) -> list[Rendered]:
+        if any(row["adapters"] for row in rows):
+            raise TensorParallelError("LoRA adapters are not supported on tensor-parallel replicas")
+        if any(row.get("reference_images") for row in rows):
+            # The pipelines encode reference images with the VAE, which only rank 0 holds: refused, never dropped.
+            raise TensorParallelError("reference images are not supported on tensor-parallel replicas; render rows "
+                                      "with reference_images with gpus_per_replica 1")
+        return render_same_shape(rows, self.encode, self.generate)
+
+    def encode(self, prompt: str, max_sequence_length: int) -> Encoding:
+        """The prompt's encodings on every rank: encoded on the encoder rank, which alone holds the text
+        encoders, and broadcast. The family's dict (FLUX.1: sequence and pooled embeddings; FLUX.2: the sequence
+        only) is described first, names and shapes, with the error if the encode failed: so the other ranks
+        allocate what comes, and a failed encode raises on every rank instead of leaving the others waiting."""
+        source = self.placement.encoder_rank
+        found: Encoding = {}
+        header: list[Any] = [None, []]  # [error text or None, [(name, shape), ...]]
+        if self.rank == source:
             try:
+                # A copy of Renderer._encode's body, on the encoder pipeline: keep the two alike.
                 found = self.cache.get(prompt, max_sequence_length)
                 if found is None:
                     with torch.inference_mode():
-                        found = self.encoder.encode_prompt(prompt=[prompt], prompt_2=None, device=self.encoder_device,
-                                                           max_sequence_length=max_sequence_length)[:2]
+                        found = self.family.encode(self.encoder, prompt, max_sequence_length, self.encoder.device)
                     self.cache.put(prompt, max_sequence_length, found)
-                embeds.copy_(found[0])
-                pooled.copy_(found[1])
+                header[1] = [(name, tuple(tensor.shape)) for name, tensor in found.items()]
             except Exception as failure:  # noqa: BLE001 - re-raised below, after the others know
-                error = failure
-        self._agree(error, "encode")
-        dist.broadcast(embeds, src=self.placement.encoder_rank)
-        dist.broadcast(pooled, src=self.placement.encoder_rank)
-        return embeds, pooled
+                header[0] = first_line(failure, typed=True)
+                dist.broadcast_object_list(header, src=source)
+                raise
+        dist.broadcast_object_list(header, src=source)
+        if header[0] is not None:
+            raise TensorParallelError(f"the encoder rank failed to encode the prompt: {header[0]}")
+        encodings: Encoding = {}
+        for name, shape in header[1]:
+            if self.rank == source:
+                tensor = found[name].to(self.device, self.embed_dtype)
+            else:
+                tensor = torch.empty(shape, dtype=self.embed_dtype, device=self.device)
+            dist.broadcast(tensor, src=source)
+            encodings[name] = tensor
+        return encodings
 
-    def _generate(self, first: dict[str, Any], embeds: torch.Tensor, pooled: torch.Tensor,
-                  generators: list[torch.Generator]) -> list[Any]:
-        latents = self._run_pipeline(first, embeds, pooled, generators, output_type="latent")
+    def generate(self, first: dict[str, Any], inputs: dict[str, torch.Tensor],
+                 generators: list[torch.Generator]) -> list[Any]:
+        """Denoise on every rank (the sharded transformer); decode on rank 0, the others get no images."""
+        with self.start.first_call():
+            latents = run_pipeline(self.pipe, first, inputs, generators, output_type="latent")
         images: list[Any] = [None] * latents.shape[0]
         error: BaseException | None = None
         if self.rank == 0:
             try:
-                images = self._decode(latents, first["height"], first["width"])
+                images = self.decode(self.pipe, self.vae, latents, first["height"], first["width"])
             except Exception as failure:  # noqa: BLE001 - re-raised below, after the others know
                 error = failure
         self._agree(error, "decode")
         return images
 
-    def _decode(self, latents: torch.Tensor, height: int, width: int) -> list[Any]:
-        # FluxPipeline's own decode step, run where the planner put the VAE.
-        pipe, vae = self.pipe, self.vae
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")
-
     def _agree(self, error: BaseException | None, stage: str) -> None:
         """Keep lock-step: if any rank failed at `stage`, every rank raises (so all split and retry alike)."""
-        failed = torch.tensor([0 if error is None else 1], device=self.rank_device)
+        failed = torch.tensor([0 if error is None else 1], device=self.device)
         dist.all_reduce(failed)
         if error is not None:
             raise error
         if int(failed.item()):
             raise TensorParallelError(f"another rank of the tensor-parallel group failed to {stage}")
 
-    def _write(self, item: Any, tries: int) -> dict[str, Any]:
-        if self.rank == 0:
-            return super()._write(item, tries)
-        return {**item.row, "error": None, "attempts": tries}  # rank 0's table is the one returned
 
-    def _use_adapters(self, adapters: Any) -> None:
-        if adapters:
-            raise TensorParallelError("LoRA adapters are not supported on tensor-parallel replicas")
+# -- decoding a group's latents on rank 0: each family's `tp_decode` (families.py) -----------------------------
+
+
+def decode_flux1(pipe: Any, vae: Any, latents: torch.Tensor, height: int, width: int) -> list[Any]:
+    """FluxPipeline's own decode step (unpack, unscale, AutoencoderKL), run where the planner put the VAE."""
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def decode_flux2(pipe: Any, vae: Any, latents: torch.Tensor, height: int, width: int) -> list[Any]:
+    """Flux2Pipeline's own decode step, run where the planner put the VAE: the packed tokens scattered back by
+    their position ids, the VAE's batch-norm statistics undone, the 2x2 patches unfolded, AutoencoderKLFlux2.
+
+    Copied from Flux2Pipeline.__call__ (diffusers 0.42.1, after the denoising loop); with output_type="latent"
+    the pipeline returns the packed latents before these steps. tests/test_flux2_tensor_parallel.py checks that
+    a group's images equal the pipeline's own."""
+    scale = pipe.vae_scale_factor * 2
+    # The ids depend on the latent grid's shape only (Flux2Pipeline.prepare_latents made them the same way).
+    grid = torch.empty((latents.shape[0], 0, height // scale, width // scale))
+    latent_ids = pipe._prepare_latent_ids(grid).to(latents.device)
+    latents = pipe._unpack_latents_with_ids(latents, latent_ids)
+    bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                               latents.dtype)
+    latents = pipe._unpatchify_latents(latents * bn_std + bn_mean)
+    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")

@@ -18,12 +18,10 @@ import os
 import stat
 from pathlib import Path
 
+from flux_worker.families import PIPELINE_CLASSES  # the model table's classes, which loading.py loads
 from schemas.errors import FluxbatchError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# The pipeline classes flux_worker/loading.py renders with (it loads every model through FluxPipeline);
-# tests/test_preflight.py checks the two agree.
-PIPELINE_CLASSES = ("FluxPipeline",)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own bound on its JSON header
 
 

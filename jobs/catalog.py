@@ -17,7 +17,6 @@ of it otherwise, so no product text can name a path outside OUTPUT/catalog.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -27,12 +26,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import filesystem, read_bytes, uri, write_bytes
+from flux_worker.storage import filesystem
 from pipeline.plan import image_key
-from schemas import FailureRecord, RunSummary
+from pipeline.references import check_references, default_roots
+from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.catalog import DEFAULT_TEMPLATE, CatalogReport, CatalogSpec, aspect_size
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.job_template import template_fields
+from schemas.records import REFERENCES_TYPE
 
 MANIFEST_NAME = "manifest.parquet"
 REQUIRED_COLUMNS = ("sku", "title", "category")
@@ -52,6 +53,7 @@ class Product:
     category: str
     attributes: dict[str, str]
     updated_at: Any
+    reference_images: tuple[str, ...] = ()  # product photos; relative paths are relative to the product table
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ def read_products(spec: CatalogSpec) -> tuple[list[Product], list[FailureRecord]
     """Every valid product row, a failure (row, field, reason) for each refused one, and the row count."""
     fs, path = filesystem(spec.products, spec.storage_options)
     try:
-        table = pq.read_table(pa.BufferReader(read_bytes(fs, path)))
+        table = pq.read_table(pa.BufferReader(fs.read_bytes(path)))
     except (OSError, pa.ArrowException) as error:
-        raise ProductTableError(f"cannot read the product table {spec.products!r}: {str(error).splitlines()[0]}") \
+        raise ProductTableError(f"cannot read the product table {spec.products!r}: {first_line(error)}") \
             from None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
@@ -122,7 +124,12 @@ def _check_product(index: int, values: dict[str, Any],
     attributes = _attributes(values.get("attributes"))
     if isinstance(attributes, str):
         return "attributes", attributes, sku
-    return Product(index, sku, texts["title"], texts["category"], attributes, values.get("updated_at"))
+    photos = values.get("reference_images")
+    photos = () if photos is None else (photos,) if isinstance(photos, str) else photos
+    if not isinstance(photos, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in photos):
+        return "reference_images", "reference_images must be an image URL or a list of them", sku
+    return Product(index, sku, texts["title"], texts["category"], attributes, values.get("updated_at"),
+                   tuple(photos))
 
 
 def _attributes(value: Any) -> dict[str, str] | str:
@@ -156,11 +163,15 @@ def product_prompt(spec: CatalogSpec, product: Product) -> str:
     return template.format(**values)
 
 
-def catalog_manifest(spec: CatalogSpec, products: list[Product]) -> tuple[pa.Table, list[Asset], list[FailureRecord]]:
-    """One manifest row per (product, aspect), the assets they render, and the products refused."""
+def catalog_manifest(spec: CatalogSpec, products: list[Product], photos: dict[str, list[dict[str, str]]] | None = None,
+                     ) -> tuple[pa.Table, list[Asset], list[FailureRecord]]:
+    """One manifest row per (product, aspect), the assets they render, and the products refused.
+
+    `photos`: each product's checked reference images by SKU (`product_photos`), absolute URL and sha256."""
     rows: list[dict[str, Any]] = []
     assets: list[Asset] = []
     failures: list[FailureRecord] = []
+    photos = photos or {}
     for product in products:
         try:
             prompt = product_prompt(spec, product)
@@ -172,18 +183,49 @@ def catalog_manifest(spec: CatalogSpec, products: list[Product]) -> tuple[pa.Tab
         for aspect in spec.aspects:
             width, height = aspect_size(aspect, spec.size)
             seed = _seed(spec.seed, product.sku, aspect)
-            params = json.dumps([product.sku, aspect, prompt, width, height, seed], ensure_ascii=False)
+            fields = [product.sku, aspect, prompt, width, height, seed]
+            # Photos only when given: the ids (and so the keys) of products without photos stay what they were.
+            fields += [[ref["url"] for ref in photos[product.sku]]] if photos.get(product.sku) else []
+            params = json.dumps(fields, ensure_ascii=False)
             # Variants are left out, so adding one renders only the new variant.
             request_id = "cat-" + hashlib.blake2b(params.encode(), digest_size=12).hexdigest()
+            references = photos.get(product.sku) or []
             rows.append({"id": request_id, "prompt": prompt, "width": width, "height": height, "seed": seed,
-                         "num_images": spec.variants, "sku": product.sku, "aspect": aspect})
+                         "num_images": spec.variants, "reference_images": [ref["url"] for ref in references],
+                         "sku": product.sku, "aspect": aspect})
             folder = f"{sku_folder(product.sku)}/{aspect_folder(aspect)}"
-            assets += [Asset(product.sku, aspect, v, f"{folder}/{v}", image_key(request_id, v))
+            # The key covers the photos' sha256, as the planner's does: a replaced photo is a changed asset.
+            shas = [ref["sha256"] for ref in references]
+            assets += [Asset(product.sku, aspect, v, f"{folder}/{v}", image_key(request_id, v, shas))
                        for v in range(spec.variants)]
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int32()),
                         ("height", pa.int32()), ("seed", pa.int64()), ("num_images", pa.int32()),
-                        ("sku", pa.string()), ("aspect", pa.string())])
+                        ("reference_images", pa.list_(pa.string())), ("sku", pa.string()), ("aspect", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema), assets, failures
+
+
+def product_photos(spec: CatalogSpec, products: list[Product], job: JobSpec,
+                   ) -> tuple[list[Product], dict[str, list[dict[str, str]]], list[FailureRecord]]:
+    """The products whose photos pass the render's own reference checks (pipeline/references.py: inside the job's
+    roots, an image within the limits), each one's photos (resolved URL, sha256), and a failure per refused photo.
+
+    Checked here, before the manifest is written, so an asset's key (which covers the photos' sha256) is known
+    for publishing, and a product with a bad photo is refused like any other bad product row (its live images
+    stay). The render checks the photos again (a second read), as it does any manifest's.
+    """
+    with_photos = [p for p in products if p.reference_images]
+    if not with_photos:
+        return products, {}, []
+    table = pa.table({
+        "request_id": [p.sku for p in with_photos], "source": [spec.products] * len(with_photos),
+        "row": pa.array([p.row for p in with_photos], pa.int64()),
+        "reference_images": pa.array([[{"url": url, "sha256": None} for url in p.reference_images]
+                                      for p in with_photos], REFERENCES_TYPE)})
+    failures: list[FailureRecord] = []
+    checked = check_references(table, job, failures.append)
+    photos = dict(zip(checked.column("request_id").to_pylist(), checked.column("reference_images").to_pylist()))
+    refused = {f.request_id for f in failures}
+    return [p for p in products if p.sku not in refused], photos, failures
 
 
 def _seed(seed: int, sku: str, aspect: str) -> int:
@@ -204,15 +246,17 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     # Before the manifest goes into OUTPUT: render() would then find it there and could not tell it from a user's.
     refuse_foreign_output(fs, root, own={MANIFEST_NAME})
     products, failures, rows = read_products(spec)
-    table, assets, refused = catalog_manifest(spec, products)
+    job = spec.job_for(fs.uri(f"{root}/{MANIFEST_NAME}"))
+    if not job.reference_roots:  # the manifest is written into OUTPUT: photos default to the product table's place
+        job.reference_roots = default_roots(spec.products)
+    products, photos, refused = product_photos(spec, products, job)
     failures += refused
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes(fs, f"{root}/{MANIFEST_NAME}", sink.getvalue())
+    table, assets, refused = catalog_manifest(spec, products, photos)
+    failures += refused
+    fs.write_bytes(f"{root}/{MANIFEST_NAME}", ledger.parquet_bytes(table))
     done_before = ledger.done_keys(fs, root)
 
-    summary = render(spec.job_for(uri(fs, f"{root}/{MANIFEST_NAME}")), new_version=new_version,
-                     allow_non_empty_output=True, progress=progress)
+    summary = render(job, new_version=new_version, allow_non_empty_output=True, progress=progress)
 
     # After the render, under its run id: the render's end removes only the parts of earlier runs.
     ledger.write_failures(fs, root, summary.run_id, "catalog", failures)
@@ -224,5 +268,5 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     current = {p.sku for p in products} | {f.request_id for f in failures if f.request_id}
     publish(fs, root, assets, done_before, report, current_skus=current)
     report.finished_at = datetime.now(timezone.utc)
-    write_bytes(fs, f"{root}/catalog/_runs/{summary.run_id}.json", (report.model_dump_json(indent=2) + "\n").encode())
+    fs.write_bytes(f"{root}/catalog/_runs/{summary.run_id}.json", (report.model_dump_json(indent=2) + "\n").encode())
     return report, summary

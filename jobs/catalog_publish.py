@@ -14,11 +14,10 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux_worker.storage import read_bytes, with_retries, write_bytes
+from flux_worker.storage import Storage
 from jobs.catalog import Asset
 from pipeline import ledger
 from schemas.catalog import CatalogReport
@@ -26,15 +25,15 @@ from schemas.catalog import CatalogReport
 INDEX = "catalog/_index.json"
 
 
-def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+def read_index(fs: Storage, root: str) -> dict[str, dict[str, Any]]:
     """The live assets by path id (`<sku>/<aspect>/<variant>`), empty before the first publish."""
     path = f"{root}/{INDEX}"
-    if not with_retries(lambda: fs.exists(path), f"stat {path}"):
+    if not fs.exists(path):
         return {}
-    return json.loads(read_bytes(fs, path))["assets"]
+    return json.loads(fs.read_bytes(path))["assets"]
 
 
-def _finished(fs: fsspec.AbstractFileSystem, root: str, keys: set[str]) -> dict[str, dict[str, Any]]:
+def _finished(fs: Storage, root: str, keys: set[str]) -> dict[str, dict[str, Any]]:
     """The ledger's rows for `keys`: where each finished image is and its sha256."""
     table = ledger.read_table(fs, root, "metadata")
     if table is None:
@@ -43,7 +42,7 @@ def _finished(fs: fsspec.AbstractFileSystem, root: str, keys: set[str]) -> dict[
     return {row["key"]: row for row in table.select(["key", "image_uri", "sha256"]).to_pylist()}
 
 
-def publish(fs: fsspec.AbstractFileSystem, root: str, assets: list[Asset], done_before: set[str],
+def publish(fs: Storage, root: str, assets: list[Asset], done_before: set[str],
             report: CatalogReport, current_skus: set[str]) -> None:
     """Bring every stable path up to this run's image, fill the report's SKU lists, and write the index."""
     index = read_index(fs, root)
@@ -79,26 +78,26 @@ def publish(fs: fsspec.AbstractFileSystem, root: str, assets: list[Asset], done_
             live.setdefault(path_id, entry)
     document = {"assets": dict(sorted(live.items())), "updated_at": datetime.now(timezone.utc).isoformat(),
                 "run_id": report.run_id}
-    write_bytes(fs, f"{root}/{INDEX}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    fs.write_bytes(f"{root}/{INDEX}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _replace(fs: fsspec.AbstractFileSystem, root: str, asset: Asset, record: dict[str, Any],
+def _replace(fs: Storage, root: str, asset: Asset, record: dict[str, Any],
              old: dict[str, Any] | None, report: CatalogReport) -> dict[str, Any]:
     """Keep the live file (if any) under _previous/, then write the new image to the stable path."""
     ext = record["image_uri"].rsplit(".", 1)[-1]
     path = f"catalog/{asset.path_id}.{ext}"
-    if old is not None and with_retries(lambda: fs.exists(f"{root}/{old['path']}"), f"stat {old['path']}"):
+    if old is not None and fs.exists(f"{root}/{old['path']}"):
         old_ext = old["path"].rsplit(".", 1)[-1]
         kept = f"{root}/catalog/_previous/{asset.path_id}/{report.run_id}.{old_ext}"
-        write_bytes(fs, kept, read_bytes(fs, f"{root}/{old['path']}"))
+        fs.write_bytes(kept, fs.read_bytes(f"{root}/{old['path']}"))
         report.previous_versions_kept += 1
         if old["path"] != path:  # the format changed: the old name must not stay live
-            with_retries(lambda: fs.rm_file(f"{root}/{old['path']}"), f"remove {old['path']}")
-    data = read_bytes(fs, record["image_uri"])
+            fs.rm_file(f"{root}/{old['path']}")
+    data = fs.read_bytes(record["image_uri"])
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise RuntimeError(f"image {record['image_uri']} does not match the sha256 in its metadata row; "
                            "delete it and re-run to render it again")
-    write_bytes(fs, f"{root}/{path}", data)
+    fs.write_bytes(f"{root}/{path}", data)
     report.assets_published += 1
     return {"sku": asset.sku, "aspect": asset.aspect, "variant": asset.variant, "key": asset.key, "path": path,
             "sha256": record["sha256"], "published_at": datetime.now(timezone.utc).isoformat()}

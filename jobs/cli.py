@@ -120,9 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Write a random-weight Flux pipeline, loadable with "
                                  "FluxPipeline.from_pretrained(PATH), built offline.")
     build.add_argument("path", help="folder to write")
-    build.add_argument("--size", choices=["tiny", "bench"], default="tiny",
-                       help="tiny: milliseconds per image, for tests; bench: ~0.2-0.5 s per image on 2 CPU cores")
+    build.add_argument("--size", choices=["tiny", "bench", "full"], default="tiny",
+                       help="tiny: milliseconds per image, for tests; bench: ~0.2-0.5 s per image on 2 CPU cores; "
+                            "full: the real FLUX.1 architecture (~34 GB, made on a GPU if there is one), for GPU "
+                            "benchmarks")
+    build.add_argument("--variant", choices=["schnell", "dev"], default="dev",
+                       help="--size full: FLUX.1-schnell or -dev (guidance embedding, 28 steps); default dev")
     build.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    from flux_worker.families import FAMILIES  # the model table; imports no torch
+
+    build.add_argument("--family", choices=list(FAMILIES), default="flux.1",
+                       help="which pipeline to build: " + ", ".join(f"{f.name} ({f.pipeline_class})"
+                                                                     for f in FAMILIES.values()))
 
     from jobs.dataset_commands import add_parsers
 
@@ -130,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.cluster_commands import add_parsers as add_cluster_parsers
 
     add_cluster_parsers(sub)  # submit, schedule
+    from jobs.k8s import add_parsers as add_k8s_parser
+
+    add_k8s_parser(sub)  # k8s: the RayJob / RayCronJob of a command
     sub.add_parser("plan", help="memory planner: tensor-parallel degree and placement for a GPU size",
                    add_help=False)
     return parser
@@ -221,10 +233,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:
-    from flux_worker.model_build import build_model
+    from flux_worker.model_build import build_full_model, build_model
+    from jobs.errors import UsageError
 
-    folder = build_model(args.path, args.size, args.seed)
-    print(f"wrote a random-weight {args.size} Flux pipeline to {folder}")
+    if args.size == "full":
+        if args.family != "flux.1":
+            raise UsageError(f"--size full builds FLUX.1 only (schnell or dev), not {args.family}")
+        folder = build_full_model(args.path, args.variant, seed=args.seed)
+        print(f"wrote a random-weight full-size FLUX.1-{args.variant} pipeline to {folder}")
+        return 0
+    folder = build_model(args.path, args.size, args.seed, family=args.family)
+    print(f"wrote a random-weight {args.size} {args.family} pipeline to {folder}")
     return 0
 
 
@@ -263,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.cluster_commands import run_command as run_cluster_command
 
             return run_cluster_command(args)
+        if args.command == "k8s":
+            from jobs.k8s import run_command as run_k8s_command
+
+            return run_k8s_command(args)
         if args.command in ("synthesize", "catalog"):
             from jobs.dataset_commands import run_command
 

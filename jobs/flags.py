@@ -23,8 +23,10 @@ from schemas import JobSpec
 # Given as positionals (MANIFEST, OUTPUT) or by the hand-written --storage-option (key=value, nests, merges).
 NOT_FLAGS = {"manifest", "output.uri", "storage_options", "output.storage_options"}
 # Flag names older than this module, kept so command lines and scripts keep working.
-NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter"}
-METAVARS = {"model.name": "PRESET|HUB_ID|PATH", "model.adapters": "NAME=PATH", "gpus_per_replica": "N|auto"}
+NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter",
+         "reference_roots": "--reference-root"}
+METAVARS = {"model.name": "PRESET|HUB_ID|PATH", "model.adapters": "NAME=PATH", "gpus_per_replica": "N|auto",
+            "reference_roots": "URL"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class JobFlag:
 
     field: str  # dotted path in JobSpec: "model.dtype"
     names: tuple[str, ...]  # a bool has two: ("--compile", "--no-compile")
-    kind: str  # int, float, str, bool, choice, number-or-auto, mapping
+    kind: str  # int, float, str, bool, choice, number-or-auto, mapping, list
     help: str
     default: Any
     choices: tuple[str, ...] = ()
@@ -79,6 +81,8 @@ def _flag(field: str, info: Any) -> JobFlag:
         return JobFlag(field, (name,), others[0].__name__, info.description or "", default, (), bounds)
     if len(others) == 1 and typing.get_origin(others[0]) is dict:
         return JobFlag(field, (name,), "mapping", info.description or "", None)
+    if len(others) == 1 and typing.get_origin(others[0]) is list and typing.get_args(others[0]) == (str,):
+        return JobFlag(field, (name,), "list", info.description or "", None)  # repeated: one item each
     raise TypeError(f"JobSpec field {field} ({info.annotation}) has no flag type; teach jobs/flags.py _flag")
 
 
@@ -129,6 +133,8 @@ def _add(group: Any, flag: JobFlag) -> None:
         return
     if flag.kind == "mapping":
         options.update(action="append", type=_key_value(flag.names[0]))
+    elif flag.kind == "list":
+        options.update(action="append", type=str)
     elif flag.kind == "number-or-auto":
         options.update(type=_number_or(flag.choices))
     else:
@@ -140,7 +146,7 @@ def _add(group: Any, flag: JobFlag) -> None:
 def _help(flag: JobFlag) -> str:
     shown = _default_text(flag)
     # argparse formats help with %: a literal percent in a description must be doubled.
-    text = flag.help.replace("%", "%%") + (" (repeatable)" if flag.kind == "mapping" else "")
+    text = flag.help.replace("%", "%%") + (" (repeatable)" if flag.kind in ("mapping", "list") else "")
     return f"{text} (default {shown})" if shown and flag.kind != "bool" else text
 
 
@@ -204,6 +210,8 @@ def flags_as_typed(args: argparse.Namespace) -> dict[str, str]:
             typed[flag.field] = flag.names[0] if value else "--no-" + flag.names[0][2:]
         elif flag.kind == "mapping":
             typed.update({f"{flag.field}.{k}": f"{flag.names[0]} {k}={v}" for k, v in value})
+        elif flag.kind == "list":
+            typed[flag.field] = " ".join(f"{flag.names[0]} {item}" for item in value)
         else:
             typed[flag.field] = f"{flag.names[0]} {value}"
     return typed
@@ -215,6 +223,7 @@ def flags_markdown() -> str:
     for flag in JOB_FLAGS:
         names = " / ".join(f"`{n}`" for n in flag.names)
         value = {"bool": "switch", "mapping": f"`{METAVARS.get(flag.field, 'KEY=VALUE')}`, repeatable",
+                 "list": f"`{METAVARS.get(flag.field, 'VALUE')}`, repeatable",
                  "choice": " \\| ".join(flag.choices), "str": "text", "int": "integer", "float": "number",
                  "number-or-auto": "number \\| " + " \\| ".join(flag.choices)}[flag.kind]
         low, high = (_number_text(bound) for bound in flag.bounds)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.overrides import read_spec_file
 
 # Never uploaded: environments, caches, and the outputs a local run leaves behind.
@@ -161,8 +161,7 @@ def explain(error: Exception, address: str, token: str | None) -> SubmitError:
                 if token else "the cluster requires a token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or pass "
                 "--token-file (`ray get-auth-token` on the head node prints it)")
         return SubmitError(f"cannot submit to {address}: {hint}")
-    first = text.splitlines()[0] if text else type(error).__name__
-    return SubmitError(f"cannot submit to the Ray Jobs API at {address}: {first}")
+    return SubmitError(f"cannot submit to the Ray Jobs API at {address}: {first_line(error)}")
 
 
 def submit(spec_file: str | Path, address: str, *, token_file: str | None = None, follow: bool = True,

@@ -11,16 +11,15 @@ through `pipeline.render` like any other job; `output.layout` picks files, WebDa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import filesystem, read_bytes, uri, write_bytes
+from flux_worker.storage import filesystem
 from schemas import RunSummary
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.job_template import template_fields
 from schemas.synthesis import SlotColumn, SynthesisSpec
 
@@ -49,9 +48,9 @@ def slot_vocabularies(spec: SynthesisSpec) -> dict[str, list[str]]:
 def _column_words(slot: str, source: SlotColumn, storage_options: dict[str, Any]) -> list[str]:
     fs, path = filesystem(source.parquet, storage_options)
     try:
-        table = pq.read_table(pa.BufferReader(read_bytes(fs, path)))
+        table = pq.read_table(pa.BufferReader(fs.read_bytes(path)))
     except (OSError, pa.ArrowException) as error:
-        raise SlotVocabularyError(f"slot {slot!r}: cannot read {source.parquet!r}: {str(error).splitlines()[0]}") \
+        raise SlotVocabularyError(f"slot {slot!r}: cannot read {source.parquet!r}: {first_line(error)}") \
             from None
     if source.column not in table.column_names:
         raise SlotVocabularyError(f"slot {slot!r}: {source.parquet!r} has no column {source.column!r}; "
@@ -101,12 +100,12 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
 def write_manifest(spec: SynthesisSpec, table: pa.Table) -> str:
     """Write the drawn manifest and the spec into OUTPUT; returns the manifest's URL."""
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes(fs, f"{root}/{MANIFEST_NAME}", sink.getvalue())
+    from pipeline.ledger import parquet_bytes
+
+    fs.write_bytes(f"{root}/{MANIFEST_NAME}", parquet_bytes(table))
     document = spec.model_dump(mode="json")  # storage options are excluded by the schema
-    write_bytes(fs, f"{root}/{SPEC_NAME}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
-    return uri(fs, f"{root}/{MANIFEST_NAME}")
+    fs.write_bytes(f"{root}/{SPEC_NAME}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    return fs.uri(f"{root}/{MANIFEST_NAME}")
 
 
 def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = False,

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import logging
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux_worker.storage import with_retries
+from flux_worker.storage import Storage
 from pipeline import ledger
 from schemas import OutputFormat
 from schemas.errors import FluxbatchError
@@ -41,7 +40,7 @@ class ChangedRowsError(FluxbatchError, ValueError):
     """Rows whose render parameters differ from their committed images; re-rendering them replaces those images."""
 
 
-def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table | None:
+def read_committed(fs: Storage, root: str) -> pa.Table | None:
     """key, RENDER_FIELDS and part of every committed image: a key's row of the last part, in name
     order (part names start with the run id, a UTC time, so name order is commit order); None when none.
 
@@ -119,7 +118,7 @@ def refusal(changed: pa.Table, masks: np.ndarray) -> ChangedRowsError:
         "or restore those rows")
 
 
-def drop_superseded(fs: fsspec.AbstractFileSystem, root: str, run_id: str, superseded: pa.Table) -> int:
+def drop_superseded(fs: Storage, root: str, run_id: str, superseded: pa.Table) -> int:
     """After a run that re-rendered changed rows: remove their old ledger rows, and old images at another path.
 
     `superseded` holds the committed rows (key, output_format, part) of the keys this run planned again. Only keys
@@ -146,8 +145,8 @@ def drop_superseded(fs: fsspec.AbstractFileSystem, root: str, run_id: str, super
     for key, fmt in zip(old.column("key").to_pylist(), old.column("output_format").to_pylist()):
         if fmt != new_format[key]:
             path = image_path(root, key, OutputFormat(fmt))
-            if with_retries(lambda p=path: fs.exists(p), f"stat {path}"):
-                with_retries(lambda p=path: fs.rm_file(p), f"remove {path}")
+            if fs.exists(path):
+                fs.rm_file(path)
     if dropped:
         log.warning("replaced %d ledger rows and their images: their rows changed since they were committed",
                     dropped)

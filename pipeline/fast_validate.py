@@ -1,19 +1,16 @@
-"""Validate a manifest file column by column with Arrow compute, for manifests of millions of rows.
+"""Check a manifest file column by column with Arrow compute, whatever its size.
 
 Per-row pydantic costs tens of microseconds a row; these checks cost nanoseconds. They are deliberately
 conservative: they *flag* every row that might break a rule of `schemas.request.RenderRequest`, and
-flagged rows go on to the per-row pydantic check, so the failure messages are pydantic's own, word for
-word. Rows that pass are normalized here, as columns, without building a `RenderRequest` each.
+flagged rows go on to pydantic (`pipeline/manifest.py`), so the failure messages are pydantic's own, word for
+word. Rows that pass are normalized here, as REQUEST_SCHEMA columns, without building a `RenderRequest` each.
+The rules' constants, patterns and the id hash are `schemas.request`'s, the ones the validators use.
 
-A file whose column types these checks do not cover (text widths, adapters lists, ...) returns None and
-takes the per-row path whole.
+A file whose column types these checks do not cover (text widths, adapters lists, ...) has every row flagged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,52 +18,50 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.records import ADAPTERS_TYPE
-from schemas.request import MAX_GUIDANCE, MAX_ID_CHARS, MAX_IMAGES_PER_ROW, MAX_PROMPT_CHARS, ModelLimits
+from schemas.records import ADAPTERS_TYPE, REFERENCES_TYPE
+from schemas.request import (
+    FORMAT_ALIASES,
+    ID_CONTROL,
+    MAX_GUIDANCE,
+    MAX_ID_CHARS,
+    MAX_IMAGES_PER_ROW,
+    MAX_PROMPT_CHARS,
+    MAX_REFERENCE_URL_CHARS,
+    OUTPUT_FORMATS,
+    PROMPT_CONTROL,
+    REQUEST_SCHEMA,
+    SIDE_MULTIPLE,
+    WHITESPACE,
+    ModelLimits,
+    RenderRequest,
+    request_id,
+)
 
-# The normalized request columns of the valid rows, as `pipeline.plan` reads them.
-REQUEST_SCHEMA = pa.schema([
-    ("request_id", pa.string()),
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("model", pa.string()),
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("steps", pa.int64()),
-    ("guidance", pa.float64()),
-    ("seed", pa.uint64()),
-    ("num_images", pa.int64()),
-    ("adapters", ADAPTERS_TYPE),
-    ("output_format", pa.string()),
-    ("source", pa.string()),
-    ("row", pa.int64()),
-])
-# Python's str.strip() removes these; a text made only of them is "empty" to the row validators.
-_NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f\x85\pZ]"
-_PROMPT_CONTROL = r"[\x00-\x08\x0b-\x1f\x7f]"
-_ID_CONTROL = r"[\x00-\x1f\x7f]"
-_ASCII_SPACE = " \t\n\r\x0b\x0c"
+_NOT_BLANK = f"[^{WHITESPACE}]"  # a character str.strip() keeps: the text is not empty to the validators
+_DEFAULT_IMAGES = RenderRequest.model_fields["num_images"].default
 
 
 class NotVectorizable(Exception):
-    """A column type the vectorized checks do not cover; the file takes the per-row path."""
+    """A column type the column checks do not cover; every row of the file goes to pydantic."""
 
 
 @dataclass
 class CheckedFile:
     """A file's rows split in two: normalized valid rows (columns) and the indices pydantic must see."""
 
-    valid: pa.Table  # REQUEST_SCHEMA columns, then the file's extra columns
-    flagged: np.ndarray  # row indices (int64) to check one by one
+    valid: pa.Table  # REQUEST_SCHEMA columns, then the extra columns named; in row order
+    flagged: np.ndarray  # row indices (int64, ascending) to check one by one
 
 
 def check_file(table: pa.Table, source: str, limits: ModelLimits, model_name: str | None,
-               extra_names: list[str]) -> CheckedFile | None:
-    """Flag the rows that may be invalid and normalize the rest; None when a column needs the per-row path."""
+               extra_names: list[str]) -> CheckedFile:
+    """Flag the rows that may be invalid and normalize the rest; every row is flagged when a column's type is one
+    these checks do not cover."""
     try:
         return _check(table, source, limits, model_name, extra_names)
     except NotVectorizable:
-        return None
+        schema = pa.schema(list(REQUEST_SCHEMA) + [table.schema.field(name) for name in extra_names])
+        return CheckedFile(valid=schema.empty_table(), flagged=np.arange(table.num_rows, dtype=np.int64))
 
 
 def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | None,
@@ -87,7 +82,7 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
     flag(pc.is_null(prompt))
     flag(pc.invert(pc.match_substring_regex(prompt, _NOT_BLANK)))
     flag(pc.greater(pc.utf8_length(prompt), MAX_PROMPT_CHARS))
-    flag(pc.match_substring_regex(prompt, _PROMPT_CONTROL))
+    flag(pc.match_substring_regex(prompt, PROMPT_CONTROL))
 
     ids = column("id")
     if ids is not None and not pa.types.is_null(ids.type):
@@ -97,7 +92,7 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
         present = pc.is_valid(ids)
         flag(pc.and_(present, pc.invert(pc.match_substring_regex(ids, _NOT_BLANK))))
         flag(pc.and_(present, pc.greater(pc.utf8_length(ids), MAX_ID_CHARS)))
-        flag(pc.and_(present, pc.match_substring_regex(ids, _ID_CONTROL)))
+        flag(pc.and_(present, pc.match_substring_regex(ids, ID_CONTROL)))
     else:
         ids = pa.nulls(count, pa.string())
 
@@ -115,14 +110,16 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
     height = _integers(column("height"), flag, count)
     for side in (width, height):
         present = pc.is_valid(side)
-        flag(pc.and_(present, pc.not_equal(pc.bit_wise_and(side, 15), 0)))
+        flag(pc.and_(present, pc.not_equal(pc.modulo(side, SIDE_MULTIPLE), 0)))
         flag(pc.and_(present, pc.or_(pc.less(side, limits.min_side), pc.greater(side, limits.max_side))))
     steps = _integers(column("steps"), flag, count)
     flag(pc.and_(pc.is_valid(steps), pc.or_(pc.less(steps, 1), pc.greater(steps, limits.max_steps))))
-    images = pc.fill_null(_integers(column("num_images"), flag, count), 1)
+    images = pc.fill_null(_integers(column("num_images"), flag, count), _DEFAULT_IMAGES)
     flag(pc.or_(pc.less(images, 1), pc.greater(images, MAX_IMAGES_PER_ROW)))
     seed = _seeds(column("seed"), flag, count)
     guidance = _guidance(column("guidance"), flag, count)
+    if not limits.takes_guidance:
+        flag(pc.is_valid(guidance))  # the per-row check says why
 
     adapters = column("adapters")
     if adapters is not None and not pa.types.is_null(adapters.type):
@@ -131,23 +128,27 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
         if pc.any(pc.greater(pc.list_value_length(adapters), 0)).as_py():
             raise NotVectorizable("adapters")  # names and scales are checked per row
 
+    references = _references(column("reference_images"), limits, flag, count)
+
     fmt = column("output_format")
     if fmt is not None and not pa.types.is_null(fmt.type):
         fmt = _text(fmt, "output_format")
-        fmt = pc.utf8_lower(pc.utf8_trim(fmt, characters=_ASCII_SPACE))
-        fmt = pc.replace_substring_regex(fmt, "^jpg$", "jpeg")
-        flag(pc.and_(pc.is_valid(fmt), pc.invert(pc.is_in(fmt, value_set=pa.array(["png", "jpeg", "webp"])))))
+        fmt = pc.utf8_lower(pc.utf8_trim(fmt, characters=WHITESPACE))
+        for alias, name in FORMAT_ALIASES.items():
+            fmt = pc.if_else(pc.equal(fmt, alias), name, fmt)
+        flag(pc.and_(pc.is_valid(fmt), pc.invert(pc.is_in(fmt, value_set=pa.array(OUTPUT_FORMATS)))))
     else:
         fmt = pa.nulls(count, pa.string())
 
     good = pa.array(~bad)
-    normalized = pa.table([ids, prompt, model, width, height, steps, guidance, seed, images, fmt],
+    normalized = pa.table([ids, prompt, model, width, height, steps, guidance, seed, images, fmt, references],
                           names=["id", "prompt", "model", "width", "height", "steps", "guidance", "seed",
-                                 "num_images", "output_format"]).filter(good)
+                                 "num_images", "output_format", "reference_images"]).filter(good)
     rows = pa.array(np.flatnonzero(~bad), pa.int64())
     valid = pa.table(
         [_request_ids(normalized), *normalized.columns[:9], pa.array([[]] * len(rows), ADAPTERS_TYPE),
-         normalized.column("output_format"), pa.repeat(pa.scalar(source, pa.string()), len(rows)), rows],
+         normalized.column("output_format"), _as_references(normalized.column("reference_images")),
+         pa.repeat(pa.scalar(source, pa.string()), len(rows)), rows],
         schema=REQUEST_SCHEMA,
     )
     for name in extra_names:
@@ -208,23 +209,45 @@ def _guidance(values: pa.ChunkedArray | None, flag: Any, count: int) -> pa.Chunk
     return values
 
 
+def _references(values: pa.ChunkedArray | None, limits: ModelLimits, flag: Any, count: int) -> pa.Array:
+    """The reference URL lists (list<string>); a row is flagged when its count is outside the model's or a URL
+    is null, blank, too long or holds control characters."""
+    kind = pa.list_(pa.string())
+    if values is None or pa.types.is_null(values.type):
+        if limits.min_references:
+            flag(pa.array(np.ones(count, dtype=bool)))  # the per-row check says the model needs references
+        return pa.array([[]] * count, kind)
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+        raise NotVectorizable("reference_images")
+    item = values.type.value_type
+    if not (pa.types.is_string(item) or pa.types.is_large_string(item) or pa.types.is_null(item)):
+        raise NotVectorizable("reference_images")
+    values = values.cast(kind).fill_null(pa.scalar([], kind)).combine_chunks()  # null is none, as pydantic reads it
+    lengths = pc.list_value_length(values).fill_null(0)
+    flag(pc.or_(pc.less(lengths, limits.min_references), pc.greater(lengths, limits.max_references)))
+    urls = pc.list_flatten(values)
+    wrong = pc.or_(pc.is_null(urls), pc.invert(pc.match_substring_regex(urls, _NOT_BLANK)))
+    wrong = pc.or_(wrong, pc.greater(pc.utf8_length(urls), MAX_REFERENCE_URL_CHARS))
+    wrong = pc.or_(wrong, pc.match_substring_regex(urls, ID_CONTROL))
+    parents = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+    rows = np.zeros(count, dtype=bool)
+    rows[parents[pc.fill_null(wrong, True).to_numpy(zero_copy_only=False)]] = True
+    flag(pa.array(rows))
+    return values
+
+
+def _as_references(urls: pa.ChunkedArray) -> pa.Array:
+    """list<string> URLs as REFERENCES_TYPE, their sha256 null until the driver reads them (pipeline/references.py)."""
+    urls = urls.combine_chunks()
+    structs = pa.StructArray.from_arrays([urls.values, pa.nulls(len(urls.values), pa.string())],
+                                         fields=list(REFERENCES_TYPE.value_type))
+    return pa.ListArray.from_arrays(urls.offsets, structs, type=REFERENCES_TYPE)
+
+
 def _request_ids(normalized: pa.Table) -> pa.Array:
-    """The manifest's id, else the same parameter hash as `pipeline.manifest.request_id_of`."""
+    """The manifest's id, else `schemas.request.request_id`'s hash of the normalized row."""
     ids = normalized.column("id")
     if ids.null_count == 0:
         return ids.combine_chunks()
-    out = [row["id"] if row["id"] is not None else params_request_id(row) for row in normalized.to_pylist()]
-    return pa.array(out, pa.string())
-
-
-def params_request_id(row: dict[str, Any]) -> str:
-    """`request_id_of` for a normalized row with no id: the hash of its render parameters as JSON."""
-    params = {
-        "prompt": row["prompt"], "model": row.get("model"), "width": row["width"], "height": row["height"],
-        "steps": row["steps"], "guidance": row["guidance"], "seed": row["seed"], "num_images": row["num_images"],
-        "adapters": row.get("adapters") or [], "output_format": row["output_format"],
-    }
-    if params["guidance"] is not None and math.isfinite(params["guidance"]):
-        params["guidance"] = float(params["guidance"])
-    digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=12).hexdigest()
-    return f"h-{digest}"
+    return pa.array([row["id"] if row["id"] is not None else request_id(row) for row in normalized.to_pylist()],
+                    pa.string())

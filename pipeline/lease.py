@@ -42,9 +42,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
-
-from flux_worker.storage import protocol_of, read_bytes, with_retries, write_bytes
+from flux_worker.storage import Storage
 from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
@@ -184,14 +182,14 @@ class _LocalSlot:
 class _ObjectSlot:
     """The lease object on S3: conditional puts and deletes on its ETag, decided by the store."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, fs: Storage, path: str):
         self.fs, self.path = fs, path
 
     def read(self) -> tuple[bytes | None, Any]:
         # ETag first, then the body: a body newer than the ETag only makes the next swap fail and re-read.
         try:
-            etag = with_retries(lambda: self.fs.info(self.path, refresh=True)["ETag"], f"stat {self.path}")
-            data = with_retries(lambda: self.fs.cat_file(self.path), f"read {self.path}")
+            etag = self.fs.info(self.path, refresh=True)["ETag"]
+            data = self.fs.read_bytes(self.path)
         except FileNotFoundError:
             return None, None
         return data, etag
@@ -199,14 +197,16 @@ class _ObjectSlot:
     def swap(self, tag: Any, data: bytes | None) -> Any:
         """Put (or delete) only if the object's ETag is `tag` (None: only if there is none); new ETag, or None."""
 
+        s3 = self.fs.fs  # s3fs itself: conditional puts and deletes are S3's, not fsspec's
+
         def attempt() -> Any:
             try:
                 if data is None:
-                    bucket, key, _ = self.fs.split_path(self.path)
-                    self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+                    bucket, key, _ = s3.split_path(self.path)
+                    s3.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
                     return ""
                 condition = {"IfMatch": tag} if tag else {"mode": "create"}  # If-None-Match: *
-                return self.fs.pipe_file(self.path, data, **condition)["ETag"]
+                return s3.pipe_file(self.path, data, **condition)["ETag"]
             except FileNotFoundError:  # If-Match on a gone object; a delete retried after it landed is done
                 return "" if data is None else None
             except OSError as error:
@@ -215,7 +215,7 @@ class _ObjectSlot:
                 raise
 
         # A retried put whose first try landed fails its condition; the caller re-reads and finds its own bytes.
-        return with_retries(attempt, f"write {self.path}")
+        return self.fs.retry(attempt, f"write {self.fs.uri(self.path)}")
 
 
 def _lost_race(error: BaseException) -> bool:
@@ -230,14 +230,14 @@ class _PlainSlot:
     """Any other fsspec store: read, compare, write. Not atomic: two drivers starting within the same moment
     may both get through; one started later is refused."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, fs: Storage, path: str):
         self.fs, self.path = fs, path
         log.warning("%s: this store has no conditional writes fluxbatch knows; the lease is best effort",
-                    fs.unstrip_protocol(path))
+                    fs.uri(path))
 
     def read(self) -> tuple[bytes | None, Any]:
         try:
-            data = read_bytes(self.fs, self.path)
+            data = self.fs.read_bytes(self.path)
         except FileNotFoundError:
             return None, None
         return data, data
@@ -246,17 +246,17 @@ class _PlainSlot:
         if self.read()[1] != tag:
             return None
         if data is None:
-            with_retries(lambda: self.fs.rm_file(self.path), f"remove {self.path}")
+            self.fs.rm_file(self.path)
             return ""
-        write_bytes(self.fs, self.path, data)
+        self.fs.write_bytes(self.path, data)
         return data
 
 
-def _slot(fs: fsspec.AbstractFileSystem, root: str) -> _LocalSlot | _ObjectSlot | _PlainSlot:
+def _slot(fs: Storage, root: str) -> _LocalSlot | _ObjectSlot | _PlainSlot:
     path = f"{root}/{LEASE_FILE}"
-    if protocol_of(fs) in ("file", "local"):
+    if fs.local:
         return _LocalSlot(path)
-    if protocol_of(fs) in ("s3", "s3a"):
+    if fs.protocol in ("s3", "s3a"):
         return _ObjectSlot(fs, path)
     return _PlainSlot(fs, path)
 
@@ -264,10 +264,10 @@ def _slot(fs: fsspec.AbstractFileSystem, root: str) -> _LocalSlot | _ObjectSlot 
 class Lease:
     """This driver's lease on one folder: `acquire()`, then `check()` before each commit, then `release()`."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, seconds: float = LEASE_SECONDS):
+    def __init__(self, fs: Storage, root: str, run_id: str, seconds: float = LEASE_SECONDS):
         self.root, self.run_id, self.seconds = root, run_id, seconds
         self._slot = _slot(fs, root)
-        self._where = root if protocol_of(fs) in ("file", "local") else fs.unstrip_protocol(root)
+        self._where = fs.uri(root)
         self._tag: Any = None
         self._started = time.time()
         self._renewed = 0.0  # monotonic time of the last renewal's start
@@ -356,7 +356,7 @@ class Lease:
 
 
 @contextlib.contextmanager
-def hold(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seconds: float = LEASE_SECONDS) -> Iterator[Lease]:
+def hold(fs: Storage, root: str, run_id: str, seconds: float = LEASE_SECONDS) -> Iterator[Lease]:
     """Hold the lease on `root` for the block: `LeaseHeldError` if another live driver holds it."""
     lease = Lease(fs, root, run_id, seconds).acquire()
     try:

@@ -19,15 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flux_worker.presets import PRESETS, local_fingerprint
-from flux_worker.storage import read_bytes, uri, with_retries, write_bytes
+from flux_worker.storage import Storage
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.records import signed_seeds
 
 log = logging.getLogger(__name__)
@@ -39,10 +38,10 @@ class JobMismatchError(FluxbatchError, ValueError):
     """OUTPUT was made by a job with different render parameters; mixing them would mix images."""
 
 
-def parts(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    if not with_retries(lambda: fs.exists(folder), f"list {folder}"):
+def parts(fs: Storage, folder: str) -> list[str]:
+    if not fs.exists(folder):
         return []
-    found = with_retries(lambda: fs.find(folder), f"list {folder}")
+    found = fs.find(folder)
     return sorted(p for p in found if p.endswith(".parquet"))
 
 
@@ -54,13 +53,13 @@ class CorruptLedgerError(FluxbatchError):
         self.part, self.reason = part, reason  # for `fluxbatch verify`'s report
 
 
-def read_part(fs: fsspec.AbstractFileSystem, root: str, part: str, columns: list[str] | None = None) -> pa.Table:
+def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = None) -> pa.Table:
     """One metadata part (only `columns` if given), or CorruptLedgerError naming it and the way out.
 
     A part is written in one put, so a damaged one was truncated, emptied or replaced from outside; every
     run and `fluxbatch verify` read parts through here so they agree on what counts as unreadable.
     """
-    data = read_bytes(fs, part)
+    data = fs.read_bytes(part)
     reason = "is empty (0 bytes)"
     if data:
         try:
@@ -72,11 +71,11 @@ def read_part(fs: fsspec.AbstractFileSystem, root: str, part: str, columns: list
         except pa.ArrowException:
             reason = "is not a whole Parquet file (truncated, or another format)"
     raise CorruptLedgerError(
-        f"metadata part {uri(fs, part)} {reason}; run `fluxbatch verify {uri(fs, root)} --repair` to move it "
+        f"metadata part {fs.uri(part)} {reason}; run `fluxbatch verify {fs.uri(root)} --repair` to move it "
         "aside (its images render again), then run again", part, reason)
 
 
-def done_keys(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+def done_keys(fs: Storage, root: str) -> set[str]:
     """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
     keys: set[str] = set()
     for part in parts(fs, f"{root}/metadata"):
@@ -84,13 +83,13 @@ def done_keys(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
     return keys
 
 
-def read_table(fs: fsspec.AbstractFileSystem, root: str, which: str) -> pa.Table | None:
+def read_table(fs: Storage, root: str, which: str) -> pa.Table | None:
     """All parts of `metadata` or `failures` as one table, or None when there are none.
 
     The metadata keeps one row per key: the row of the last part in name order. Part names start with the
     run id, a UTC timestamp, so that is the latest commit: a re-rendered key's new row supersedes the old.
     """
-    tables = [signed_seeds(pq.read_table(pa.BufferReader(read_bytes(fs, p)))) for p in parts(fs, f"{root}/{which}")]
+    tables = [signed_seeds(pq.read_table(pa.BufferReader(fs.read_bytes(p)))) for p in parts(fs, f"{root}/{which}")]
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
@@ -106,13 +105,13 @@ def latest_row_per_key(table: pa.Table) -> pa.Table:
     return table.take(pa.array(sorted(last.values()), pa.int64()))
 
 
-def first_failures(fs: fsspec.AbstractFileSystem, root: str, rows: int) -> tuple[pa.Table | None, int]:
+def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, int]:
     """The first `rows` failure rows (None when there are none) and the count of all, one part at a time:
     a run may have written millions, and only their count and a few are needed to report them."""
     tables: list[pa.Table] = []
     kept = total = 0
     for part in parts(fs, f"{root}/failures"):
-        file = pq.ParquetFile(pa.BufferReader(read_bytes(fs, part)))
+        file = pq.ParquetFile(pa.BufferReader(fs.read_bytes(part)))
         total += file.metadata.num_rows
         if kept < rows:
             tables.append(file.read().slice(0, rows - kept))
@@ -120,14 +119,14 @@ def first_failures(fs: fsspec.AbstractFileSystem, root: str, rows: int) -> tuple
     return (pa.concat_tables(tables, promote_options="permissive") if tables else None), total
 
 
-def check_job(fs: fsspec.AbstractFileSystem, root: str, job: JobSpec, new_version: bool = False) -> str:
+def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -> str:
     """The folder this job renders into: OUTPUT or the version whose `_job.json` matches the job.
 
     A first run writes OUTPUT/_job.json. A job matching no recorded version is refused with what differs,
     or, with `new_version`, gets the next OUTPUT/_versions/<n>/ so no image of another version is touched.
     """
     identity = job_identity(job)
-    if not with_retries(lambda: fs.exists(f"{root}/{JOB_FILE}"), f"stat {root}/{JOB_FILE}"):
+    if not fs.exists(f"{root}/{JOB_FILE}"):
         _write_job(fs, root, job, version=1)
         return root
     recorded_versions = [(1, root)] + versions(fs, root)
@@ -173,19 +172,19 @@ def _model_by_content(model: dict[str, Any]) -> dict[str, Any]:
     return {**model, "name": local_fingerprint(Path(name).expanduser())}
 
 
-def recorded_identity(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, Any]:
+def recorded_identity(fs: Storage, folder: str) -> dict[str, Any]:
     """The identity `folder/_job.json` recorded; CorruptJobFileError naming the file when it is not one.
 
     A file written before fingerprints recorded a local model by its path: that path, if it is still a
     folder here, compares by its fingerprint now, so those OUTPUTs resume as before.
     """
     path = f"{folder}/{JOB_FILE}"
-    data = read_bytes(fs, path)
+    data = fs.read_bytes(path)
     try:
         document = json.loads(data)
         identity = document.get("identity", {}) if isinstance(document, dict) else None
     except ValueError as error:  # also bytes that are not UTF-8
-        reason = f"not JSON: {str(error).splitlines()[0]}" if data.strip() else "empty"
+        reason = f"not JSON: {first_line(error)}" if data.strip() else "empty"
     else:
         if isinstance(identity, dict) and isinstance(identity.get("model", {}), dict):
             if "model" in identity:
@@ -193,33 +192,33 @@ def recorded_identity(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, A
             return identity
         reason = "not the job record fluxbatch writes"
     raise CorruptJobFileError(
-        f"{uri(fs, path)} is {reason}, so which job made this OUTPUT is unknown: restore the file from a backup, "
+        f"{fs.uri(path)} is {reason}, so which job made this OUTPUT is unknown: restore the file from a backup, "
         "or render into a new OUTPUT")
 
 
-def versions(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[int, str]]:
+def versions(fs: Storage, root: str) -> list[tuple[int, str]]:
     """The recorded versions after the first, oldest first: OUTPUT/_versions/<n> holding a `_job.json`."""
     base = f"{root}/{VERSIONS}"
-    if not with_retries(lambda: fs.exists(base), f"stat {base}"):
+    if not fs.exists(base):
         return []
-    entries = with_retries(lambda: fs.ls(base, detail=False), f"list {base}")
+    entries = fs.ls(base)
     found = []
     for entry in entries:
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         folder = f"{base}/{name}"
-        if name.isdigit() and with_retries(lambda f=folder: fs.exists(f"{f}/{JOB_FILE}"), f"stat {folder}"):
+        if name.isdigit() and fs.exists(f"{folder}/{JOB_FILE}"):
             found.append((int(name), folder))
     return sorted(found)
 
 
-def _write_job(fs: fsspec.AbstractFileSystem, folder: str, job: JobSpec, version: int) -> None:
+def _write_job(fs: Storage, folder: str, job: JobSpec, version: int) -> None:
     document = {
         "identity": job_identity(job),
         "job": job.model_dump(mode="json"),  # storage options are excluded by the schema
         "version": version,
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_bytes(fs, f"{folder}/{JOB_FILE}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    fs.write_bytes(f"{folder}/{JOB_FILE}", (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -231,7 +230,7 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} was {old!r}, now {new!r}"]
 
 
-def remove_failures_of_other_runs(fs: fsspec.AbstractFileSystem, root: str, run_id: str) -> int:
+def remove_failures_of_other_runs(fs: Storage, root: str, run_id: str) -> int:
     """Drop the failure parts of earlier runs, once this run has written all of its own (at its end).
 
     This run re-checked those rows and retried those images, so its parts replace theirs; a run that stops
@@ -241,18 +240,19 @@ def remove_failures_of_other_runs(fs: fsspec.AbstractFileSystem, root: str, run_
     for part in parts(fs, f"{root}/failures"):
         name = part.rsplit("/", 1)[-1]
         if name.startswith("part-") and not name.startswith(f"part-{run_id}-"):
-            with_retries(lambda p=part: fs.rm_file(p), f"remove {part}")
+            fs.rm_file(part)
             removed += 1
     return removed
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
+    """`table` as one zstd Parquet file in memory: every table fluxbatch writes goes out whole, in one put."""
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
-def write_failures(fs: fsspec.AbstractFileSystem, root: str, run_id: str, stage: str,
+def write_failures(fs: Storage, root: str, run_id: str, stage: str,
                    failures: Iterable[FailureRecord]) -> None:
     """Write failures that are already at hand as this run's parts of `stage` (see FailureWriter)."""
     writer = FailureWriter(fs, root, run_id, stage)
@@ -268,7 +268,7 @@ class FailureWriter:
     than one of ten: the rows are in their parts, and the summary keeps only counts (metrics.FailureCounts).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, stage: str, rows: int = 10_000):
+    def __init__(self, fs: Storage, root: str, run_id: str, stage: str, rows: int = 10_000):
         self.fs, self.root, self.run_id, self.stage, self.max_rows = fs, root, run_id, stage, rows
         self._pending: list[dict[str, Any]] = []
         self._seq = 0
@@ -284,13 +284,13 @@ class FailureWriter:
             return
         table = pa.Table.from_pylist(self._pending, schema=FAILURE_SCHEMA)
         path = f"{self.root}/failures/part-{self.run_id}-{self.stage}-{self._seq:05d}.parquet"
-        write_bytes(self.fs, path, parquet_bytes(table))
+        self.fs.write_bytes(path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
         self._pending = []
 
 
-def rewrite_part(fs: fsspec.AbstractFileSystem, root: str, part: str,
+def rewrite_part(fs: Storage, root: str, part: str,
                  drop: Callable[[pa.Table], pa.Array]) -> int:
     """Rewrite a metadata part without the rows `drop(table)` marks; returns the rows removed.
 
@@ -304,16 +304,16 @@ def rewrite_part(fs: fsspec.AbstractFileSystem, root: str, part: str,
     if kept.num_rows == table.num_rows:
         return 0
     if kept.num_rows:
-        write_bytes(fs, part, parquet_bytes(kept))
+        fs.write_bytes(part, parquet_bytes(kept))
     else:
-        with_retries(lambda: fs.rm_file(part), f"remove {part}")
+        fs.rm_file(part)
     return table.num_rows - kept.num_rows
 
 
 class MetadataWriter:
     """Buffers finished images' rows and commits them as metadata parts, every `rows` rows or `seconds`."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, extra_fields: list[pa.Field],
+    def __init__(self, fs: Storage, root: str, run_id: str, extra_fields: list[pa.Field],
                  rows: int = 512, seconds: float = 30.0, before_commit: Callable[[], None] | None = None):
         self.fs, self.root, self.run_id = fs, root, run_id
         self.before_commit = before_commit  # e.g. Lease.check: a driver that lost OUTPUT's lease commits nothing
@@ -340,7 +340,7 @@ class MetadataWriter:
             self.before_commit()
         table = pa.concat_tables(self._pending)
         path = f"{self.root}/metadata/part-{self.run_id}-{self._seq:05d}.parquet"
-        write_bytes(self.fs, path, parquet_bytes(table))
+        self.fs.write_bytes(path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
         self._pending, self._pending_rows = [], 0

@@ -3,48 +3,18 @@
 A renderer process that dies (SIGKILL, OOM killer, node lost) is replaced and its batch re-run, up to
 `JobSpec.max_renderer_deaths` times. Past that Ray Data drops the batch (`max_errored_blocks=-1`) and
 logs why; the driver then renders each lost image alone, with the same bound, so that one row that kills
-its process does not take its neighbours with it. This module keeps Ray's last error so the failures
-table can say it; the next run tries those images again like any other failure.
+its process does not take its neighbours with it. The failures table says Ray's last error, kept by
+`DroppedBatchErrors` (pipeline/ray_private.py: Ray Data has no public hook for dropped batches); the next run
+tries those images again like any other failure.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from schemas import FailureRecord
-
-RAY_DATA_LOGGER = "ray.data"
-
-
-class DroppedBatchErrors(logging.Handler):
-    """Remembers the error of each batch Ray Data drops, while installed on Ray Data's logger."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.errors: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            text = str(error).strip()
-            first = text.splitlines()[0] if text else ""
-            self.errors.append(f"{type(error).__name__}: {first}"[:400])
-
-    @property
-    def last(self) -> str | None:
-        return self.errors[-1] if self.errors else None
-
-    @classmethod
-    def install(cls) -> DroppedBatchErrors:
-        handler = cls()
-        logging.getLogger(RAY_DATA_LOGGER).addHandler(handler)
-        return handler
-
-    def remove(self) -> None:
-        logging.getLogger(RAY_DATA_LOGGER).removeHandler(self)
 
 
 def lost_image_failures(plan: pa.Table, returned: set[str], last_error: str | None,

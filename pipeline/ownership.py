@@ -12,9 +12,7 @@ import logging
 import os
 from collections.abc import Collection
 
-import fsspec
-
-from flux_worker.storage import is_temp_name, protocol_of, uri, with_retries
+from flux_worker.storage import Storage, is_temp_name
 from pipeline.lease import LEASE_FILE
 from pipeline.ledger import JOB_FILE, VERSIONS
 from pipeline.pack import LAYOUTS
@@ -36,20 +34,20 @@ class ForeignOutputError(FluxbatchError, ValueError):
     """OUTPUT holds files fluxbatch did not write; rendering there could mix or lose them."""
 
 
-def refuse_foreign_output(fs: fsspec.AbstractFileSystem, root: str, allow_non_empty: bool = False,
+def refuse_foreign_output(fs: Storage, root: str, allow_non_empty: bool = False,
                           own: Collection[str] = ()) -> None:
     """Refuse an OUTPUT that is a file, or a non-empty folder without `_job.json`, before anything is written.
 
     `own`: names the caller itself wrote there before calling (the manifest of `fluxbatch synthesize`).
     """
-    where = uri(fs, root)
-    if with_retries(lambda: fs.exists(f"{root}/{JOB_FILE}"), f"stat {root}/{JOB_FILE}"):
+    where = fs.uri(root)
+    if fs.exists(f"{root}/{JOB_FILE}"):
         return  # fluxbatch's own OUTPUT; ledger.check_job decides whether this job may write it
-    if not with_retries(lambda: fs.exists(root), f"stat {root}"):
+    if not fs.exists(root):
         return
-    if not with_retries(lambda: fs.isdir(root), f"stat {root}"):
+    if not fs.isdir(root):
         raise ForeignOutputError(f"OUTPUT {where} is a file, not a folder: choose a folder (or prefix) to render into")
-    entries = with_retries(lambda: fs.ls(root, detail=False), f"list {root}")
+    entries = fs.ls(root)
     names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries} - {""})
     # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
     # (pipeline/lease.py takes the lease right after this check).
@@ -71,14 +69,14 @@ def refuse_foreign_output(fs: fsspec.AbstractFileSystem, root: str, allow_non_em
                 where, len(foreign))
 
 
-def remove_partial_files(fs: fsspec.AbstractFileSystem, root: str) -> int:
+def remove_partial_files(fs: Storage, root: str) -> int:
     """Delete the temp files a killed writer left in this version's own folders (local disk only).
 
     `root` is OUTPUT or one `_versions/<n>/`: its own top-level files and OWN_FOLDERS, never `_versions/`
     (each version's run sweeps its own, under its own lease) and never a folder fluxbatch did not make.
     Object stores need nothing: a put is atomic. No metadata row ever points at one of these files.
     """
-    if protocol_of(fs) not in ("file", "local") or not os.path.isdir(root):
+    if not fs.local or not os.path.isdir(root):
         return 0
     found = [entry.path for entry in os.scandir(root) if entry.is_file(follow_symlinks=False)]
     for name in OWN_FOLDERS:

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux_worker.storage import filesystem, protocol_of, read_bytes, with_retries, write_bytes
+from flux_worker.storage import Storage, filesystem
 from pipeline import ledger
 from pipeline.manifest import Manifest
 from pipeline.plan import image_key
@@ -65,10 +64,11 @@ class PackResult:
 
 def expected_keys(manifest: Manifest) -> set[str]:
     """The keys of every image the manifest asks for; only these are packed, whatever else OUTPUT holds."""
-    requests = manifest.requests()  # columns, so a manifest of millions of rows builds no model per row
-    return {image_key(request_id, variant)
-            for request_id, count in zip(requests.column("request_id").to_pylist(),
-                                         requests.column("num_images").to_pylist())
+    requests = manifest.requests  # columns, so a manifest of millions of rows builds no model per row
+    return {image_key(request_id, variant, [ref["sha256"] for ref in references or ()])
+            for request_id, count, references in zip(requests.column("request_id").to_pylist(),
+                                                     requests.column("num_images").to_pylist(),
+                                                     requests.column("reference_images").to_pylist())
             for variant in range(count)}
 
 
@@ -101,7 +101,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
         shard_stats = _write_shard(fs, layout, f"{folder}/{name}", records, table.schema)
         shard_stats = {"shard": name, **shard_stats, "digest": digest,
                        "written_at": datetime.now(timezone.utc).isoformat()}
-        write_bytes(fs, f"{folder}/{STATS}/{index:05d}.json", _json(shard_stats))
+        fs.write_bytes(f"{folder}/{STATS}/{index:05d}.json", _json(shard_stats))
         stats.append(shard_stats)
         written += 1
     _remove_stale_shards(fs, folder, suffix, count)
@@ -115,7 +115,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
         "formats": _sum_counts(s["formats"] for s in stats),
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
-    write_bytes(fs, f"{folder}/{STATS}.json", _json(total))
+    fs.write_bytes(f"{folder}/{STATS}.json", _json(total))
     _remove_legacy_stats(fs, folder)
     log.info("packed %d images into %d %s shards (%d written, %d unchanged)", total["images"], count, layout,
              written, unchanged)
@@ -123,7 +123,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
                       images=total["images"])
 
 
-def _ledger_records(fs: fsspec.AbstractFileSystem, root: str, keys: set[str]) -> pa.Table:
+def _ledger_records(fs: Storage, root: str, keys: set[str]) -> pa.Table:
     """The ledger's rows for `keys`, in commit order, each key once."""
     table = ledger.read_table(fs, root, "metadata")
     if table is None:
@@ -155,7 +155,7 @@ def _digest(layout: str, records: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(fs: fsspec.AbstractFileSystem, layout: str, dest: str, records: pa.Table,
+def _write_shard(fs: Storage, layout: str, dest: str, records: pa.Table,
                  schema: pa.Schema) -> dict[str, Any]:
     writer: ShardWriter = WebDatasetWriter(fs, dest) if layout == "webdataset" else HFParquetWriter(fs, dest, schema)
     rows = records.to_pylist()
@@ -169,8 +169,8 @@ def _write_shard(fs: fsspec.AbstractFileSystem, layout: str, dest: str, records:
     return writer.close()
 
 
-def _read_image(fs: fsspec.AbstractFileSystem, record: dict[str, Any]) -> bytes:
-    data = read_bytes(fs, record["image_uri"])
+def _read_image(fs: Storage, record: dict[str, Any]) -> bytes:
+    data = fs.read_bytes(record["image_uri"])
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CorruptImageError(
             f"image {record['image_uri']} (key {record['key']}) does not match the sha256 in its metadata row; "
@@ -180,17 +180,17 @@ def _read_image(fs: fsspec.AbstractFileSystem, record: dict[str, Any]) -> bytes:
     return data
 
 
-def _read_stats(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    if not with_retries(lambda: fs.exists(path), f"stat {path}"):
+def _read_stats(fs: Storage, path: str) -> dict[str, Any] | None:
+    if not fs.exists(path):
         return None
-    return json.loads(read_bytes(fs, path))
+    return json.loads(fs.read_bytes(path))
 
 
-def _remove_stale_shards(fs: fsspec.AbstractFileSystem, folder: str, suffix: str, count: int) -> None:
+def _remove_stale_shards(fs: Storage, folder: str, suffix: str, count: int) -> None:
     """Shards past the new count (the manifest shrank, or shard_size grew) would be read as data: drop them."""
     if not fs.exists(folder):
         return
-    for path in fs.ls(folder, detail=False):
+    for path in fs.ls(folder):
         name = path.rsplit("/", 1)[-1]
         stem = name.removesuffix(suffix)
         if name.endswith(suffix) and stem.isdigit() and int(stem) >= count:
@@ -200,17 +200,17 @@ def _remove_stale_shards(fs: fsspec.AbstractFileSystem, folder: str, suffix: str
                 fs.rm_file(stats)
 
 
-def _remove_legacy_stats(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+def _remove_legacy_stats(fs: Storage, folder: str) -> None:
     """The stats an older fluxbatch wrote under LEGACY_STATS, now under STATS: only our own names are removed."""
     legacy = f"{folder}/{LEGACY_STATS}"
     if fs.exists(f"{legacy}.json"):
         fs.rm_file(f"{legacy}.json")
     if fs.exists(legacy):
-        for path in fs.ls(legacy, detail=False):
+        for path in fs.ls(legacy):
             stem = path.rsplit("/", 1)[-1].removesuffix(".json")
             if path.endswith(".json") and stem.isdigit():
                 fs.rm_file(path)
-        if protocol_of(fs) in ("file", "local") and not fs.ls(legacy):
+        if fs.local and not fs.ls(legacy):
             fs.rmdir(legacy)  # an object store has no empty folders to leave behind
 
 

@@ -24,9 +24,25 @@ from schemas import PLAN_SCHEMA, JobSpec, OutputFormat
 SEED_MODULUS = 2**64
 
 
-def image_key(request_id: str, variant: int) -> str:
-    """32 hex characters naming one image of one request."""
-    return hashlib.blake2b(f"{request_id}\x1f{variant}".encode(), digest_size=16).hexdigest()
+def image_key(request_id: str, variant: int, reference_sha256: list[str] | tuple[str, ...] = ()) -> str:
+    """32 hex characters naming one image of one request; with reference images, of their contents too (so a
+    replaced photo is a new image, and resume skips only images of unchanged ones)."""
+    return hashlib.blake2b(f"{request_id}\x1f{variant}{_references_suffix(reference_sha256)}".encode(),
+                           digest_size=16).hexdigest()
+
+
+def _references_suffix(reference_sha256: list[str] | tuple[str, ...]) -> str:
+    # Nothing without references: the keys of rows without them stay what they were before references existed.
+    return "".join(f"\x1f{sha}" for sha in reference_sha256)
+
+
+def reference_suffixes(requests: pa.Table) -> list[str] | None:
+    """Each request's key suffix for its references' sha256 (pipeline/references.py filled them in); None when no
+    request has references (the common case: nothing per row to do)."""
+    column = requests.column("reference_images")
+    if not pc.sum(pc.list_value_length(column).fill_null(0)).as_py():
+        return None
+    return [_references_suffix([ref["sha256"] for ref in refs or ()]) for refs in column.to_pylist()]
 
 
 def derived_seed(key: str) -> int:
@@ -57,16 +73,22 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     missing seeds are hashed per image.
     """
     defaults = job.defaults
-    requests = manifest.requests()
+    requests = manifest.requests
     counts = requests.column("num_images").to_numpy(zero_copy_only=False).astype(np.int64)
     expected = int(counts.sum())
     starts = np.cumsum(counts) - counts
     variants = np.arange(expected, dtype=np.int64) - np.repeat(starts, counts)
-    images = requests.take(pa.array(np.repeat(np.arange(len(counts), dtype=np.int64), counts)))
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    images = requests.take(pa.array(rows))
     # image_key, inlined: this line is most of the planner's time for a million images.
     blake2b = hashlib.blake2b
-    key_list = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest()
-                for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
+    suffixes = reference_suffixes(requests)
+    if suffixes is None:
+        key_list = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest()
+                    for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
+    else:
+        key_list = [blake2b(f"{r}\x1f{v}{suffixes[i]}".encode(), digest_size=16).hexdigest()
+                    for r, v, i in zip(images.column("request_id").to_pylist(), variants.tolist(), rows.tolist())]
     keys = pa.array(key_list, pa.string())
     seed = images.column("seed")
     given = seed.is_valid().to_numpy(zero_copy_only=False)
@@ -90,6 +112,7 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
                                                    pa.int32()), len(keys)),
         "adapters": images.column("adapters"),
         "output_format": images.column("output_format").fill_null(fmt),
+        "reference_images": images.column("reference_images"),
         "source": images.column("source"),
         "row": images.column("row"),
     }
@@ -119,9 +142,15 @@ def _first(*values: Any) -> Any:
 
 
 def split_blocks(table: pa.Table, replicas: int, batch_size: int) -> list[pa.Table]:
-    """Cut the plan into blocks: a few batches each, and at least two per replica so none sits idle."""
+    """Cut the plan into blocks of whole batches: a few batches each, at least two blocks per replica, and the
+    last two rounds (two batches per replica) one batch per block.
+
+    Ray Data hands blocks to pool members ahead of time, so blocks of several batches at the end leave the
+    members that finished first idle while the others work through theirs (benchmarks/README.md, fleet)."""
     if table.num_rows == 0:
         return []
     batches = -(-table.num_rows // batch_size)
-    per_block = batch_size * max(1, min(4, batches // (replicas * 2)))
-    return [table.slice(start, per_block) for start in range(0, table.num_rows, per_block)]
+    per_block = max(1, min(4, batches // (replicas * 2)))
+    head_rows = (batches - min(batches, replicas * 2)) * batch_size
+    starts = [*range(0, head_rows, per_block * batch_size), *range(head_rows, table.num_rows, batch_size)]
+    return [table.slice(start, end - start) for start, end in zip(starts, [*starts[1:], table.num_rows])]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from flux_worker.hub import check_hub_model
 from flux_worker.presets import ModelPreset, resolve_preset
-from flux_worker.storage import TMP_MARK, StorageError, filesystem, probe_options, uri, with_retries, write_bytes
+from flux_worker.storage import TMP_MARK, Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline import ledger, ownership
 from pipeline.manifest import list_manifest_files
@@ -55,18 +55,19 @@ def check_model(model: ModelSpec) -> ModelPreset:
 def check_output(job: JobSpec, allow_non_empty_output: bool = False) -> None:
     """OUTPUT answers, is empty or fluxbatch's (ownership.refuse_foreign_output), and takes a write and a delete."""
     fs, root = filesystem(job.output.uri, probe_options(job.output.uri, job.output.storage_options))
-    where = uri(fs, root)
+    where = fs.uri(root)
     # The first request, named as the user wrote OUTPUT: no credentials, an endpoint down or a read refused are
     # reported as reading OUTPUT, not as some file inside it.
-    with_retries(lambda: fs.exists(root), f"read {where}", tries=1)
+    once = Storage(fs.fs, tries=1)  # the first request and the probe's removal are not retried
+    once.exists(root)
     ownership.refuse_foreign_output(fs, root, allow_non_empty_output)
     for _, folder in [(1, root), *ledger.versions(fs, root)]:
-        if with_retries(lambda f=folder: fs.exists(f"{f}/{ledger.JOB_FILE}"), f"read {uri(fs, folder)}"):
+        if fs.exists(f"{folder}/{ledger.JOB_FILE}"):
             ledger.recorded_identity(fs, folder)  # CorruptJobFileError naming a _job.json that is not one
     probe = f"{root}/{PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
     try:
-        write_bytes(fs, probe, b"")
+        fs.write_bytes(probe, b"")
     except StorageError as error:
         raise StorageError(f"OUTPUT {where} cannot be written: {error}") from error
     with contextlib.suppress(FileNotFoundError):  # a run holding OUTPUT's lease may have swept it already
-        with_retries(lambda: fs.rm_file(probe), f"remove {uri(fs, probe)}", tries=1)
+        once.rm_file(probe)

@@ -10,18 +10,23 @@ from __future__ import annotations
 import logging
 import os
 
+from pipeline.ray_private import reload_ray_config
+
 log = logging.getLogger(__name__)
 AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"
 
 
-def starts_local_cluster(address: str | None) -> bool:
-    """Whether `ray.init(address)` would start a new cluster rather than join one (Ray's own rule)."""
-    from ray._private.services import canonicalize_bootstrap_address
+def starts_local_cluster(address: str) -> bool:
+    """Whether `ray.init(address)` starts a new cluster rather than joining one.
 
-    return canonicalize_bootstrap_address(address) is None
+    `ray.init`'s documented rule: "local" starts one; an address, "auto" or "ray://..." joins one (or fails).
+    fluxbatch never passes None (which joins a cluster `ray start` left, if any): pipeline/run.py resolves an
+    unset address to RAY_ADDRESS, else "local".
+    """
+    return address == "local"
 
 
-def keep_token_auth(address: str | None) -> None:
+def keep_token_auth(address: str) -> None:
     """Before `ray.init(address)`: require the token if that call starts a cluster, whatever the environment."""
     if not starts_local_cluster(address):
         return
@@ -30,6 +35,4 @@ def keep_token_auth(address: str | None) -> None:
         log.warning("%s=%s ignored: fluxbatch starts Ray clusters with token authentication only",
                     AUTH_MODE_ENV_VAR, mode)
     os.environ[AUTH_MODE_ENV_VAR] = "token"
-    from ray._raylet import Config
-
-    Config.initialize("")  # Ray caches its config per process; re-read it, as Ray's own default does
+    reload_ray_config()  # Ray caches its config per process; re-read it, as Ray's own default does

@@ -14,12 +14,11 @@ import io
 import logging
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from flux_worker.storage import read_bytes, with_retries, write_bytes
+from flux_worker.storage import Storage
 from pipeline import ledger
 from schemas import RunSummary
 
@@ -31,7 +30,7 @@ SHEET_COLUMNS = ["key", "request_id", "variant", "prompt", "width", "height", "s
 FAILURE_COLUMNS = ["stage", "source", "row", "request_id", "field", "reason", "attempts"]
 
 
-def write_report(fs: fsspec.AbstractFileSystem, root: str, summary: RunSummary, *, thumbnails: int = 120,
+def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int = 120,
                  failure_rows: int = 500) -> str | None:
     """Write OUTPUT/report.html for the run in `summary`; returns its path, or None (logged) if it could not.
 
@@ -44,22 +43,22 @@ def write_report(fs: fsspec.AbstractFileSystem, root: str, summary: RunSummary, 
         failures, failure_total = ledger.first_failures(fs, root, failure_rows)
         document = render_report(summary, images, failures, fs, failure_rows=failure_rows,
                                  failure_total=failure_total)
-        write_bytes(fs, path, document.encode())
+        fs.write_bytes(path, document.encode())
     except Exception as error:  # noqa: BLE001
         log.warning("%s not written: %s", path, error)
         return None
     return path
 
 
-def sheet_rows(fs: fsspec.AbstractFileSystem, root: str, run_id: str, limit: int) -> list[dict[str, Any]]:
+def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` metadata rows for the contact sheet, read part by part so a huge output stays cheap."""
     folder = f"{root}/metadata"
-    found = with_retries(lambda: fs.find(folder) if fs.exists(folder) else [], f"list {folder}")
+    found = fs.find(folder) if fs.exists(folder) else []
     parts = sorted(p for p in found if p.endswith(".parquet"))
     ours = [p for p in parts if f"part-{run_id}-" in p]
     rows: list[dict[str, Any]] = []
     for part in ours or list(reversed(parts)):
-        table = pq.read_table(pa.BufferReader(read_bytes(fs, part)))
+        table = pq.read_table(pa.BufferReader(fs.read_bytes(part)))
         present = [c for c in SHEET_COLUMNS if c in table.column_names]
         rows += table.select(present).slice(0, limit - len(rows)).to_pylist()
         if len(rows) >= limit:
@@ -67,10 +66,10 @@ def sheet_rows(fs: fsspec.AbstractFileSystem, root: str, run_id: str, limit: int
     return rows
 
 
-def thumbnail(fs: fsspec.AbstractFileSystem, image_uri: str) -> str | None:
+def thumbnail(fs: Storage, image_uri: str) -> str | None:
     """A data: URI of a small JPEG of the image, or None when it cannot be read (the sheet says so)."""
     try:
-        data = read_bytes(fs, fs._strip_protocol(image_uri))
+        data = fs.read_bytes(image_uri)
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
             image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
@@ -83,7 +82,7 @@ def thumbnail(fs: fsspec.AbstractFileSystem, image_uri: str) -> str | None:
 
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
-                  fs: fsspec.AbstractFileSystem, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
+                  fs: Storage, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
     """The report as one HTML string: summary tables, contact sheet, failures table."""
     e = html.escape
     counts = [
@@ -109,6 +108,7 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         _table("failures by reason", ["reason", "count"],
                sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)]),
         "</div>",
+        cold_start_table(summary),
         f"<h2>contact sheet <span class='note'>{len(images)} image(s)</span></h2><div class='sheet'>",
     ]
     for row in images:
@@ -133,6 +133,27 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         parts.append("<p>No failures.</p>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def cold_start_table(summary: RunSummary) -> str:
+    """Where each renderer actor's cold start went, in seconds (schemas.ActorStart), or nothing if none reported."""
+    if not summary.actors:
+        return ""
+
+    def seconds(value: float | None) -> str:
+        return "" if value is None else f"{value:.1f}"
+
+    def cache(start: Any) -> str:
+        if not start.compile:
+            return "compile off"
+        return "hit" if start.compile_cache_hit else "miss" + (" (ignored a stale blob)" if start.compile_cache_ignored
+                                                               else "")
+
+    header = ["actor", "device", "process start", "model load", "compile / warm-up", "first image", "compile cache"]
+    rows = [(a.worker, a.device, seconds(a.process_start), seconds(a.model_load), seconds(a.warmup),
+             seconds(a.first_image), cache(a)) for a in summary.actors]
+    return ("<h2>cold start <span class='note'>seconds per renderer actor; first image counts from the process's "
+            "start</span></h2>" + _table(None, header, rows))
 
 
 def _table(title: str | None, header: list[str] | None, rows: list) -> str:

@@ -18,7 +18,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, cpus_per_rank
 from schemas import JobSpec
@@ -41,10 +40,6 @@ class ReplicaAsk:
     cpus: float
     replicas: int
     threads: int = 1  # torch threads of a CPU replica (Ray sets OMP_NUM_THREADS to num_cpus, see DESIGN.md)
-
-    def actor_resources(self) -> dict[str, Any]:
-        """`map_batches` resources of a single-GPU (or CPU) replica's actor."""
-        return {"num_gpus": self.gpus or None, "num_cpus": self.cpus}
 
     def needs(self) -> dict[str, float]:
         return {"GPU": self.gpus, "CPU": self.cpus}

@@ -5,36 +5,59 @@
   above 0), i.e. the run that made (or tried to make) what OUTPUT holds. A no-op re-run, with nothing left to
   render, leaves them as they are, so its empty report never hides the images; it writes them only when
   there are none yet.
+- `runs/<run_id>/actors/<host>-<pid>.json`: each renderer actor's cold start, written by the actor once after its
+  first batch (flux_worker/cold_start.py); gathered into the summary's `actors` when the run ends.
 - `_SUCCESS`: removed when a run starts (once it holds the lease) and written, with its summary, when it
   ends, so it exists only while no run is under way and the last one finished.
 """
 
 from __future__ import annotations
 
-import fsspec
+import json
+import logging
 
-from flux_worker.storage import with_retries, write_bytes
+from flux_worker.cold_start import ACTORS
+from flux_worker.storage import Storage
 from pipeline.report import write_report
-from schemas import RunSummary
+from schemas import ActorStart, RunSummary
+
+log = logging.getLogger(__name__)
 
 SUCCESS_FILE = "_SUCCESS"
 SUMMARY_FILE = "summary.json"
 RUNS = "runs"
 
 
-def clear_success(fs: fsspec.AbstractFileSystem, root: str) -> None:
+def clear_success(fs: Storage, root: str) -> None:
     """Remove `_SUCCESS`: from here until this run ends, OUTPUT is not a finished output."""
     path = f"{root}/{SUCCESS_FILE}"
-    if with_retries(lambda: fs.exists(path), f"stat {path}"):
-        with_retries(lambda: fs.rm_file(path), f"remove {path}")
+    if fs.exists(path):
+        fs.rm_file(path)
 
 
-def write(fs: fsspec.AbstractFileSystem, root: str, summary: RunSummary) -> None:
+def actor_starts(fs: Storage, root: str, run_id: str) -> list[ActorStart]:
+    """The cold-start records this run's renderer actors wrote, in the order their processes started.
+
+    A record that cannot be read (an actor killed mid-write leaves none: writes are whole) is left out with a
+    log line: it describes the run, it is not the run's result."""
+    folder = f"{root}/{RUNS}/{run_id}/{ACTORS}"
+    if not fs.exists(folder):
+        return []
+    starts = []
+    for path in sorted(p for p in fs.find(folder) if p.endswith(".json")):
+        try:
+            starts.append(ActorStart.model_validate(json.loads(fs.read_bytes(path))))
+        except ValueError as error:
+            log.warning("cold-start record %s left out: %s", path, error)
+    return sorted(starts, key=lambda start: start.started_at)
+
+
+def write(fs: Storage, root: str, summary: RunSummary) -> None:
     """Record a finished run: its own summary, the root summary and report if it rendered, then `_SUCCESS`."""
     body = (summary.model_dump_json(indent=2) + "\n").encode()
-    write_bytes(fs, f"{root}/{RUNS}/{summary.run_id}/{SUMMARY_FILE}", body)
+    fs.write_bytes(f"{root}/{RUNS}/{summary.run_id}/{SUMMARY_FILE}", body)
     latest = f"{root}/{SUMMARY_FILE}"
-    if summary.images_planned or not with_retries(lambda: fs.exists(latest), f"stat {latest}"):
-        write_bytes(fs, latest, body)
+    if summary.images_planned or not fs.exists(latest):
+        fs.write_bytes(latest, body)
         write_report(fs, root, summary)
-    write_bytes(fs, f"{root}/{SUCCESS_FILE}", body)
+    fs.write_bytes(f"{root}/{SUCCESS_FILE}", body)

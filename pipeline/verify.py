@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
-from flux_worker.storage import filesystem, protocol_of, read_bytes, uri, with_retries
+from flux_worker.storage import Storage, filesystem
 from pipeline import ledger
 from pipeline.lease import hold
 from schemas.errors import FluxbatchError
@@ -103,7 +102,7 @@ class Verification:
                          "rows and rows without their image (those keys render again on the next run)")
         else:
             dropped = sum(len(rows) for c in self.checks for rows in c.drop.values())
-            lines.append(f"repaired: {self.moved} files moved aside into {uri(self.fs, self.quarantine)}, {dropped} "
+            lines.append(f"repaired: {self.moved} files moved aside into {self.fs.uri(self.quarantine)}, {dropped} "
                          "ledger rows dropped; the keys no longer in the ledger render again on the next run")
         return "\n".join(lines)
 
@@ -111,10 +110,10 @@ class Verification:
 def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False) -> Verification:
     """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease."""
     fs, root = filesystem(url, storage_options)
-    if not with_retries(lambda: fs.exists(f"{root}/{ledger.JOB_FILE}"), f"stat {root}/{ledger.JOB_FILE}"):
-        raise NotAnOutputError(f"{uri(fs, root)} is not a fluxbatch OUTPUT (no {ledger.JOB_FILE}); nothing checked")
+    if not fs.exists(f"{root}/{ledger.JOB_FILE}"):
+        raise NotAnOutputError(f"{fs.uri(root)} is not a fluxbatch OUTPUT (no {ledger.JOB_FILE}); nothing checked")
     folders = [root] + [folder for _, folder in ledger.versions(fs, root)]
-    result = Verification(output=uri(fs, root), checks=[], fs=fs)
+    result = Verification(output=fs.uri(root), checks=[], fs=fs)
     if not repair:
         result.checks = [check_folder(fs, folder) for folder in folders]
         return result
@@ -128,7 +127,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     return result
 
 
-def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
+def check_folder(fs: Storage, folder: str) -> FolderCheck:
     """Every check on one ledger folder; reads every part and every image once."""
     check = FolderCheck(folder=folder)
     columns: dict[str, dict[str, list]] = {}  # part -> column -> values, parts in name order
@@ -174,7 +173,7 @@ def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
         else:
             to_hash.append(path)
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = pool.map(lambda p: hashlib.sha256(read_bytes(fs, p)).hexdigest(), to_hash)
+        digests = pool.map(lambda p: hashlib.sha256(fs.read_bytes(p)).hexdigest(), to_hash)
         for path, digest in zip(to_hash, digests):
             key, sha, _, part, index = named[path]
             if digest != sha:
@@ -184,7 +183,7 @@ def check_folder(fs: fsspec.AbstractFileSystem, folder: str) -> FolderCheck:
     return check
 
 
-def repair_folder(fs: fsspec.AbstractFileSystem, root: str, check: FolderCheck, quarantine: str) -> int:
+def repair_folder(fs: Storage, root: str, check: FolderCheck, quarantine: str) -> int:
     """Put one folder right (see the module docstring); the caller holds its lease. Returns the files moved."""
     moved = list(check.unreadable)
     for part in moved:
@@ -203,39 +202,39 @@ def repair_folder(fs: fsspec.AbstractFileSystem, root: str, check: FolderCheck, 
     return len(moved)
 
 
-def _images(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+def _images(fs: Storage, folder: str) -> dict[str, int]:
     """The image files fluxbatch wrote under `folder`/images, with their sizes."""
     base = f"{folder}/images"
-    if not with_retries(lambda: fs.exists(base), f"stat {base}"):
+    if not fs.exists(base):
         return {}
-    found = with_retries(lambda: fs.find(base, detail=True), f"list {base}")
+    found = fs.find(base, detail=True)
     return {path: info["size"] for path, info in found.items() if IMAGE_NAME.search(path)}
 
 
-def _move_aside(fs: fsspec.AbstractFileSystem, root: str, quarantine: str, path: str) -> None:
+def _move_aside(fs: Storage, root: str, quarantine: str, path: str) -> None:
     """Move `path` to the same path under `quarantine` (relative to OUTPUT): repair deletes nothing outright."""
     target = f"{quarantine}/{path[len(root) + 1:]}"
-    if protocol_of(fs) in ("file", "local"):
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    with_retries(lambda: fs.mv(path, target), f"move {path} to {target}")
+    if fs.local:
+        fs.makedirs(target.rsplit("/", 1)[0])
+    fs.mv(path, target)
 
 
-def _copy_aside(fs: fsspec.AbstractFileSystem, root: str, quarantine: str, path: str) -> None:
+def _copy_aside(fs: Storage, root: str, quarantine: str, path: str) -> None:
     """Copy `path` to the same path under `quarantine`, keeping the original where it is."""
     target = f"{quarantine}/{path[len(root) + 1:]}"
-    if protocol_of(fs) in ("file", "local"):
-        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-    with_retries(lambda: fs.copy(path, target), f"copy {path} to {target}")
+    if fs.local:
+        fs.makedirs(target.rsplit("/", 1)[0])
+    fs.copy(path, target)
 
 
-def _folder_report(fs: fsspec.AbstractFileSystem, check: FolderCheck) -> list[str]:
-    lines = [f"{uri(fs, check.folder)}: {check.parts} metadata parts, {check.rows} rows, {check.images} images"]
+def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
+    lines = [f"{fs.uri(check.folder)}: {check.parts} metadata parts, {check.rows} rows, {check.images} images"]
     kinds = [
-        ("unreadable part", [f"{uri(fs, part)}: {why}" for part, why in check.unreadable.items()]),
+        ("unreadable part", [f"{fs.uri(part)}: {why}" for part, why in check.unreadable.items()]),
         ("duplicate key", [f"{key}: {n} rows" for key, n in check.duplicates.items()]),
-        ("missing image", [f"{key}: no {uri(fs, path)}" for key, path in check.missing.items()]),
-        ("altered image", [f"{key}: {uri(fs, path)}: {how}" for key, (path, how) in check.altered.items()]),
-        ("orphan image", [f"{uri(fs, path)}: no ledger row names it" for path in check.orphans]),
+        ("missing image", [f"{key}: no {fs.uri(path)}" for key, path in check.missing.items()]),
+        ("altered image", [f"{key}: {fs.uri(path)}: {how}" for key, (path, how) in check.altered.items()]),
+        ("orphan image", [f"{fs.uri(path)}: no ledger row names it" for path in check.orphans]),
     ]
     for kind, offenders in kinds:
         if offenders:

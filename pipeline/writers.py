@@ -21,11 +21,10 @@ from collections import Counter
 from datetime import datetime
 from typing import Any, Protocol
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import protocol_of, with_retries
+from flux_worker.storage import Storage
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # The `datasets` library reads a Parquet file's features from this schema metadata key: with it the
@@ -52,12 +51,12 @@ def record_json(record: dict[str, Any]) -> dict[str, Any]:
 class _Shard:
     """A local temporary file that becomes `dest` in one piece when published."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, dest: str):
+    def __init__(self, fs: Storage, dest: str):
         self.fs, self.dest = fs, dest
-        self.local = protocol_of(fs) in ("file", "local")
+        self.local = fs.local
         if self.local:
             # Beside the destination, so the final rename stays on one filesystem.
-            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            fs.makedirs(dest.rsplit("/", 1)[0])
             self.path = f"{dest}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
         else:
             handle, self.path = tempfile.mkstemp(prefix="fluxbatch-shard-")
@@ -69,7 +68,7 @@ class _Shard:
             os.replace(self.path, self.dest)
         else:
             try:
-                with_retries(lambda: self.fs.put_file(self.path, self.dest), f"upload {self.dest}")
+                self.fs.put_file(self.path, self.dest)
             finally:
                 os.unlink(self.path)
         return size
@@ -82,7 +81,7 @@ class _Shard:
 class WebDatasetWriter:
     """One WebDataset tar: `<key>.<png|jpg|webp>`, `<key>.json` (the metadata row), `<key>.txt` (the prompt)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, dest: str):
+    def __init__(self, fs: Storage, dest: str):
         self._shard = _Shard(fs, dest)
         self._tar = tarfile.open(self._shard.path, "w", format=tarfile.USTAR_FORMAT)
         self._count, self._image_bytes = 0, 0
@@ -119,7 +118,7 @@ class HFParquetWriter:
 
     ROWS_PER_GROUP = 64  # a row group of images stays a few MB to a few hundred MB
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, dest: str, metadata_schema: pa.Schema):
+    def __init__(self, fs: Storage, dest: str, metadata_schema: pa.Schema):
         self._shard = _Shard(fs, dest)
         fields = [pa.field("image", IMAGE_STRUCT)] + list(metadata_schema)
         features = {"info": {"features": {"image": {"_type": "Image"}}}}

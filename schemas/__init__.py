@@ -10,36 +10,39 @@ from schemas.records import (
     PLAN_SCHEMA,
     RESULT_SCHEMA,
     FailureRecord,
-    ImageRecord,
 )
 from schemas.request import (
     MANIFEST_COLUMNS,
+    REQUEST_SCHEMA,
     AdapterRef,
     ModelLimits,
     OutputFormat,
     RenderRequest,
     RowError,
+    request_id,
     row_errors,
 )
-from schemas.summary import RunSummary
+from schemas.summary import ActorStart, RunSummary
 
 __all__ = [
+    "ActorStart",
     "FAILURE_SCHEMA",
     "IMAGE_RECORD_SCHEMA",
     "MANIFEST_COLUMNS",
     "AdapterRef",
     "FailureRecord",
-    "ImageRecord",
     "JobSpec",
     "ModelLimits",
     "ModelSpec",
     "OutputFormat",
     "OutputSpec",
     "PLAN_SCHEMA",
+    "REQUEST_SCHEMA",
     "RESULT_SCHEMA",
     "RenderDefaults",
     "RenderRequest",
     "RowError",
     "RunSummary",
+    "request_id",
     "row_errors",
 ]

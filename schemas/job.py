@@ -39,6 +39,10 @@ class ModelSpec(BaseModel):
         default=None, description="first-block: skip the other blocks on steps whose first block barely changed"
     )
     cache_threshold: float = Field(default=0.12, gt=0, le=1, description="First-Block-Cache's relative-change bound")
+    # Where compiled kernels are shared between actors and nodes; not part of an image's identity.
+    compile_cache: str | None = Field(
+        default=None, description="fsspec URL sharing model.compile's kernels between actors and nodes "
+        "(default: ~/.cache/fluxbatch/compile-cache on each machine)")
 
     @model_validator(mode="after")
     def _fast_path_with_adapters(self) -> ModelSpec:
@@ -122,6 +126,12 @@ class JobSpec(BaseModel):
         "batch-mates; off (false) batches same-shape images for throughput (last-bit differences)",
     )
     ray_address: str | None = Field(default=None, description="Ray cluster to join; unset starts or joins a local one")
+    # Not part of identity(): where references may be read from never changes an image (their sha256 is in its key).
+    reference_roots: list[str] = Field(
+        default_factory=list,
+        description="folder or bucket URL that rows' reference_images may be read from; anything outside is a "
+        "failure row, never read (default: the manifest's own folder, or its bucket on S3)",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
     )
@@ -159,7 +169,7 @@ class JobSpec(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""
         return {
-            "model": self.model.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json", exclude={"compile_cache"}),
             "defaults": self.defaults.model_dump(mode="json"),
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),

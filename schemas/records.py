@@ -1,4 +1,4 @@
-"""The rows fluxbatch writes: one `ImageRecord` per image, one `FailureRecord` per refused row or image.
+"""The rows fluxbatch writes: one `IMAGE_RECORD_SCHEMA` row per image, one `FailureRecord` per refused row or image.
 
 The Arrow schemas are the on-disk contract of `metadata/part-*.parquet` and `failures/part-*.parquet`;
 extra manifest columns are appended to the metadata after these.
@@ -14,53 +14,39 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 ADAPTERS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))
+# A row's reference images: each URL as the driver read it and the sha256 of its bytes (filled in by
+# pipeline/references.py before planning; the image's key covers the hashes, so a changed photo renders anew).
+REFERENCES_TYPE = pa.list_(pa.struct([("url", pa.string()), ("sha256", pa.string())]))
 # `seed` is int64, not uint64: Spark and several warehouses refuse unsigned 64-bit columns. Every seed fluxbatch
 # derives fits (63 bits); a manifest seed s >= 2**63 is stored as s - 2**64, the same 64 bits read as signed:
 # `seed % 2**64` gives s back, and torch.Generator.manual_seed takes either form and makes the same noise.
 SEED_TYPE = pa.int64()
 
 
-class ImageRecord(BaseModel):
-    """One rendered image and every parameter that made it."""
+# The render parameters of one image, in this order: the first columns of a planned image (PLAN_SCHEMA), of its
+# metadata row (IMAGE_RECORD_SCHEMA) and of a renderer's result (RESULT_SCHEMA). Written once, so they cannot drift.
+RENDER_FIELDS = [
+    ("key", pa.string()),
+    ("request_id", pa.string()),
+    ("variant", pa.int32()),
+    ("prompt", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("steps", pa.int32()),
+    ("guidance", pa.float64()),
+    ("seed", SEED_TYPE),
+    ("max_sequence_length", pa.int32()),
+    ("adapters", ADAPTERS_TYPE),
+    ("output_format", pa.string()),
+    ("reference_images", REFERENCES_TYPE),  # ledger parts written before it lack it: read as null (none)
+]
+# Where a planned image came from: the manifest file and the row's index in it (for its failure rows).
+ORIGIN_FIELDS = [("source", pa.string()), ("row", pa.int64())]
 
-    key: str
-    request_id: str
-    variant: int
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
-    max_sequence_length: int
-    adapters: list[dict]
-    output_format: str
-    model_id: str
-    model_revision: str
-    dtype: str
-    image_uri: str
-    bytes: int
-    sha256: str
-    render_seconds: float
-    worker: str
-    started_at: datetime
-    finished_at: datetime
-
-
+# One rendered image (one metadata row) and every parameter that made it.
 IMAGE_RECORD_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("request_id", pa.string()),
-        ("variant", pa.int32()),
-        ("prompt", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("seed", SEED_TYPE),
-        ("max_sequence_length", pa.int32()),
-        ("adapters", ADAPTERS_TYPE),
-        ("output_format", pa.string()),
+    RENDER_FIELDS
+    + [
         ("model_id", pa.string()),
         ("model_revision", pa.string()),
         ("dtype", pa.string()),
@@ -128,28 +114,10 @@ def signed_seeds(table: pa.Table) -> pa.Table:
 
 
 # A planned image, as the driver hands it to a renderer; extra manifest columns follow these.
-PLAN_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("request_id", pa.string()),
-        ("variant", pa.int32()),
-        ("prompt", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("seed", SEED_TYPE),
-        ("max_sequence_length", pa.int32()),
-        ("adapters", ADAPTERS_TYPE),
-        ("output_format", pa.string()),
-        ("source", pa.string()),
-        ("row", pa.int64()),
-    ]
-)
+PLAN_SCHEMA = pa.schema(RENDER_FIELDS + ORIGIN_FIELDS)
 
 # What a renderer returns per planned image: the record (null on failure), where it came from, and
 # the error of its last try (null on success).
 RESULT_SCHEMA = pa.schema(
-    list(IMAGE_RECORD_SCHEMA)
-    + [("source", pa.string()), ("row", pa.int64()), ("error", pa.string()), ("attempts", pa.int32())]
+    list(IMAGE_RECORD_SCHEMA) + ORIGIN_FIELDS + [("error", pa.string()), ("attempts", pa.int32())]
 )

@@ -2,26 +2,47 @@
 
 Validation errors are data: `row_errors` turns a pydantic error into one `RowError` per field, with a
 message that names the field and says what to do, so the driver can write them to the failures table.
+
+Each rule is written once here: the model's validators and the column checks of `pipeline/fast_validate.py`
+(which flag rows for these validators, a whole manifest column at a time) both read the constants, patterns
+and `request_id` below. `REQUEST_SCHEMA` is a valid row as Arrow columns, the manifest's one representation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from schemas.records import ADAPTERS_TYPE, REFERENCES_TYPE
 
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 256
 MAX_IMAGES_PER_ROW = 64
 MAX_ADAPTERS = 8
+MAX_REFERENCE_URL_CHARS = 2048
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 SEED_MAX = 2**64 - 1
-# Control characters other than tab and newline never belong in a prompt or an id.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+SIDE_MULTIPLE = 16  # the VAE and the 2x2 patching halve each side four times
+# Control characters never belong in a prompt (but tab and newline) or an id (none at all). Patterns that Python's
+# re and Arrow's RE2 read alike.
+PROMPT_CONTROL = r"[\x00-\x08\x0b-\x1f\x7f]"
+ID_CONTROL = r"[\x00-\x1f\x7f]"
+# What str.strip() removes (every character whose isspace() is true; tests/test_schemas.py checks): spelled out so
+# that the column checks trim and find blank text exactly as the validators do.
+WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+              "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+FORMAT_ALIASES = {"jpg": "jpeg"}
+_PROMPT_CONTROL = re.compile(PROMPT_CONTROL)
+_ID_CONTROL = re.compile(ID_CONTROL)
 
 
 class OutputFormat(str, Enum):
@@ -34,6 +55,9 @@ class OutputFormat(str, Enum):
         return {"png": "png", "jpeg": "jpg", "webp": "webp"}[self.value]
 
 
+OUTPUT_FORMATS = tuple(f.value for f in OutputFormat)
+
+
 class ModelLimits(BaseModel):
     """The image sizes a model renders well; passed as validation context so rows are checked per model."""
 
@@ -42,6 +66,9 @@ class ModelLimits(BaseModel):
     min_side: int = 256
     max_side: int = 2048
     max_steps: int = MAX_STEPS
+    takes_guidance: bool = True  # False for step-distilled models, whose pipeline ignores guidance
+    min_references: int = 0  # reference images a row must give (FLUX.1 Kontext: 1)
+    max_references: int = 0  # ... and may give (0: the model renders from text alone)
 
 
 class AdapterRef(BaseModel):
@@ -73,6 +100,7 @@ MANIFEST_COLUMNS = (
     "num_images",
     "adapters",
     "output_format",
+    "reference_images",
 )
 
 
@@ -92,6 +120,9 @@ class RenderRequest(BaseModel):
     num_images: int = 1
     adapters: tuple[AdapterRef, ...] = ()
     output_format: OutputFormat | None = None
+    # Checked against the model here; whether each URL may be read, and is an image, on the driver before
+    # rendering (pipeline/references.py).
+    reference_images: tuple[str, ...] = Field(default=(), validate_default=True)
 
     @field_validator("id", mode="before")
     @classmethod
@@ -101,11 +132,11 @@ class RenderRequest(BaseModel):
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ValueError(f"id must be text or an integer, got {type(value).__name__}")
         text = str(value)
-        if not text.strip():
+        if not text.strip(WHITESPACE):
             raise ValueError("id is empty; leave the column null to derive an id from the row")
         if len(text) > MAX_ID_CHARS:
             raise ValueError(f"id is {len(text)} characters; at most {MAX_ID_CHARS} are allowed")
-        if _CONTROL.search(text) or "\n" in text or "\t" in text:
+        if _ID_CONTROL.search(text):
             raise ValueError("id contains control characters")
         return text
 
@@ -115,11 +146,11 @@ class RenderRequest(BaseModel):
         if not isinstance(value, str):
             kind = "null" if value is None else type(value).__name__
             raise ValueError(f"prompt must be text, got {kind}")
-        if not value.strip():
+        if not value.strip(WHITESPACE):
             raise ValueError("prompt is empty")
         if len(value) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
-        if _CONTROL.search(value):
+        if _PROMPT_CONTROL.search(value):
             raise ValueError("prompt contains control characters (only tab and newline are allowed)")
         return value
 
@@ -139,8 +170,8 @@ class RenderRequest(BaseModel):
         if value is None:
             return None
         limits = _limits(info)
-        if value % 16:
-            raise ValueError(f"{info.field_name} must be a multiple of 16, got {value}")
+        if value % SIDE_MULTIPLE:
+            raise ValueError(f"{info.field_name} must be a multiple of {SIDE_MULTIPLE}, got {value}")
         if not limits.min_side <= value <= limits.max_side:
             raise ValueError(
                 f"{info.field_name} must be between {limits.min_side} and {limits.max_side} "
@@ -158,9 +189,11 @@ class RenderRequest(BaseModel):
 
     @field_validator("guidance", mode="before")
     @classmethod
-    def _guidance(cls, value: Any) -> Any:
+    def _guidance(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return None
+        if not _limits(info).takes_guidance:
+            raise ValueError("guidance must be empty: this model is step-distilled and takes no guidance")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"guidance must be a number, got {type(value).__name__}")
         value = float(value)
@@ -192,7 +225,7 @@ class RenderRequest(BaseModel):
     @field_validator("model", mode="before")
     @classmethod
     def _model_text(cls, value: Any) -> Any:
-        if value is not None and (not isinstance(value, str) or not value.strip()):
+        if value is not None and (not isinstance(value, str) or not value.strip(WHITESPACE)):
             raise ValueError("model must be a non-empty preset name or path, or null for the job's model")
         return value
 
@@ -217,12 +250,84 @@ class RenderRequest(BaseModel):
         if value is None:
             return None
         if not isinstance(value, str):
-            raise ValueError(f"output_format must be one of png, jpeg, webp; got {type(value).__name__}")
-        text = value.strip().lower()
-        text = "jpeg" if text == "jpg" else text
-        if text not in {"png", "jpeg", "webp"}:
-            raise ValueError(f"output_format must be one of png, jpeg, webp; got {value!r}")
+            raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {type(value).__name__}")
+        text = value.strip(WHITESPACE).lower()
+        text = FORMAT_ALIASES.get(text, text)
+        if text not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {value!r}")
         return text
+
+    @field_validator("reference_images", mode="before")
+    @classmethod
+    def _references(cls, value: Any, info: ValidationInfo) -> Any:
+        limits = _limits(info)
+        if value is None:
+            value = ()
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise ValueError("reference_images must be a list of image URLs")
+        urls = list(value)
+        for url in urls:
+            if not isinstance(url, str) or not url.strip(WHITESPACE):
+                raise ValueError("reference_images must be a list of non-empty URL texts")
+            if len(url) > MAX_REFERENCE_URL_CHARS:
+                raise ValueError(f"a reference image URL is {len(url)} characters; at most "
+                                 f"{MAX_REFERENCE_URL_CHARS} are allowed")
+            if _ID_CONTROL.search(url):
+                raise ValueError("a reference image URL contains control characters")
+        if urls and not limits.max_references:
+            raise ValueError("reference_images must be empty: this model renders from text alone; use "
+                             "flux.1-kontext-dev or a FLUX.2 model for rows with reference images")
+        if len(urls) < limits.min_references:
+            raise ValueError(f"reference_images needs {limits.min_references} image URL"
+                             f"{'s' if limits.min_references > 1 else ''}: this model edits a reference image")
+        if len(urls) > limits.max_references:
+            raise ValueError(f"at most {limits.max_references} reference images per row for this model, "
+                             f"got {len(urls)}")
+        return urls
+
+
+# A valid manifest row as Arrow columns: its fields normalized (jpg is jpeg, integral floats are integers), its
+# `request_id`, and where it came from. The manifest's valid rows are one table of these columns, then the
+# manifest's extra columns; the planner expands it into images.
+REQUEST_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("model", pa.string()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance", pa.float64()),
+    ("seed", pa.uint64()),
+    ("num_images", pa.int64()),
+    ("adapters", ADAPTERS_TYPE),
+    ("output_format", pa.string()),
+    ("reference_images", REFERENCES_TYPE),  # URLs as the row gives them; sha256 null until pipeline/references.py
+    ("source", pa.string()),
+    ("row", pa.int64()),
+])
+
+
+def request_id(row: Mapping[str, Any]) -> str:
+    """A row's `id`, or else a hash of its render parameters (every other manifest column), from which its images'
+    keys derive. `row` is normalized: `RenderRequest.model_dump(mode="json")`, or a row of REQUEST_SCHEMA columns.
+
+    The hash must never change: images already in an OUTPUT are found again by it.
+    """
+    if row.get("id") is not None:
+        return row["id"]
+    params = {name: row.get(name) for name in MANIFEST_COLUMNS if name not in ("id", "reference_images")}
+    params["adapters"] = list(params["adapters"] or [])
+    references = reference_urls(row.get("reference_images"))
+    if references:  # only then: the hash of every row without references stays what it was before them
+        params["reference_images"] = references
+    digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=12).hexdigest()
+    return f"h-{digest}"
+
+
+def reference_urls(value: Any) -> list[str]:
+    """A row's reference URLs, whether given as texts (a RenderRequest) or as REFERENCES_TYPE structs."""
+    return [item["url"] if isinstance(item, dict) else item for item in value or ()]
 
 
 def _limits(info: ValidationInfo) -> ModelLimits:

@@ -7,6 +7,30 @@ from datetime import datetime
 from pydantic import BaseModel, Field, computed_field
 
 
+class ActorStart(BaseModel):
+    """One renderer actor's cold start, in seconds (flux_worker/cold_start.py writes it, the driver gathers it).
+
+    process_start, model_load and warmup follow each other; first_image counts from the process's creation to
+    its first image written, so it holds the three and any wait for a first batch."""
+
+    worker: str = Field(description="host:pid, as in the metadata's worker column")
+    device: str
+    started_at: datetime = Field(description="when the actor's process was created")
+    process_start: float = Field(description="process created -> renderer constructed (Ray worker start, imports)")
+    model_load: float = Field(description="weights loaded to the device, fast-path options applied")
+    warmup: float | None = Field(default=None, description="the first pipeline call: compile (or cache load) "
+                                 "and the first denoising; None if the actor rendered nothing")
+    first_image: float | None = Field(default=None, description="process created -> first image written")
+    compile: bool = False
+    compile_cache_hit: bool | None = Field(default=None, description="a compile-cache blob was loaded; None "
+                                           "without model.compile")
+    compile_cache_loaded: int = 0
+    compile_cache_saved: int = 0
+    compile_cache_ignored: int = 0
+    inductor_cache_hits: int | None = Field(default=None, description="compiled graphs read back, not built")
+    inductor_cache_misses: int | None = Field(default=None, description="compiled graphs built by this actor")
+
+
 class RunSummary(BaseModel):
     """Counts, throughput and time per stage of one run over an OUTPUT."""
 
@@ -26,6 +50,7 @@ class RunSummary(BaseModel):
     images_per_second: float = 0.0
     seconds: dict[str, float] = Field(default_factory=dict, description="wall seconds per stage")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
+    actors: list[ActorStart] = Field(default_factory=list, description="each renderer actor's cold start")
     started_at: datetime
     finished_at: datetime | None = None
 

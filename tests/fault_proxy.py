@@ -13,6 +13,7 @@ import random
 import socket
 import threading
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -25,8 +26,14 @@ _ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>
 class FaultProxy:
     """`with FaultProxy(upstream, failure_rate=0.2) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
-    def __init__(self, upstream: str, failure_rate: float, seed: int = 0):
+    def __init__(self, upstream: str, failure_rate: float, seed: int = 0, faults: tuple[str, ...] = FAULTS,
+                 fail_once: Callable[[str, str], bool] | None = None):
         parts = urlsplit(upstream)
+        self.kinds = faults  # which of FAULTS to inject
+        # `fail_once(method, path)`: fail each such request on its first try only, whatever failure_rate says, so
+        # code that retries gets through and code that does not fails, every time (no luck of the draw).
+        self.fail_once = fail_once
+        self._seen: set[tuple[str, str]] = set()
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.failure_rate = failure_rate
         self.requests = 0
@@ -51,13 +58,17 @@ class FaultProxy:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def draw(self) -> str | None:
+    def draw(self, method: str = "", path: str = "") -> str | None:
         """The fault for the next request, or None to forward it untouched."""
         with self._lock:
             self.requests += 1
-            if self._random.random() >= self.failure_rate:
+            if self.fail_once is not None:
+                if not self.fail_once(method, path) or (method, path) in self._seen:
+                    return None
+                self._seen.add((method, path))
+            elif self._random.random() >= self.failure_rate:
                 return None
-            fault = self._random.choice(FAULTS)
+            fault = self._random.choice(self.kinds)
             self.faults[fault] += 1
             return fault
 
@@ -116,7 +127,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault = proxy.draw()
+                fault = proxy.draw(self.command, urlsplit(self.path).path)
                 if fault == "drop-before":
                     return self._drop()
                 if fault == "slowdown":

@@ -49,7 +49,7 @@ def assert_images_match_metadata(output: str, storage_options: dict | None = Non
     recorded = set()
     for row in table.to_pylist():
         _, path = filesystem(row["image_uri"], storage_options)
-        data = fs.cat_file(path)
+        data = fs.read_bytes(path)
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         assert len(data) == row["bytes"]
         recorded.add(path)

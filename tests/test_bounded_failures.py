@@ -74,7 +74,7 @@ def test_validate_of_a_million_invalid_rows_prints_each_within_the_stated_memory
     assert peak_mb < bound_mb, f"validate peaked at {peak_mb:.0f} MB, over its bound of {bound_mb:.0f} MB"
 
 
-def test_rows_checked_by_columns_in_small_chunks_fail_as_the_rows_checked_one_by_one(tmp_path, monkeypatch):
+def test_rows_checked_in_small_chunks_fail_as_the_rows_checked_in_one(tmp_path, monkeypatch):
     rows = [{"id": f"r{i}", "prompt": "a cat", "width": 64, "steps": 4} for i in range(12)]
     rows[1]["width"] = 65  # one fault
     rows[2].update(width=70, steps=0)  # two faults of one row: one invalid row
@@ -86,25 +86,24 @@ def test_rows_checked_by_columns_in_small_chunks_fail_as_the_rows_checked_one_by
     pq.write_table(pa.Table.from_pylist(rows), path)
     limits = ModelLimits(min_side=64, max_side=1024)
 
-    def read(vectorize_from: int) -> tuple[list[tuple], int, dict[str, int]]:
-        monkeypatch.setattr(manifest_module, "VECTORIZE_FROM_ROWS", vectorize_from)
+    def read(chunk_rows: int) -> tuple[list[tuple], int, dict[str, int]]:
+        monkeypatch.setattr(manifest_module, "CHUNK_ROWS", chunk_rows)
         got: list = []
         manifest = read_manifest(str(path), limits=limits, sink=got.append)
         return [(f.row, f.field, f.reason) for f in got], manifest.failures.rows, dict(manifest.failures.by_reason)
 
-    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 2)
-    by_columns = read(0)
-    by_rows = read(10**12)
+    in_chunks = read(2)
+    in_one = read(10_000)
 
-    assert by_columns == by_rows
-    listed, invalid_rows, by_reason = by_columns
+    assert in_chunks == in_one
+    listed, invalid_rows, by_reason = in_chunks
     assert [row for row, _, _ in listed] == [1, 2, 2, 4, 8, 10]
     assert invalid_rows == 5
     assert by_reason == {"validate:width": 3, "validate:steps": 2, "validate:id": 1}
 
 
 def test_render_of_a_manifest_with_no_valid_row_exits_1_and_writes_the_failure_parts(tmp_path, tiny_model, capsys):
-    manifest = wide_rows(tmp_path / "wide.parquet", 3000)  # past VECTORIZE_FROM_ROWS: checked by columns
+    manifest = wide_rows(tmp_path / "wide.parquet", 3000)
     out = tmp_path / "out"
 
     result = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")

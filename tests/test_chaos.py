@@ -45,11 +45,10 @@ def assert_exactly_once(output: str, rows: list[dict]) -> None:
 
 
 def renderer_pids(ray) -> list[int]:
-    """PIDs of the live renderer actors in this test session's own Ray cluster."""
-    from ray._private.state import actors
+    """PIDs of the live renderer actors of this test process's driver (it renders in-process)."""
+    from pipeline.ray_private import actors_of_this_job
 
-    return [a["Pid"] for a in actors().values()
-            if "MapWorker" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"]]
+    return [a.pid for a in actors_of_this_job() if "MapWorker" in a.class_name and a.state == "ALIVE" and a.pid]
 
 
 class RendererKiller(threading.Thread):
@@ -65,7 +64,9 @@ class RendererKiller(threading.Thread):
         seen = 0
         while len(self.killed) < self.rounds and not self.done.is_set():
             count = sum(1 for _ in self.images.rglob("*.png")) if self.images.is_dir() else 0
-            pids = renderer_pids(self.ray) if count > seen else []
+            # Ray may list a just-killed process as ALIVE for a moment: each round kills processes not yet killed.
+            done_for = {pid for pids in self.killed for pid in pids}
+            pids = [pid for pid in renderer_pids(self.ray) if pid not in done_for] if count > seen else []
             if pids:  # the pool is rendering: images keep appearing
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)

@@ -189,6 +189,8 @@ def example_value(field: str) -> tuple[list[str], typing.Any]:
         return ([flag.names[0] if not default else flag.names[-1]], not default)
     if flag.kind == "mapping":
         return ([flag.names[0], "style=/models/style.safetensors"], {"style": "/models/style.safetensors"})
+    if flag.kind == "list":  # repeated: each one an item
+        return ([flag.names[0], "s3://photos", flag.names[0], "/srv/photos"], ["s3://photos", "/srv/photos"])
     if flag.choices:
         value = next(c for c in flag.choices if c != _plain(default))
         return ([flag.names[0], value], value)

@@ -58,6 +58,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 GOOD = parquet_bytes(pa.table({"prompt": ["a cat"] * 50, "id": [f"r{i}" for i in range(50)]}))
 UTF8_BROKEN = pa.table({"prompt": pa.array([b"a \xff\xfe cat"], pa.binary()).view(pa.string())})
+UTF8_BROKEN_WITH_ID = UTF8_BROKEN.append_column("id", pa.array(["r0"]))
 DUPLICATE_COLUMNS = pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["prompt", "prompt"])
 HUGE = "x" * 102_400
 
@@ -186,6 +187,9 @@ CASES = [
     Case("text that is not UTF-8", {"m.parquet": UTF8_BROKEN},
          [("m.parquet", None, "prompt", r"column 'prompt' \(string\) cannot be read: 'utf-8' codec can't decode.*")],
          stage="read"),
+    Case("text that is not UTF-8 in a row with an id", {"m.parquet": UTF8_BROKEN_WITH_ID},
+         [("m.parquet", None, "prompt", r"column 'prompt' \(string\) cannot be read: 'utf-8' codec can't decode.*")],
+         stage="read"),
     Case("a bad file beside a good one", {"bad.parquet": b"nope", "good.parquet": pa.table({"prompt": ["a"]})},
          [("bad.parquet", None, None, r"not a readable Parquet file \(4 bytes\): .+")], valid=1, stage="read"),
 ]
@@ -200,8 +204,57 @@ def write_files(folder: Path, files: dict[str, Any]) -> None:
             pq.write_table(content, folder / name)
 
 
+# The reader once checked files of 2,048 rows or more by columns and shorter ones row by row; every case runs at
+# both sizes, the long one padded after its own rows, so the row numbers and messages expected stay the same.
+SHORT, LONG = 0, 2_100
+
+
+def padded(name: str, table: pa.Table, rows: int) -> tuple[pa.Table, bool]:
+    """`table` grown to `rows` rows after its own rows, and whether the added rows are valid.
+
+    Added rows hold a prompt unique to the file (and an id, where ids are text) and nulls elsewhere, so they are
+    valid. Where the prompt column cannot hold text (integers, bytes), no row can be valid: the file's own rows
+    repeat instead.
+    """
+    at = table.column_names.index("prompt") if "prompt" in table.column_names else None
+    if at is not None and pa.types.is_null(table.schema.types[at]):
+        table = table.set_column(at, "prompt", table.column(at).cast(pa.string()))
+    kind = pa.string() if at is None else table.schema.types[at]
+    text = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+        return pa.concat_tables([table] * -(-rows // table.num_rows)).slice(0, rows), False
+    count = rows - table.num_rows
+    prompts = pa.array([f"padding row {i} of {name}" for i in range(count)], text)
+    ids = pa.array([f"padding-{i}-of-{name}" for i in range(count)])  # where ids are text, padding rows have one
+    prompts = prompts if text is kind else prompts.dictionary_encode()
+    added = pa.Table.from_arrays([prompts if item.name == "prompt" else ids if item.name == "id" and item.type == text
+                                  else pa.nulls(count, item.type) for item in table.schema], schema=table.schema)
+    return pa.concat_tables([table, added]), True
+
+
+def at_size(case: Case, rows: int) -> Case:
+    """`case` with each of its Parquet tables padded to `rows` rows, expecting what the added rows add."""
+    if rows == SHORT:
+        return case
+    files, failures, valid = {}, list(case.failures), case.valid
+    for name, content in case.files.items():
+        if isinstance(content, bytes):
+            files[name] = content
+            continue
+        files[name], added_valid = padded(name, content, rows)
+        own = content.num_rows
+        if not added_valid:  # each repeated row is refused as the row it repeats
+            failures += [(name, r, f[2], f[3]) for r in range(own, rows) for f in case.failures
+                         if f[0] == name and f[1] == r % own]
+        elif not any(f[0] == name and f[1] is None for f in case.failures):  # not refused whole
+            valid += rows - own
+    return Case(case.name, files, failures, valid=valid, stage=case.stage, extra=case.extra)
+
+
+@pytest.mark.parametrize("rows", [SHORT, LONG], ids=["as-is", f"{LONG}-rows"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile_manifest_is_refused_row_by_row_with_the_field_and_reason(tmp_path, case):
+def test_hostile_manifest_is_refused_row_by_row_with_the_field_and_reason(tmp_path, case, rows):
+    case = at_size(case, rows)
     write_files(tmp_path / "in", case.files)
     failures: list = []
     manifest = read_manifest(str(tmp_path / "in"), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS,
@@ -217,7 +270,7 @@ def test_hostile_manifest_is_refused_row_by_row_with_the_field_and_reason(tmp_pa
     assert all(f.stage == ("read" if f.row is None else "validate") for f in failures)
     assert manifest.failures.total == len(failures)
     assert manifest.failures.rows == len({(f.source, f.row) for f in failures})
-    assert len(manifest.valid_rows()) == case.valid
+    assert manifest.valid_count == case.valid
     for name, arrow_type in case.extra.items():
         assert {f.name: f.type for f in manifest.extra_fields}[name] == arrow_type
 
@@ -256,32 +309,37 @@ CELL = st.one_of(
 ROW = st.fixed_dictionaries({}, optional={name: CELL for name in MANIFEST_COLUMNS})
 
 
+@pytest.mark.parametrize("rows", [SHORT, LONG], ids=["one-row", f"{LONG}-rows"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=ROW, prompt=st.one_of(CELL, st.just("a red cat")))
-def test_any_row_values_yield_a_valid_row_or_messages_naming_the_field(tmp_path, values, prompt):
+def test_any_row_values_yield_a_valid_row_or_messages_naming_the_field(tmp_path, values, prompt, rows):
     path = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": pa.array([prompt]), **{k: pa.array([v]) for k, v in values.items()}}), path)
+    table = pa.table({"prompt": pa.array([prompt]), **{k: pa.array([v]) for k, v in values.items()}})
+    table, added_valid = padded("p.parquet", table, rows) if rows else (table, True)
+    pq.write_table(table, path)
 
     failures: list = []
     manifest = read_manifest(str(path), limits=TINY_LIMITS, model_name="tiny", adapter_names=ADAPTERS,
                              sink=failures.append)
 
-    assert len(manifest.valid_rows()) + bool(failures) == 1
-    assert manifest.failures.rows == bool(failures)
+    # Row 0 is the one drawn; the rest (if any) are valid padding, or its repeats where no prompt can be valid.
+    first = [f for f in failures if f.row == 0]
+    assert manifest.valid_count + bool(first) == 1 + (table.num_rows - 1 if added_valid else 0)
+    assert manifest.failures.rows == (bool(first) if added_valid else table.num_rows)
     for failure in failures:
-        assert failure.stage == "validate" and failure.row == 0
+        assert failure.stage == "validate" and (failure.row == 0 or not added_valid)
+        assert (failure.field, failure.reason) in {(f.field, f.reason) for f in first}, failure
         assert failure.field in {"prompt", *values}, failure
         assert failure.reason and len(failure.reason) <= 400
         assert "pydantic" not in failure.reason and "Traceback" not in failure.reason
-    for item in manifest.valid_rows():
-        request = item.request
-        assert request.prompt.strip() and len(request.prompt) <= 4000
-        for side in (request.width, request.height):
+    for request in manifest.requests.to_pylist():
+        assert request["prompt"].strip() and len(request["prompt"]) <= 4000
+        for side in (request["width"], request["height"]):
             assert side is None or (side % 16 == 0 and 64 <= side <= 1024)
-        assert request.steps is None or 1 <= request.steps <= 200
-        assert request.guidance is None or 0 <= request.guidance <= 30
-        assert request.seed is None or 0 <= request.seed < 2**64
-        assert 1 <= request.num_images <= 64
+        assert request["steps"] is None or 1 <= request["steps"] <= 200
+        assert request["guidance"] is None or 0 <= request["guidance"] <= 30
+        assert request["seed"] is None or 0 <= request["seed"] < 2**64
+        assert 1 <= request["num_images"] <= 64
 
 
 @given(request_id=st.text(min_size=1, max_size=300), variant=st.integers(min_value=0, max_value=63))

@@ -47,7 +47,7 @@ def raw_ledger_keys(output: str) -> list[str]:
     fs, root = filesystem(output)
     keys: list[str] = []
     for part in sorted(p for p in fs.find(f"{root}/metadata") if p.endswith(".parquet")):
-        keys += pq.read_table(pa.BufferReader(fs.cat_file(part)), columns=["key"]).column("key").to_pylist()
+        keys += pq.read_table(pa.BufferReader(fs.read_bytes(part)), columns=["key"]).column("key").to_pylist()
     return keys
 
 
@@ -65,7 +65,7 @@ def assert_one_renders_and_the_other_is_refused(output: str, drivers: list[subpr
     (_, _, refused_out, refused_err), = [r for r in results if r[0] == 2]
 
     fs, root = filesystem(output)
-    runs = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/runs", detail=False)]
+    runs = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/runs")]
     assert len(runs) == 1, f"the refused driver left a run record: {runs}"  # it wrote nothing
     assert refused_out == ""
     line, = refused_err.strip().splitlines()
@@ -274,7 +274,7 @@ def test_a_driver_whose_lease_was_taken_over_stops_committing_and_leaves_the_new
         writer.flush()
     assert not fs.exists(f"{root}/metadata")
     stalled.release()
-    assert json.loads(fs.cat_file(f"{root}/_lease.json"))["run_id"] == "run-taker"
+    assert json.loads(fs.read_bytes(f"{root}/_lease.json"))["run_id"] == "run-taker"
     taker.release()
     assert not fs.exists(f"{root}/_lease.json")
 
@@ -295,7 +295,7 @@ def test_s3_lease_is_created_once_and_a_stale_one_is_taken_over_only_with_the_et
     renewed = slot.swap(etag, data + b" ")  # another driver's write in between (here: a byte appended)
     assert renewed and renewed != etag
     assert slot.swap(etag, b"{}") is None  # If-Match on the ETag read before that write
-    assert fs.cat_file(f"{root}/_lease.json") == data + b" "
+    assert fs.read_bytes(f"{root}/_lease.json") == data + b" "
 
 
 def test_a_live_lease_on_a_version_folder_refuses_that_versions_runs_only(tmp_path, tiny_model, ray_cluster):

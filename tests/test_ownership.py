@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_worker.storage import NoSpaceLeftError, filesystem, write_bytes
+from flux_worker.storage import NoSpaceLeftError, filesystem
 from jobs.cli import main
 from pipeline import render
 from pipeline.manifest import ManifestError, list_manifest_files
@@ -51,7 +51,7 @@ def put_user_files(folder: Path) -> None:
 def test_a_failing_write_leaves_no_temp_file_and_raises(tmp_path):
     fs, root = filesystem(str(tmp_path))
     with pytest.raises(TypeError):
-        write_bytes(fs, f"{root}/images/ab/x.png", "text, not bytes")  # fails inside the open temp file
+        fs.write_bytes(f"{root}/images/ab/x.png", "text, not bytes")  # fails inside the open temp file
     assert not (tmp_path / "images" / "ab" / "x.png").exists()
     assert list((tmp_path / "images" / "ab").iterdir()) == []
 
@@ -220,7 +220,7 @@ def small_disk(tmp_path):
 def test_a_write_on_a_full_disk_raises_no_space_left_naming_the_path_and_leaves_no_temp_file(small_disk):
     fs, root = filesystem(str(small_disk))
     with pytest.raises(NoSpaceLeftError, match=f"no space left on device writing {small_disk}/images/ab/x.png"):
-        write_bytes(fs, f"{root}/images/ab/x.png", b"\0" * 400_000)
+        fs.write_bytes(f"{root}/images/ab/x.png", b"\0" * 400_000)
     assert temp_files(small_disk) == [] and not (small_disk / "images" / "ab" / "x.png").exists()
 
 

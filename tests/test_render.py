@@ -163,7 +163,7 @@ def test_storage_options_reach_the_workers_without_environment_variables(tmp_pat
 
 def test_workers_get_local_model_and_adapter_paths_absolute_since_a_joined_cluster_runs_elsewhere(tmp_path,
                                                                                                  monkeypatch):
-    from pipeline.run import model_for_workers
+    from pipeline.render_stage import model_for_workers
     from schemas import ModelSpec
 
     (tmp_path / "models" / "tiny").mkdir(parents=True)

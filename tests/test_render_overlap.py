@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flux_worker import renderer as renderer_module
+from flux_worker import image_writer
 from flux_worker.loading import load_pipeline
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
@@ -58,7 +58,7 @@ def test_an_image_is_encoded_while_the_next_one_renders(tmp_path, tiny_model, ti
     seen_by_first_encode: list[bool] = []
     renderer = make_renderer(tiny_model, tiny_pipeline, tmp_path / "out")
     calls = []
-    generate, encode = renderer._generate, renderer_module.encode_image
+    generate, encode = renderer._generate, image_writer.encode_image
 
     def counting_generate(*args, **kwargs):
         calls.append(threading.current_thread().name)
@@ -73,7 +73,7 @@ def test_an_image_is_encoded_while_the_next_one_renders(tmp_path, tiny_model, ti
         return encode(image, fmt, **quality)
 
     monkeypatch.setattr(renderer, "_generate", counting_generate)
-    monkeypatch.setattr(renderer_module, "encode_image", waiting_encode)
+    monkeypatch.setattr(image_writer, "encode_image", waiting_encode)  # the writer encodes (image_writer.py)
 
     result = renderer(plan_batch(2))
 
@@ -86,14 +86,14 @@ def test_a_failed_write_is_a_failure_row_and_its_neighbours_still_land(tmp_path,
     renderer = make_renderer(tiny_model, tiny_pipeline, tmp_path / "out")
     batch = plan_batch(3)
     doomed = batch.column("key")[1].as_py()
-    write = renderer_module.write_bytes
+    write = renderer.writer.fs.write_bytes
 
-    def flaky_write(fs, path, data):
+    def flaky_write(path, data):
         if doomed in path:
             raise OSError("disk full (simulated)")
-        return write(fs, path, data)
+        return write(path, data)
 
-    monkeypatch.setattr(renderer_module, "write_bytes", flaky_write)
+    monkeypatch.setattr(renderer.writer.fs, "write_bytes", flaky_write)
 
     rows = {r["key"]: r for r in renderer(batch).to_pylist()}
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from pydantic import ValidationError
 
 from pipeline.plan import derived_seed, image_key
 from schemas import JobSpec, ModelLimits, RenderRequest, row_errors
+from schemas.request import WHITESPACE
 
 
 def errors_of(row: dict, limits: ModelLimits | None = None) -> dict[str, str]:
@@ -48,6 +51,10 @@ def test_sizes_are_checked_against_the_models_own_range():
 def test_integral_floats_from_parquet_are_accepted_as_integers():
     request = RenderRequest.model_validate({"prompt": "x", "width": 512.0, "seed": 7.0, "num_images": None})
     assert (request.width, request.seed, request.num_images) == (512, 7, 1)
+
+
+def test_whitespace_spelled_out_for_the_column_checks_is_what_str_strip_removes():
+    assert set(WHITESPACE) == {c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace()}
 
 
 def test_keys_and_seeds_are_deterministic_and_distinct_per_variant():

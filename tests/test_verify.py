@@ -210,9 +210,9 @@ def test_verify_of_a_folder_that_is_no_output_is_one_line_and_moves_nothing(tmp_
 def test_verify_and_repair_on_s3(output, tiny_model, s3_env, bucket, capsys):
     fs, _ = filesystem(f"s3://{bucket}")
     target = f"s3://{bucket}/out"
-    fs.put(str(output), f"{bucket}/out", recursive=True)
+    fs.fs.put(str(output), f"{bucket}/out", recursive=True)
     bad, other = (f"{bucket}/out/metadata/{p.name}" for p in (parts(output)[0], parts(output)[-1]))
-    fs.pipe_file(bad, b"")
+    fs.write_bytes(bad, b"")
     gone = pq.read_table(output / "metadata" / Path(other).name).column("key").to_pylist()[0]
     fs.rm_file(next(p for p in fs.find(f"{bucket}/out/images") if gone in p))
 

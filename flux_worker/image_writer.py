@@ -1,0 +1,112 @@
+"""Writing rendered images: their path in OUTPUT, the result row of each (written or failed), and the writer.
+
+Kept apart from the render steps (flux_worker/renderer.py) and free of torch and diffusers, so that what only
+writes images imports in a fraction of a second: rank 0 of a tensor-parallel group uses it as the single-GPU
+`Renderer` does, and the fleet benchmark's stand-in renderer (benchmarks/bench_fleet.py) writes each image
+through this same writer without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from flux_worker.encode import encode_image
+from flux_worker.metrics import RendererMetrics
+from flux_worker.storage import filesystem
+from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat
+from schemas.errors import first_line
+
+log = logging.getLogger("flux_worker.renderer")  # the renderer's log lines, as before this module was split off
+PLAN_COLUMNS = set(PLAN_SCHEMA.names)
+
+
+def image_path(root: str, key: str, fmt: OutputFormat) -> str:
+    """OUTPUT/images/<kk>/<key>.<ext>: keys are hex digests, so no row can name a path."""
+    return f"{root}/images/{key[:2]}/{key}.{fmt.extension}"
+
+
+@dataclass
+class Rendered:
+    row: dict[str, Any]
+    image: Any  # PIL image; None on a tensor-parallel rank that does not decode
+    seconds: float
+    started_at: datetime
+    attempts: int = 1
+
+
+def failure_row(row: dict[str, Any], reason: str, tries: int) -> dict[str, Any]:
+    """The result row of an image that failed: the planned row with its error and tries."""
+    log.warning("image %s (row %s of %s) failed after %d tries: %s", row["key"], row["row"],
+                row["source"], tries, reason)
+    return {**row, "error": reason, "attempts": tries}
+
+
+class ImageWriter:
+    """Encodes and writes rendered images on threads while the next ones render; one result row per image.
+
+    Only a single-GPU Renderer and rank 0 of a tensor-parallel group hold one: they alone write and report."""
+
+    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None, *, identity: dict[str, str],
+                 jpeg_quality: int, webp_quality: int, write_threads: int, device: str):
+        self.fs, self.root = filesystem(output_uri, storage_options)
+        self.identity = identity  # model_id, model_revision, dtype: the same on every row
+        self.quality = {"jpeg_quality": jpeg_quality, "webp_quality": webp_quality}
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.device = device
+        self.metrics = RendererMetrics(identity["model_id"], output_uri)
+        # Encoding and uploads run here while the next image renders; a batch returns once all are written.
+        self._writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="fluxbatch-write")
+
+    def results(self, batch: pa.Table, outcomes: Iterable[Rendered | dict[str, Any]]) -> pa.Table:
+        """Write each image as `outcomes` yields it; once all are written (or failed), the batch's result table."""
+        pending = [self._writes.submit(self._write_or_fail, o) if isinstance(o, Rendered) else o for o in outcomes]
+        results: dict[str, dict[str, Any]] = {}
+        for outcome in pending:  # every image is written (or failed) before its row is returned
+            done = outcome.result() if isinstance(outcome, Future) else outcome
+            results[done["key"]] = done
+        out = [results[key] for key in batch.column("key").to_pylist()]
+        self.metrics.record_batch(out)
+        self.metrics.record_gpu_memory(self.device)
+        extras = [f for f in batch.schema if f.name not in PLAN_COLUMNS]
+        return pa.Table.from_pylist(out, schema=pa.schema(list(RESULT_SCHEMA) + extras))
+
+    def _write_or_fail(self, item: Rendered) -> dict[str, Any]:
+        try:
+            return self._write(item)
+        except Exception as error:  # noqa: BLE001
+            return failure_row(item.row, f"write: {describe(error)}", item.attempts)
+
+    def _write(self, item: Rendered) -> dict[str, Any]:
+        row = item.row
+        fmt = OutputFormat(row["output_format"])
+        data = encode_image(item.image, fmt, **self.quality)
+        path = image_path(self.root, row["key"], fmt)
+        self.fs.write_bytes(path, data)
+        return {
+            **row,
+            **self.identity,
+            "image_uri": self.fs.uri(path),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "render_seconds": item.seconds,
+            "worker": self.worker,
+            "started_at": item.started_at,
+            "finished_at": datetime.now(timezone.utc),
+            "error": None,
+            "attempts": item.attempts,
+        }
+
+
+def describe(error: BaseException) -> str:
+    """An error as one line for a failure row or a log line."""
+    return first_line(error, typed=True)[:500]

@@ -1,0 +1,129 @@
+"""The render stage as data: what each member of the actor pool runs, with what, on what, under which options.
+
+One value, built by one function (`render_stage`) the same way for a replica of one GPU (or CPU) and for a
+tensor-parallel group, then handed whole to Ray Data's `map_batches` (as ray.data.llm's processor configs
+are). It lives in pipeline/ because it is the driver's Ray Data graph; what a member runs stays in
+flux_worker/ (`Renderer`, `TensorParallelReplica`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from flux_worker.renderer import Renderer
+from flux_worker.storage import credential_options
+from flux_worker.tensor_parallel import TensorParallelReplica, group_options
+from pipeline.resources import ReplicaAsk
+from schemas import JobSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class RenderStage:
+    """One `map_batches` stage: a pool of `replicas` members, each `fn(**fn_constructor_kwargs)`."""
+
+    fn: type  # Renderer, or TensorParallelReplica driving one tensor-parallel group
+    fn_constructor_kwargs: dict[str, Any]
+    num_gpus: float | None  # what each pool member reserves; a group's member holds none, its rank actors do
+    num_cpus: float
+    replicas: int
+    batch_size: int
+    max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
+    env_vars: dict[str, str]
+
+    def run(self, blocks: list[pa.Table], one_batch_per_member: bool = False) -> Iterator[pa.Table]:
+        """Each rendered batch's result table, as the pool returns them; `one_batch_per_member` queues no batch
+        behind another on the same member (a batch that kills its process then takes only itself)."""
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the driver's own bar shows images/s and ETA
+        context.print_on_execution_start = False
+        context.max_errored_blocks = -1  # a batch past max_renderer_deaths becomes failure rows, not a crash
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for max_restarts / max_task_retries yet, so they go in
+            # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            dataset = ray.data.from_arrow(blocks).map_batches(
+                self.fn,
+                fn_constructor_kwargs=self.fn_constructor_kwargs,
+                batch_size=self.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)),
+                                                   max_tasks_in_flight_per_actor=1 if one_batch_per_member else None),
+                num_gpus=self.num_gpus,
+                num_cpus=self.num_cpus,
+                max_restarts=-1,  # a lost member is replaced...
+                max_task_retries=self.max_renderer_deaths,  # ...and its batch re-run, this often at most
+                runtime_env={"env_vars": self.env_vars},
+            )
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,
+                 renderer_class: type | None = None) -> RenderStage:
+    """The stage rendering `job` with replicas of `ask` ("auto" GPUs already resolved by the memory planner).
+
+    `run_id`: where each actor writes its cold-start record. `renderer_class`: a stand-in for `Renderer` taking
+    its arguments (the fleet benchmark's; Python API only)."""
+    on_gpu = ask.gpus > 0
+    renderer: dict[str, Any] = {
+        "model": model_for_workers(job.model),
+        "output_uri": job.output.uri,
+        # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
+        "storage_options": {**credential_options(job.output.uri), **job.output.storage_options},
+        "batch_invariant": job.batch_invariant,
+        "threads": None if on_gpu and not job.cpus_per_replica else ask.threads,
+        "max_retries": job.max_retries,
+        "jpeg_quality": job.output.jpeg_quality,
+        "webp_quality": job.output.webp_quality,
+        "run_id": run_id,
+        "compile_cache_options": compile_cache_options(job),
+        "reference_storage_options": reference_storage_options(job),
+    }
+    fn, kwargs, num_gpus, num_cpus = renderer_class or Renderer, renderer, ask.gpus or None, ask.cpus
+    if ask.gpus > 1:
+        # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
+        # the group's placement group (flux_worker/tensor_parallel.py).
+        fn, num_gpus, num_cpus = TensorParallelReplica, None, 0
+        kwargs = {**renderer, **group_options(job, int(ask.gpus), renderer["threads"])}
+        kwargs.pop("reference_storage_options")  # ranks render no reference images yet (refused before planning)
+    return RenderStage(fn=fn, fn_constructor_kwargs=kwargs, num_gpus=num_gpus, num_cpus=num_cpus,
+                       replicas=job.replicas, batch_size=job.batch_size, max_renderer_deaths=job.max_renderer_deaths,
+                       env_vars=env_vars)
+
+
+def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:
+    """Storage options for a `model.compile_cache` on an object store: the output's, with the driver's credentials
+    for the cache's URL (they travel like the output's, never in the runtime_env). None for a local cache."""
+    uri = job.model.compile_cache
+    if not job.model.compile or not uri or "://" not in uri or uri.startswith("file://"):
+        return None
+    return {**credential_options(uri), **job.output.storage_options}
+
+
+def reference_storage_options(job: JobSpec) -> dict[str, Any]:
+    """Storage options for reading rows' reference images on workers: the manifest's, with the driver's
+    environment credentials when a reference root (or the manifest, the default root) is on S3."""
+    on_s3 = next((url for url in [*job.reference_roots, job.manifest] if url.startswith(("s3://", "s3a://"))), "")
+    return {**credential_options(on_s3), **job.storage_options}
+
+
+def model_for_workers(model: ModelSpec) -> dict[str, Any]:
+    """The model spec as renderers get it, local paths made absolute: a worker of a cluster this driver joined
+    runs in that cluster's directory, not the driver's, where a relative path points elsewhere or nowhere."""
+
+    def absolute(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() else path  # a preset name or hub id stays as it is
+
+    data = model.model_dump(mode="json")
+    data["name"] = absolute(model.name)
+    data["adapters"] = {name: absolute(path) for name, path in model.adapters.items()}
+    if model.compile_cache and "://" not in model.compile_cache:  # a folder that may not exist yet
+        data["compile_cache"] = str(Path(model.compile_cache).expanduser().resolve())
+    return data
