@@ -31,6 +31,7 @@ Image.MAX_IMAGE_PIXELS = MAX_REFERENCE_PIXELS
 # external programs (EPS through Ghostscript) or are rarely exercised.
 FORMATS = ("PNG", "JPEG", "WEBP")
 CACHE_IMAGES = 16  # decoded references kept per renderer: the same photo feeds many variants in a row
+FLUX2_MIN_SIDE = 64  # diffusers' Flux2ImageProcessor refuses a reference with a shorter side
 
 
 class ReferenceImageError(ValueError):
@@ -74,6 +75,15 @@ def fit_area(image: Image.Image, width: int, height: int, multiple: int = 16) ->
     return image.resize((new_width, new_height), Image.Resampling.LANCZOS)
 
 
+def at_least(image: Image.Image, side: int) -> Image.Image:
+    """`image` scaled up, its aspect ratio kept, until both sides are at least `side` pixels."""
+    scale = side / min(image.size)
+    if scale <= 1:
+        return image
+    size = (max(side, round(image.width * scale)), max(side, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
 class ReferenceReader:
     """Reads a row's reference images through `Storage`, keeps the last CACHE_IMAGES decoded, and makes the
     pipeline's keyword inputs from them."""
@@ -98,8 +108,8 @@ class ReferenceReader:
             width, height = row["width"], row["height"]
             return {"image": fit_area(images[0], width, height), "max_area": width * height, "_auto_resize": False}
         # Flux2Pipeline and Flux2KleinPipeline take the list; each is scaled down past 1 MP and cropped to a
-        # multiple of 16 by the pipeline itself.
-        return {"image": images}
+        # multiple of 16 by the pipeline itself, which refuses a side under 64 px: a small photo is scaled up here.
+        return {"image": [at_least(image, FLUX2_MIN_SIDE) for image in images]}
 
     def image(self, url: str, sha256: str) -> Image.Image:
         """The decoded reference at `url`, whose bytes must hash to `sha256` (the driver's reading)."""

@@ -267,3 +267,33 @@ def test_catalog_rerenders_exactly_the_product_whose_photo_and_the_one_whose_pro
     assert after["VASE-1/1x1/0"] == before["VASE-1/1x1/0"]
     assert fs.read_bytes(f"{root}/{after['VASE-1/1x1/0']['path']}") == vase
     assert after["MUG-1/1x1/0"]["sha256"] != before["MUG-1/1x1/0"]["sha256"]
+
+
+@pytest.mark.parametrize("family", ["flux.2-klein", "flux.2"])
+def test_flux2_rows_pass_their_references_to_the_pipeline(tmp_path, family):
+    """A FLUX.2 row with references renders other pixels than the same prompt without them, and two rows that name
+    the same photo once relative and once absolute render the same bytes."""
+    from flux_worker.model_build import build_model
+
+    model = build_model(tmp_path / "model", "tiny", family=family)
+    shop = tmp_path / "shop"
+    (shop / "photos").mkdir(parents=True)
+    (shop / "photos" / "mug.png").write_bytes(png((200, 30, 30)))
+    (shop / "photos" / "lamp.png").write_bytes(png((30, 30, 200), (40, 56)))
+    rows = [
+        {"id": "plain", "prompt": "a mug on a table", "reference_images": None},
+        {"id": "mug", "prompt": "a mug on a table", "reference_images": ["photos/mug.png"]},
+        {"id": "mug-again", "prompt": "a mug on a table", "reference_images": [str(shop / "photos" / "mug.png")]},
+        {"id": "both", "prompt": "a mug on a table", "reference_images": ["photos/mug.png", "photos/lamp.png"]},
+    ]
+    manifest = write_manifest(shop / "manifest.parquet",
+                              [{**r, "width": 64, "height": 64, "steps": 2, "seed": 5} for r in rows])
+    out = tmp_path / "out"
+
+    summary = render(make_job(str(manifest), str(out), str(model), batch_size=1), progress=False)
+
+    assert (summary.images_rendered, summary.images_failed, summary.invalid_rows) == (4, 0, 0)
+    table = assert_images_match_metadata(str(out))
+    digest = {row["request_id"]: row["sha256"] for row in table.to_pylist()}
+    assert digest["mug"] == digest["mug-again"]
+    assert len({digest["plain"], digest["mug"], digest["both"]}) == 3
