@@ -285,6 +285,9 @@ class Storage:
     def exists(self, path: str) -> bool:
         return self.retry(lambda: self.fs.exists(path), f"read {self.uri(path)}")
 
+    def isfile(self, path: str) -> bool:
+        return self.retry(lambda: self.fs.isfile(path), f"read {self.uri(path)}")
+
     def isdir(self, path: str) -> bool:
         return self.retry(lambda: self.fs.isdir(path), f"read {self.uri(path)}")
 

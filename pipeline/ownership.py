@@ -43,11 +43,16 @@ def refuse_foreign_output(fs: Storage, root: str, allow_non_empty: bool = False,
     where = fs.uri(root)
     if fs.exists(f"{root}/{JOB_FILE}"):
         return  # fluxbatch's own OUTPUT; ledger.check_job decides whether this job may write it
-    if not fs.exists(root):
-        return
-    if not fs.isdir(root):
+    # Ask "is it a file" of the object itself, never "exists but not a folder": on a store, a prefix exists
+    # only while something is under it, and another driver's write-test object can vanish between two requests.
+    if fs.isfile(root):
         raise ForeignOutputError(f"OUTPUT {where} is a file, not a folder: choose a folder (or prefix) to render into")
-    entries = fs.ls(root)
+    if not fs.isdir(root):
+        return  # nothing there yet (a path inside a file is refused by the write check that follows)
+    try:
+        entries = fs.ls(root)
+    except FileNotFoundError:
+        return  # emptied since
     names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries} - {""})
     # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
     # (pipeline/lease.py takes the lease right after this check).

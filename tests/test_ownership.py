@@ -153,6 +153,35 @@ def test_s3_prefix_holding_objects_without_a_job_file_is_refused(s3_env, bucket,
     assert keys == ["renders/report.pdf"]
 
 
+def test_s3_prefix_emptied_by_another_driver_between_two_requests_is_not_called_a_file(s3_env, bucket):
+    """CI saw it: two drivers started together; one's write-test object made the prefix exist, it was deleted
+    before the other asked whether the prefix is a folder, and the other was told OUTPUT is a file."""
+    import boto3
+
+    from pipeline.ownership import refuse_foreign_output
+
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=bucket, Key="out/_write-test.fluxbatch-tmp-17465-73033a3b", Body=b"")
+    fs, root = filesystem(f"s3://{bucket}/out")
+
+    def then_the_other_driver_deletes_its_object(ask):
+        def asked(path):
+            found = ask(path)
+            if path == root:  # after our first question about the prefix itself
+                s3.delete_object(Bucket=bucket, Key="out/_write-test.fluxbatch-tmp-17465-73033a3b")
+                fs.fs.invalidate_cache()
+            return found
+        return asked
+
+    for name in ("exists", "isfile", "isdir"):
+        setattr(fs, name, then_the_other_driver_deletes_its_object(getattr(fs, name)))
+    refuse_foreign_output(fs, root)  # an empty prefix: nothing to refuse
+
+    s3.put_object(Bucket=bucket, Key="out", Body=b"a real object named like the prefix")
+    with pytest.raises(ForeignOutputError, match="is a file, not a folder"):
+        refuse_foreign_output(*filesystem(f"s3://{bucket}/out"))
+
+
 # -- manifest discovery never reads an OUTPUT ------------------------------------------------------------
 
 
