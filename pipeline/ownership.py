@@ -54,6 +54,8 @@ def refuse_foreign_output(fs: Storage, root: str, allow_non_empty: bool = False,
     except FileNotFoundError:
         return  # emptied since
     names = sorted({entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries} - {""})
+    if JOB_FILE in names:
+        return  # another driver wrote it since the first question: the lease that follows refuses this one
     # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
     # (pipeline/lease.py takes the lease right after this check).
     foreign = [name for name in names if name != LEASE_FILE and name not in own and not is_temp_name(name)]

@@ -182,6 +182,27 @@ def test_s3_prefix_emptied_by_another_driver_between_two_requests_is_not_called_
         refuse_foreign_output(*filesystem(f"s3://{bucket}/out"))
 
 
+def test_output_another_driver_starts_writing_between_two_requests_is_left_to_the_lease(tmp_path):
+    """The other order of the same race: our `_job.json` question came just before the winning driver wrote
+    it, our listing just after. The folder is fluxbatch's; the lease, not a "not empty" refusal, decides."""
+    from pipeline.ownership import refuse_foreign_output
+
+    out = tmp_path / "out"
+    fs, root = filesystem(str(out))
+    asked = fs.exists
+
+    def absent_then_the_other_driver_writes(path):
+        found = asked(path)
+        if path.endswith("/_job.json"):
+            (out / "images" / "2b").mkdir(parents=True)
+            for name in ("_lease.json", "_job.json", "images/2b/2b70.png"):
+                (out / name).write_bytes(b"{}")
+        return found
+
+    fs.exists = absent_then_the_other_driver_writes
+    refuse_foreign_output(fs, root)
+
+
 # -- manifest discovery never reads an OUTPUT ------------------------------------------------------------
 
 
