@@ -41,6 +41,31 @@ class CommandParser(argparse.ArgumentParser):
         """A usage error in one line, like every other mistake (argparse would print the whole usage first)."""
         self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
 
+    def add_commands(self, dest: str, metavar: str) -> Any:
+        """`add_subparsers`, remembered, so that a mistyped flag is named by the innermost command's parser."""
+        sub = self.add_subparsers(dest=dest, required=True, metavar=metavar)
+        self.commands = (dest, sub.choices)
+        return sub
+
+    def refuse_unknown(self, args: argparse.Namespace, extras: list[str]) -> typing.NoReturn:
+        """Arguments the command does not take, with the flag a mistyped one resembles."""
+        import difflib
+        import re
+
+        parser = self
+        while getattr(parser, "commands", None):
+            dest, choices = parser.commands
+            parser = choices[getattr(args, dest)]
+        known = sorted(set(re.findall(r"(?<![\w-])--[a-z][\w-]*", parser.format_help())))
+        guesses = [(word, near[0]) for word in extras if word.startswith("--")
+                   for near in [difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)] if near]
+        hint = ""
+        if len(guesses) == 1:
+            hint = f" (did you mean {guesses[0][1]}?)"
+        elif guesses:
+            hint = " (did you mean " + ", ".join(f"{near} for {word}" for word, near in guesses) + "?)"
+        parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -69,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fluxbatch {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_commands("command", "COMMAND")
 
     demo = sub.add_parser("demo", help="render an example manifest with the offline model (no GPU, no network)",
                           description="Build the offline random-weight model, write an example manifest "
@@ -100,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Read and validate MANIFEST; exit 1 if any row is bad.")
     validate.add_argument("manifest", nargs="?", metavar="MANIFEST",
                           help="Parquet file, folder or glob; local path or s3:// (job file: manifest)")
-    _add_job_flags(validate, ("model.",))  # a row's size limits and adapter names come from the model
+    # A row's size limits and adapter names come from the model; its reference images must lie in the roots.
+    _add_job_flags(validate, ("model.", "reference_roots"))
 
     from flux_worker.storage import add_storage_option_flag
 
@@ -115,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_option_flag(verify)
 
     model = sub.add_parser("model", help="model tools", description="Model tools.")
-    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    model_sub = model.add_commands("model_command", "SUBCOMMAND")
     build = model_sub.add_parser("build", help="write a random-weight Flux pipeline (diffusers folder format)",
                                  description="Write a random-weight Flux pipeline, loadable with "
                                  "FluxPipeline.from_pretrained(PATH), built offline.")
@@ -183,12 +209,15 @@ def _output_uri(data: dict[str, Any]) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     from flux_worker.presets import resolve_preset
     from pipeline.manifest import read_manifest
+    from pipeline.references import check_manifest
 
     job = job_from_args(args)
     preset = resolve_preset(job.model.name)
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
                              adapter_names=set(job.model.adapters), sink=_print_failure)
+    # Reference images are listed and read as `render` reads them on the driver (one listing per folder).
+    check_manifest(manifest, job, sink=_print_failure, tensor_parallel=_numeric_gpus(job.gpus_per_replica) > 1)
     images = manifest.image_count  # counted by columns: no per-row objects for a million-row manifest
     print(f"{len(manifest.files)} file(s), {manifest.total_rows} rows: {manifest.valid_count} valid "
           f"({images} images), {manifest.failures.rows} bad", file=sys.stderr)
@@ -198,6 +227,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print("no valid row: a render of this manifest would render nothing and exit 1", file=sys.stderr)
     # The exit code `render` would give if every image renders (README, "Exit codes").
     return 0 if manifest.valid_count and not manifest.failures.total else 1
+
+
+def _numeric_gpus(gpus: Any) -> float:
+    """A job's gpus_per_replica as a number; "auto" (decided by the cluster's cards at render time) as 1."""
+    return 1.0 if gpus == "auto" else float(gpus)
 
 
 def _print_failure(failure: Any) -> None:
@@ -258,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         from flux_worker.memory_plan import plan_main
 
         return plan_main(words[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # named by the subcommand's parser, which knows its own flags (argparse would use the top one)
+        parser.refuse_unknown(args, extras)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

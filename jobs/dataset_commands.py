@@ -23,7 +23,7 @@ def add_parsers(sub: Any) -> None:
 
     catalog = sub.add_parser("catalog", help="catalog assets: product images at stable paths",
                              description="Catalog assets.")
-    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="SUBCOMMAND")
+    catalog_sub = catalog.add_commands("catalog_command", "SUBCOMMAND")
     run = catalog_sub.add_parser(
         "run", help="render what changed in the product table and publish it at stable paths",
         description="Render the products of SPEC whose render parameters changed since the last run, publish "

@@ -123,6 +123,25 @@ def test_a_bad_flag_value_names_the_flag_not_the_job_file(tmp_path, capsys):
     assert "job.yaml" not in line
 
 
+@pytest.mark.parametrize("command, typo, meant", [
+    (["render", "m.parquet", "out"], "--replcias", "--replicas"),
+    (["render", "m.parquet", "out"], "--cpus-per-replcia", "--cpus-per-replica"),
+    (["validate", "m.parquet"], "--referance-root", "--reference-root"),
+    (["verify", "out"], "--repiar", "--repair"),
+])
+def test_a_mistyped_flag_is_one_line_naming_the_flag_it_resembles(command, typo, meant, tmp_path, capsys):
+    line = assert_one_line_error(call_cli(capsys, *command, typo, "2"), f"unrecognized arguments: {typo}",
+                                 f"did you mean {meant}?", f"fluxbatch {command[0]} --help lists the options")
+    assert line.count("did you mean") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flag_resembling_none_is_named_without_a_guess(capsys):
+    line = assert_one_line_error(call_cli(capsys, "render", "m.parquet", "out", "--colour", "red"),
+                                 "unrecognized arguments: --colour red")
+    assert "did you mean" not in line
+
+
 # --- --version and global flags ------------------------------------------------------------------------------
 
 def test_version_prints_the_installed_version(capsys):

@@ -170,6 +170,32 @@ def test_hostile_references_are_failure_rows_with_their_reason_and_nothing_outsi
     assert not [what for what in touched if str(outside) in what or "passwd" in what or "no-such-bucket" in what]
 
 
+def test_validate_prints_each_bad_reference_with_its_row_and_a_root_given_on_the_command_line_is_used(
+        hostile, kontext_model, capsys):
+    """`fluxbatch validate` says what `render` would refuse, references included, and writes nothing."""
+    from jobs.cli import main
+
+    manifest_path, root, outside = hostile
+    assert main(["validate", str(manifest_path), "--model", str(kontext_model)]) == 1
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert len(lines) == len(REASONS)
+    for name, expected in REASONS.items():
+        line, = [line for line in lines if f"(id {name!r})" in line]
+        assert line.startswith(f"{manifest_path} row ") and "field 'reference_images':" in line, line
+        assert expected in line, line
+    assert f"{len(REASONS) + 1} rows: 1 valid (1 images), {len(REASONS)} bad" in printed.err
+
+    # The photo outside the default root is fine once its folder is a root.
+    rows = [{"id": "outside", "prompt": "the product", "reference_images": [str(outside / "secret.png")]}]
+    write_manifest(root / "one.parquet", rows)
+    assert main(["validate", str(root / "one.parquet"), "--model", str(kontext_model)]) == 1
+    assert "outside the reference roots" in capsys.readouterr().out
+    assert main(["validate", str(root / "one.parquet"), "--model", str(kontext_model),
+                 "--reference-root", str(outside)]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def test_a_row_renders_the_same_bytes_alone_and_in_a_batch_of_eight(tmp_path, kontext_model):
     from flux_worker.loading import load_pipeline
     from flux_worker.renderer import Renderer
