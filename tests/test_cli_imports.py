@@ -1,5 +1,6 @@
 """`fluxbatch validate` only reads a manifest, and `fluxbatch plan` for a known model only reads recorded parameter
-counts: both start in well under a second, without torch, diffusers, transformers or Ray."""
+counts: both start in well under a second, without torch, diffusers, transformers or Ray. `fluxbatch render`'s
+driver needs Ray, never torch or diffusers: only the renderer actors load a model."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ def modules_loaded_by(*args: str) -> set[str]:
     return run_cli(*args)[0]
 
 
-def run_cli(*args: str) -> tuple[set[str], str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[set[str], str]:
     """Run `fluxbatch ARGS` in a fresh interpreter: the heavy modules it imported, and what it printed."""
     code = ("import sys\nfrom jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
-                            cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env=env)
     *printed, line = result.stdout.splitlines()
     assert line.startswith("LOADED"), result.stdout + result.stderr
     return set(eval(line.removeprefix("LOADED "))), "\n".join(printed)  # noqa: S307 - our own printed list
@@ -31,6 +32,17 @@ def run_cli(*args: str) -> tuple[set[str], str]:
 def test_validate_imports_no_torch_diffusers_or_ray(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"prompt": "a cat", "width": 1000}])
     assert modules_loaded_by("validate", str(manifest), "--model", "flux.1-dev") == set()
+
+
+def test_a_render_driver_imports_no_torch_diffusers_or_transformers(tmp_path, tiny_model, ray_cluster):
+    from tests.helpers import metadata, session_cluster_env
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "cup", "prompt": "a cup", "width": 64, "height": 64}])
+    loaded, printed = run_cli("render", str(manifest), str(tmp_path / "out"), "--model", str(tiny_model),
+                              "--no-progress", env=session_cluster_env(ray_cluster))
+    assert "1 rendered" in printed
+    assert loaded == {"ray"}
+    assert metadata(str(tmp_path / "out")).num_rows == 1
 
 
 # What `fluxbatch plan` printed before the counts were recorded, when it built every component on the meta device.

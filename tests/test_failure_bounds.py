@@ -76,18 +76,16 @@ def test_simulated_gpu_out_of_memory_on_one_image_fails_it_after_max_retries_wit
 
 @pytest.mark.slow
 def test_row_that_kills_its_renderer_every_time_is_given_up_after_max_renderer_deaths(
-        tmp_path, tiny_model, ray_cluster, monkeypatch):
-    import pipeline.render_stage
+        tmp_path, tiny_model, ray_cluster):
     from tests.poison_renderer import PoisonRenderer
 
-    monkeypatch.setattr(pipeline.render_stage, "Renderer", PoisonRenderer)
     rows = [{"id": f"ok-{i}", "prompt": f"a cup {i}", "width": 64, "height": 64} for i in range(5)]
     rows.insert(2, {"id": "bad", "prompt": "poison", "width": 64, "height": 64})
     out = tmp_path / "out"
     job = make_job(str(write_manifest(tmp_path / "m.parquet", rows)), str(out), str(tiny_model), batch_size=1,
                    max_renderer_deaths=1)
 
-    summary = render(job, progress=False)
+    summary = render(job, progress=False, renderer_class=PoisonRenderer)
 
     assert (summary.images_rendered, summary.images_failed) == (5, 1)
     [failure] = failures(str(out)).to_pylist()

@@ -75,7 +75,7 @@ def _render_with_group(job: JobSpec, batch: pa.Table):
     from flux_worker.tensor_parallel import resolve_gpus_per_replica
 
     stage = render_stage(job, replica_ask(job, resolve_gpus_per_replica(job), 4), env_vars={})
-    replica = stage.fn(**stage.fn_constructor_kwargs)
+    replica = stage.fn(**stage.fn_constructor_kwargs).member  # the TensorParallelReplica a pool member builds
     try:
         return replica(batch), replica.holdings(), stage.fn_constructor_kwargs["placement"]
     finally:
