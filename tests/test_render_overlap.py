@@ -99,3 +99,69 @@ def test_a_failed_write_is_a_failure_row_and_its_neighbours_still_land(tmp_path,
 
     assert rows[doomed]["error"] == "write: OSError: disk full (simulated)"
     assert [r["error"] for k, r in rows.items() if k != doomed] == [None, None]
+
+
+def test_two_calls_at_once_render_one_batch_at_a_time_and_the_next_renders_while_the_last_image_is_written(
+        tmp_path, tiny_model, tiny_pipeline, monkeypatch):
+    """Ray Data runs two calls on each member at once (pipeline/render_stage.py): one renders, the other waits for
+    the device; a batch's last writes then overlap the next batch's rendering instead of idling the GPU."""
+    renderer = make_renderer(tiny_model, tiny_pipeline, tmp_path / "out")
+    first, second = plan_batch(4).slice(0, 2), plan_batch(4).slice(2, 2)
+    last_of_first = first.column("key")[1].as_py()
+    second_started = threading.Event()
+    rendering, most_at_once, lock = [0], [0], threading.Lock()
+    generate, write = renderer._generate, renderer.writer.fs.write_bytes
+
+    def counting_generate(row, *args, **kwargs):
+        with lock:
+            rendering[0] += 1
+            most_at_once[0] = max(most_at_once[0], rendering[0])
+        if row["key"] in second.column("key").to_pylist():
+            second_started.set()
+        try:
+            return generate(row, *args, **kwargs)
+        finally:
+            with lock:
+                rendering[0] -= 1
+
+    waited: list[bool] = []
+
+    def slow_last_write(path, data):
+        if last_of_first in path:  # an upload that takes long: the next batch should render meanwhile
+            waited.append(second_started.wait(timeout=60))
+        return write(path, data)
+
+    monkeypatch.setattr(renderer, "_generate", counting_generate)
+    monkeypatch.setattr(renderer.writer.fs, "write_bytes", slow_last_write)
+    results: dict[str, pa.Table] = {}
+    calls = [threading.Thread(target=lambda name=name, batch=batch: results.__setitem__(name, renderer(batch)))
+             for name, batch in (("first", first), ("second", second))]
+    calls[0].start()
+    calls[1].start()
+    for call in calls:
+        call.join(timeout=120)
+
+    assert waited == [True]  # the second batch began rendering while the first's last image was being written
+    assert most_at_once[0] == 1  # never two batches on the device at once
+    for name, batch in (("first", first), ("second", second)):
+        assert results[name].column("key").to_pylist() == batch.column("key").to_pylist()
+        assert results[name].column("error").null_count == 2
+
+
+def test_ray_data_runs_two_calls_on_a_member_at_once(tmp_path, tiny_model, ray_cluster):
+    """What makes the overlap above happen in a real pool: the stage asks Ray Data for two calls per member."""
+    from pipeline import render
+    from tests.conftest import write_manifest
+    from tests.counting_renderer import CountingRenderer
+    from tests.helpers import assert_images_match_metadata, make_job
+
+    rows = [{"id": f"cup-{i}", "prompt": f"a cup {i}", "width": 64, "height": 64} for i in range(6)]
+    out = tmp_path / "out"
+    job = make_job(str(write_manifest(tmp_path / "m.parquet", rows)), str(out), str(tiny_model), batch_size=1)
+
+    summary = render(job, progress=False, renderer_class=CountingRenderer)
+
+    assert summary.images_rendered == 6
+    assert_images_match_metadata(str(out))
+    [record] = tmp_path.glob("out.calls-at-once-*")
+    assert record.read_text() == "2"
