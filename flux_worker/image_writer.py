@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,18 +66,10 @@ class ImageWriter:
         self.metrics = RendererMetrics(identity["model_id"], output_uri)
         # Encoding and uploads run here while the next image renders; a batch returns once all are written.
         self._writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="fluxbatch-write")
-        # Ray Data runs two calls on a member at once (pipeline/render_stage.py): one batch renders at a time,
-        # and the next one starts while this one's last images are still being encoded and uploaded.
-        self._device = threading.Lock()
 
     def results(self, batch: pa.Table, outcomes: Iterable[Rendered | dict[str, Any]]) -> pa.Table:
-        """Write each image as `outcomes` yields it; once all are written (or failed), the batch's result table.
-
-        `outcomes` is consumed (the batch rendered) holding the member's device; the writes are waited for without
-        it, so another call's batch renders meanwhile."""
-        with self._device:
-            pending = [self._writes.submit(self._write_or_fail, o) if isinstance(o, Rendered) else o
-                       for o in outcomes]
+        """Write each image as `outcomes` yields it; once all are written (or failed), the batch's result table."""
+        pending = [self._writes.submit(self._write_or_fail, o) if isinstance(o, Rendered) else o for o in outcomes]
         results: dict[str, dict[str, Any]] = {}
         for outcome in pending:  # every image is written (or failed) before its row is returned
             done = outcome.result() if isinstance(outcome, Future) else outcome

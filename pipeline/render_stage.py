@@ -36,14 +36,10 @@ class RenderStage:
     batch_size: int
     max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
     env_vars: dict[str, str]
-    # Calls a member runs at once: 2 for one device, whose ImageWriter renders one batch at a time and lets the
-    # next batch render while the last images of the one before are written; 1 for a group's lock-step ranks.
-    calls_per_member: int = 1
 
     def run(self, blocks: list[pa.Table], one_batch_per_member: bool = False) -> Iterator[pa.Table]:
         """Each rendered batch's result table, as the pool returns them; `one_batch_per_member` queues no batch
         behind another on the same member (a batch that kills its process then takes only itself)."""
-        calls = 1 if one_batch_per_member else self.calls_per_member
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver's own bar shows images/s and ETA
         context.print_on_execution_start = False
@@ -57,13 +53,8 @@ class RenderStage:
                 fn_constructor_kwargs=self.fn_constructor_kwargs,
                 batch_size=self.batch_size,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(
-                    size=min(self.replicas, len(blocks)),
-                    # As many batches queued on a member as it runs at once: more would be spread unevenly when
-                    # the plan runs out (benchmarks/README.md, fleet).
-                    max_tasks_in_flight_per_actor=calls,
-                    max_concurrent_calls_per_actor=calls,
-                    enable_true_multi_threading=calls > 1),
+                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)),
+                                                   max_tasks_in_flight_per_actor=1 if one_batch_per_member else None),
                 num_gpus=self.num_gpus,
                 num_cpus=self.num_cpus,
                 max_restarts=-1,  # a lost member is replaced...
@@ -120,16 +111,15 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
         "reference_storage_options": reference_storage_options(job),
     }
     fn, kwargs, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), renderer, ask.gpus or None, ask.cpus
-    calls = 2
     if ask.gpus > 1:
         # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
         # the group's placement group (flux_worker/tensor_parallel.py).
-        fn, num_gpus, num_cpus, calls = in_actor(TENSOR_PARALLEL_REPLICA), None, 0, 1
+        fn, num_gpus, num_cpus = in_actor(TENSOR_PARALLEL_REPLICA), None, 0
         kwargs = {**renderer, **group_options(job, int(ask.gpus), renderer["threads"])}
         kwargs.pop("reference_storage_options")  # ranks render no reference images yet (refused before planning)
     return RenderStage(fn=fn, fn_constructor_kwargs=kwargs, num_gpus=num_gpus, num_cpus=num_cpus,
                        replicas=job.replicas, batch_size=job.batch_size, max_renderer_deaths=job.max_renderer_deaths,
-                       env_vars=env_vars, calls_per_member=calls)
+                       env_vars=env_vars)
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:
