@@ -49,7 +49,9 @@ def run_command(args: argparse.Namespace) -> int:
     return _synthesize(args) if args.command == "synthesize" else _catalog_run(args)
 
 
-def _load(spec_type: Any, args: argparse.Namespace) -> Any:
+def load_spec(spec_type: Any, args: argparse.Namespace) -> Any:
+    """The synthesis or catalog spec named on the command line, OUTPUT and --storage-option applied (also read by
+    `fluxbatch k8s`, which checks the spec before it writes the cluster's manifests)."""
     from flux_worker.storage import apply_storage_options
 
     spec = spec_type.from_yaml(args.spec, **{"output.uri": args.output})
@@ -60,7 +62,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     from jobs.synthesize import synthesize
     from schemas.synthesis import SynthesisSpec
 
-    spec = _load(SynthesisSpec, args)
+    spec = load_spec(SynthesisSpec, args)
     manifest, summary = synthesize(spec, render=not args.draw_only, new_version=args.new_version,
                                    progress=not args.no_progress)
     print(f"drew {spec.prompts} prompts x {spec.images_per_prompt} images into {manifest}")
@@ -76,7 +78,7 @@ def _catalog_run(args: argparse.Namespace) -> int:
     from jobs.catalog import run_catalog
     from schemas.catalog import CatalogSpec
 
-    spec = _load(CatalogSpec, args)
+    spec = load_spec(CatalogSpec, args)
     report, summary = run_catalog(spec, new_version=args.new_version, progress=not args.no_progress)
     print(f"{report.products} products: {len(report.skus_new)} new, {len(report.skus_changed)} changed, "
           f"{report.skus_unchanged} unchanged, {len(report.skus_removed)} removed, {len(report.skus_failed)} "

@@ -174,11 +174,11 @@ def _parse_local_command(words: list[str]) -> tuple[str, Any, str | None]:
         job = job_from_args(local)
         spec_file, paths = local.job, [job.manifest]
     else:
-        from jobs.dataset_commands import _load
+        from jobs.dataset_commands import load_spec
         from schemas.catalog import CatalogSpec
         from schemas.synthesis import SynthesisSpec
 
-        spec = _load(CatalogSpec if command == "catalog" else SynthesisSpec, local)
+        spec = load_spec(CatalogSpec if command == "catalog" else SynthesisSpec, local)
         job = spec.job_for("manifest.parquet")
         spec_file, paths = local.spec, [getattr(spec, "products", None)]
         _refuse_credentials(list(spec.output.storage_options) + list(spec.storage_options), spec_file)
