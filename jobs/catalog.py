@@ -238,6 +238,7 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
                 progress: bool = True) -> tuple[CatalogReport, RunSummary]:
     """Render what changed in the product table, publish it at stable paths, and report by SKU."""
     from jobs.catalog_publish import publish
+    from jobs.refusal import restored_on_refusal
     from pipeline import ledger, render
     from pipeline.ownership import refuse_foreign_output
 
@@ -253,10 +254,10 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     failures += refused
     table, assets, refused = catalog_manifest(spec, products, photos)
     failures += refused
-    fs.write_bytes(f"{root}/{MANIFEST_NAME}", ledger.parquet_bytes(table))
-    done_before = ledger.done_keys(fs, root)
-
-    summary = render(job, new_version=new_version, allow_non_empty_output=True, progress=progress)
+    with restored_on_refusal(fs, root, [MANIFEST_NAME]):  # a refused render leaves OUTPUT as it was
+        fs.write_bytes(f"{root}/{MANIFEST_NAME}", ledger.parquet_bytes(table))
+        done_before = ledger.done_keys(fs, root)
+        summary = render(job, new_version=new_version, allow_non_empty_output=True, progress=progress)
 
     # After the render, under its run id: the render's end removes only the parts of earlier runs.
     ledger.write_failures(fs, root, summary.run_id, "catalog", failures)

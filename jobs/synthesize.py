@@ -111,14 +111,18 @@ def write_manifest(spec: SynthesisSpec, table: pa.Table) -> str:
 def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = False,
                progress: bool = True) -> tuple[str, RunSummary | None]:
     """Draw the manifest, write it into OUTPUT, and render it; returns the manifest URL and the run summary."""
+    from jobs.refusal import restored_on_refusal
     from pipeline.ownership import refuse_foreign_output
 
+    fs, root = filesystem(spec.output.uri, spec.output.storage_options)
     # Before the manifest goes into OUTPUT: render() would then find it there and could not tell it from a user's.
-    refuse_foreign_output(*filesystem(spec.output.uri, spec.output.storage_options), own={MANIFEST_NAME, SPEC_NAME})
-    manifest = write_manifest(spec, draw_manifest(spec))
+    refuse_foreign_output(fs, root, own={MANIFEST_NAME, SPEC_NAME})
+    table = draw_manifest(spec)
     if not render:
-        return manifest, None
+        return write_manifest(spec, table), None
     from pipeline import render as render_job
 
-    return manifest, render_job(spec.job_for(manifest), new_version=new_version, allow_non_empty_output=True,
-                                progress=progress)
+    with restored_on_refusal(fs, root, [MANIFEST_NAME, SPEC_NAME]):  # a refused render leaves OUTPUT as it was
+        manifest = write_manifest(spec, table)
+        return manifest, render_job(spec.job_for(manifest), new_version=new_version, allow_non_empty_output=True,
+                                    progress=progress)

@@ -4,10 +4,11 @@ A key is hash(request id, variant), so a row whose prompt, size, steps, ... was 
 the key of its committed image. Skipping it as done would leave an image that no longer matches its row, so the
 planner compares each planned key's render parameters with the ledger row of that key. By default a run with
 changed rows is refused before anything renders (`ChangedRowsError`, naming the rows and the flag). With
-`--rerender-changed` they are planned again: the new image replaces the old one at the same path (same key),
-and the new ledger row, committed in this run's part, supersedes the old one (the ledger keeps a key's row of
-the last part in name order). After the run `drop_superseded` rewrites the older parts without those rows, so
-each key is once on disk again, and removes an old image whose path changed with its format.
+`--rerender-changed` they are planned again, each to a path of its own (PLAN_SCHEMA's `revision`): a committed
+image is never overwritten. The new ledger row, committed in this run's part, supersedes the old one (the ledger
+keeps a key's row of the last part in name order); at the end of the run `committed_images.settle` retires the
+old row and then the old image, so each key is once on disk again. A kill at any moment leaves each key a row
+whose image is the one it records: the old row and image until the new row commits, the new ones after.
 
 Columnar throughout: the ledger is read one part at a time and only the columns compared; the comparison is
 an Arrow lookup of the planned keys in the committed ones, then one vector compare per field.
@@ -15,18 +16,13 @@ an Arrow lookup of the planned keys in the committed ones, then one vector compa
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline import ledger
-from schemas import OutputFormat
 from schemas.errors import FluxbatchError
-
-log = logging.getLogger(__name__)
 
 # Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
 # defaults are per job and `_job.json` guards them (ledger.check_job).
@@ -41,16 +37,13 @@ class ChangedRowsError(FluxbatchError, ValueError):
 
 
 def read_committed(fs: Storage, root: str) -> pa.Table | None:
-    """key, RENDER_FIELDS and part of every committed image: a key's row of the last part, in name
+    """key, RENDER_FIELDS, image_uri and bytes of every committed image: a key's row of the last part, in name
     order (part names start with the run id, a UTC time, so name order is commit order); None when none.
 
     Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
     """
-    columns = ["key", *RENDER_FIELDS]
-    tables = []
-    for part in ledger.parts(fs, f"{root}/metadata"):
-        table = ledger.read_part(fs, root, part, columns)
-        tables.append(table.append_column("part", pa.repeat(pa.scalar(part), table.num_rows)))
+    columns = ["key", *RENDER_FIELDS, "image_uri", "bytes"]
+    tables = [ledger.read_part(fs, root, part, columns) for part in ledger.parts(fs, f"{root}/metadata")]
     if not tables:
         return None
     return ledger.latest_row_per_key(pa.concat_tables(tables, promote_options="permissive"))
@@ -114,40 +107,5 @@ def refusal(changed: pa.Table, masks: np.ndarray) -> ChangedRowsError:
     return ChangedRowsError(
         f"{len(ordered)} row{'s' if len(ordered) != 1 else ''} changed since their images were committed "
         f"({changed.num_rows} images): {shown}{more}. "
-        f"Pass {FLAG} to render them again (each new image and ledger row replace the old ones), "
+        f"Pass {FLAG} to render them again (each new image and ledger row replace the old ones once committed), "
         "or restore those rows")
-
-
-def drop_superseded(fs: Storage, root: str, run_id: str, superseded: pa.Table) -> int:
-    """After a run that re-rendered changed rows: remove their old ledger rows, and old images at another path.
-
-    `superseded` holds the committed rows (key, output_format, part) of the keys this run planned again. Only keys
-    this run committed anew are dropped (a key that failed keeps its old row and image). Each older part is
-    rewritten whole in one put (ledger.rewrite_part), so a crash leaves it old or new, never a key lost;
-    until then the reader keeps the newer row. Returns the number of rows dropped.
-    """
-    from flux_worker.renderer import image_path  # here: the planner imports this module, and torch is slow to load
-
-    if not superseded.num_rows:
-        return 0
-    ours = [p for p in ledger.parts(fs, f"{root}/metadata") if p.rsplit("/", 1)[-1].startswith(f"part-{run_id}-")]
-    if not ours:
-        return 0
-    new = pa.concat_tables([ledger.read_part(fs, root, p, ["key", "output_format"]) for p in ours])
-    old = superseded.filter(pc.is_in(superseded.column("key"), value_set=new.column("key")))
-    dropped = 0
-    for part in sorted(set(old.column("part").to_pylist()) - set(ours)):  # never the part holding a new row
-        keys = old.filter(pc.equal(old.column("part"), part)).column("key").combine_chunks()
-        superseded = lambda table, keys=keys: pc.is_in(table.column("key"), value_set=keys)  # noqa: E731
-        dropped += ledger.rewrite_part(fs, root, part, superseded)
-    # An image whose format changed has a new path; the old file, ours by its name, has no ledger row any more.
-    new_format = dict(zip(new.column("key").to_pylist(), new.column("output_format").to_pylist()))
-    for key, fmt in zip(old.column("key").to_pylist(), old.column("output_format").to_pylist()):
-        if fmt != new_format[key]:
-            path = image_path(root, key, OutputFormat(fmt))
-            if fs.exists(path):
-                fs.rm_file(path)
-    if dropped:
-        log.warning("replaced %d ledger rows and their images: their rows changed since they were committed",
-                    dropped)
-    return dropped

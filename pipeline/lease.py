@@ -275,6 +275,8 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._held = False
+        self._previous: bytes | None = None  # the lease as this driver found it (a released or stale one)
+        self.restore_on_release = False  # a refused run puts back what it found: OUTPUT byte-identical
 
     def _record(self) -> bytes:
         now = time.time()
@@ -304,7 +306,7 @@ class Lease:
                 if holder is not None:
                     log.warning("took over the lease on %s from %s (%s)", self._where, holder.describe(),
                                 "its process is gone" if holder.is_dead_here() else "stale")
-                self._tag, self._renewed, self._held = new_tag, mark, True
+                self._tag, self._renewed, self._held, self._previous = new_tag, mark, True, data
                 self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.run_id}", daemon=True)
                 self._thread.start()
                 return self
@@ -338,7 +340,8 @@ class Lease:
                                  "another driver may have taken it over. Nothing more was committed; run again")
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still ours; never raises (it runs in `finally`)."""
+        """Stop renewing and remove the lease if it is still ours (or, with `restore_on_release`, put back the
+        lease this driver found there); never raises (it runs in `finally`)."""
         if not self._held:
             return
         self._held = False
@@ -348,7 +351,8 @@ class Lease:
         if self._lost:
             return
         try:
-            if self._slot.swap(self._tag, None) is None:
+            previous = self._previous if self.restore_on_release else None
+            if self._slot.swap(self._tag, previous) is None:
                 log.warning("the lease on %s was no longer this driver's; left as it is", self._where)
         except Exception as error:  # noqa: BLE001 - a lease left behind goes stale on its own
             log.warning("could not remove the lease on %s (%s); it goes stale in %.0f s", self._where, error,

@@ -2,8 +2,11 @@
 
 fluxbatch renders into an empty folder (or prefix) or one holding its `_job.json`. A folder holding someone
 else's files is refused before anything is written, unless the user passes `--allow-non-empty-output`; then
-the run renders beside those files and never reads, moves or deletes them. The partial-file sweep looks only
-in the folders fluxbatch writes, for the one exact temp name `write_bytes` uses.
+the run renders beside those files and never reads, moves or deletes them. The partial-file sweep deletes
+only temp files (the exact temp name `write_bytes` uses) that fluxbatch provably wrote: anywhere in the
+folders only fluxbatch writes (OWN_FOLDERS: a foreign folder holding one of them is refused even with the
+flag), and at the top of OUTPUT only the temp file of a name only fluxbatch writes there (OWN_TOP_FILES, e.g.
+`_job.json.fluxbatch-tmp-...`). A user's `data.csv.fluxbatch-tmp-42-deadbeef` is the user's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 from collections.abc import Collection
 
-from flux_worker.storage import Storage, is_temp_name
+from flux_worker.storage import TMP_MARK, Storage, is_temp_name
 from pipeline.lease import LEASE_FILE
 from pipeline.ledger import JOB_FILE, VERSIONS
 from pipeline.pack import LAYOUTS
@@ -22,12 +25,21 @@ from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 # Folders under a version root that hold only what fluxbatch writes: images/<kk>/, metadata/, failures/,
-# runs/<run_id>/, and the packed layouts (webdataset/, hf/, each with _stats/).
+# runs/<run_id>/, and the packed layouts (webdataset/, hf/, each with its .stats/).
 OWN_FOLDERS = ("images", "metadata", "failures", RUNS, *(folder for folder, _ in LAYOUTS.values()))
 # Every name fluxbatch writes at the top of OUTPUT. A foreign folder holding one of these is refused even with
 # --allow-non-empty-output: the run would read it as its ledger, replace it, or delete its failure parts.
 OWN_NAMES = frozenset({JOB_FILE, LEASE_FILE, VERSIONS, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, *OWN_FOLDERS})
+# The files a run writes at the top of OUTPUT through `Storage.write_bytes` (the lease is written in place, never
+# through a temp file); `_write-test` is pre-flight's probe (pipeline/preflight.py).
+PROBE_NAME = "_write-test"
+OWN_TOP_FILES = frozenset({JOB_FILE, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, PROBE_NAME})
 SHOWN = 3  # foreign names quoted in the refusal
+
+
+def is_own_temp_at_top(name: str) -> bool:
+    """Whether a file name at the top of OUTPUT is the temp file of one of fluxbatch's own files there."""
+    return is_temp_name(name) and name.split(TMP_MARK, 1)[0] in OWN_TOP_FILES
 
 
 class ForeignOutputError(FluxbatchError, ValueError):
@@ -58,7 +70,7 @@ def refuse_foreign_output(fs: Storage, root: str, allow_non_empty: bool = False,
         return  # another driver wrote it since the first question: the lease that follows refuses this one
     # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
     # (pipeline/lease.py takes the lease right after this check).
-    foreign = [name for name in names if name != LEASE_FILE and name not in own and not is_temp_name(name)]
+    foreign = [name for name in names if name != LEASE_FILE and name not in own and not is_own_temp_at_top(name)]
     if not foreign:
         return
     shown = ", ".join(foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else "")
@@ -85,11 +97,11 @@ def remove_partial_files(fs: Storage, root: str) -> int:
     """
     if not fs.local or not os.path.isdir(root):
         return 0
-    found = [entry.path for entry in os.scandir(root) if entry.is_file(follow_symlinks=False)]
+    partial = [entry.path for entry in os.scandir(root)
+               if entry.is_file(follow_symlinks=False) and is_own_temp_at_top(entry.name)]
     for name in OWN_FOLDERS:
         for folder, _, files in os.walk(os.path.join(root, name)):
-            found += [os.path.join(folder, file) for file in files]
-    partial = [path for path in found if is_temp_name(os.path.basename(path))]
+            partial += [os.path.join(folder, file) for file in files if is_temp_name(file)]
     for path in partial:
         os.remove(path)
     if partial:

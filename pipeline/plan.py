@@ -20,8 +20,7 @@ from flux_worker.presets import ModelPreset
 from pipeline.changed_rows import compare, refusal
 from pipeline.manifest import Manifest
 from schemas import PLAN_SCHEMA, JobSpec, OutputFormat
-
-SEED_MODULUS = 2**64
+from schemas.errors import FluxbatchError
 
 
 def image_key(request_id: str, variant: int, reference_sha256: list[str] | tuple[str, ...] = ()) -> str:
@@ -53,24 +52,29 @@ def derived_seed(key: str) -> int:
 
 @dataclass
 class Plan:
-    """The images to render this run, how many were expected and already done, and which committed rows the
-    re-rendered changed ones supersede (key, output_format, part: for `changed_rows.drop_superseded`)."""
+    """The images to render this run, how many were expected and already done, and how many of those planned
+    have a committed image already: `changed` (their row was edited) and `restored` (their image went missing)."""
 
     table: pa.Table
     expected: int
     already_done: int
     changed: int = 0
-    superseded: pa.Table | None = None
+    restored: int = 0
+
+
+class MixedFormatsError(FluxbatchError, ValueError):
+    """A WebDataset layout of images in several formats: readers take one shard's columns for all of them."""
 
 
 def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed: pa.Table | None,
-                rerender_changed: bool = False) -> Plan:
+                rerender_changed: bool = False, stale: pa.Array | None = None, run_id: str | None = None) -> Plan:
     """Expand every valid row into images, resolve defaults, and keep the ones the ledger does not hold.
 
     `committed` is the ledger's rows (changed_rows.read_committed; None when empty). A committed key whose
     render parameters differ from its row now is refused (ChangedRowsError, before anything renders), or
-    planned again with `rerender_changed`. Column at a time (a million rows plan in seconds); only keys and
-    missing seeds are hashed per image.
+    planned again with `rerender_changed`. A committed key in `stale` (its image is missing or altered:
+    committed_images.stale_keys) is planned again. Either renders to a path of its own: `revision` is `run_id`.
+    Column at a time (a million rows plan in seconds); only keys and missing seeds are hashed per image.
     """
     defaults = job.defaults
     requests = manifest.requests
@@ -115,26 +119,49 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
         "reference_images": images.column("reference_images"),
         "source": images.column("source"),
         "row": images.column("row"),
+        "revision": pa.nulls(len(keys), pa.string()),
     }
     columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
     table = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
-    changed, superseded = 0, None
+    if job.output.layout == "webdataset":
+        _refuse_mixed_formats(table)
+    changed = restored = 0
     if committed is not None:
         index, fields = compare(table, committed)
         differs = fields != 0
         if differs.any() and not rerender_changed:
             raise refusal(table.filter(pa.array(differs)), fields[differs])
-        changed = int(differs.sum())
-        if changed:
-            superseded = committed.take(pa.array(index[differs])).select(["key", "output_format", "part"])
-        table = table.filter(pa.array((index < 0) | differs))
+        lost = (index >= 0) & pc.is_in(table.column("key"), value_set=stale if stale is not None
+                                       else pa.array([], pa.string())).to_numpy(zero_copy_only=False)
+        again = differs | lost
+        changed, restored = int(differs.sum()), int((lost & ~differs).sum())
+        if again.any():
+            revision = pa.array(np.where(again, run_id, None), pa.string())
+            table = table.set_column(table.schema.get_field_index("revision"), "revision", revision)
+        table = table.filter(pa.array((index < 0) | again))
     # Same-shape images next to each other, so batches rarely mix shapes; key order makes it stable.
     if table.num_rows:
         order = [(c, "ascending") for c in ("width", "height", "steps", "guidance", "key")]
         table = table.take(pc.sort_indices(table, sort_keys=order))
     return Plan(table=table, expected=expected, already_done=expected - table.num_rows, changed=changed,
-                superseded=superseded)
+                restored=restored)
+
+
+def _refuse_mixed_formats(table: pa.Table) -> None:
+    """One format per WebDataset OUTPUT: `datasets.load_dataset` takes the first shard's columns for every shard
+    (the images of other formats load as None) and Ray Data's `read_webdataset` cannot cast a column that is
+    png in one row and absent in the next."""
+    formats = pc.unique(table.column("output_format")).to_pylist()
+    if len(formats) < 2:
+        return
+    first = table.column("output_format")[0].as_py()
+    other = table.filter(pc.not_equal(table.column("output_format"), first)).slice(0, 1).to_pylist()[0]
+    raise MixedFormatsError(
+        f"--layout webdataset holds images of one format, and this manifest asks for {', '.join(sorted(formats))} "
+        f"(the first image is {first}; {other['source']} row {other['row']} asks for {other['output_format']}): "
+        "give every row the same output_format (or none, for the --format default), or use --layout hf-parquet, "
+        "which holds any mix")
 
 
 def _first(*values: Any) -> Any:

@@ -29,8 +29,6 @@ from pipeline import ledger, ownership
 from pipeline.manifest import list_manifest_files
 from schemas import JobSpec, ModelSpec
 
-PROBE_NAME = "_write-test"  # + TMP_MARK + pid + 8 hex: a temp name, swept by ownership.remove_partial_files
-
 
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     """Raise the first mistake found in `job` as one FluxbatchError; returns the model's preset."""
@@ -64,10 +62,26 @@ def check_output(job: JobSpec, allow_non_empty_output: bool = False) -> None:
     for _, folder in [(1, root), *ledger.versions(fs, root)]:
         if fs.exists(f"{folder}/{ledger.JOB_FILE}"):
             ledger.recorded_identity(fs, folder)  # CorruptJobFileError naming a _job.json that is not one
-    probe = f"{root}/{PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
+    probe = f"{root}/{ownership.PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
+    made = _missing_folders(root) if fs.local else []
     try:
         fs.write_bytes(probe, b"")
     except StorageError as error:
         raise StorageError(f"OUTPUT {where} cannot be written: {error}") from error
     with contextlib.suppress(FileNotFoundError):  # a run holding OUTPUT's lease may have swept it already
         once.rm_file(probe)
+    for folder in made:  # the probe's folders go with it: a run refused later leaves no empty OUTPUT behind
+        with contextlib.suppress(OSError):  # another driver's files are in it by now
+            os.rmdir(folder)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` (itself included) that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing

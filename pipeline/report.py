@@ -91,6 +91,7 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         ("already done before this run", summary.images_already_done), ("planned", summary.images_planned),
         ("rendered", summary.images_rendered), ("failed", summary.images_failed),
         ("done in total", f"{summary.images_total_done} / {summary.images_expected}"),
+        ("committed images missing or altered", summary.images_missing),
         ("images per second", f"{summary.images_per_second:.3f}"),
     ]
     parts = [

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -26,7 +27,18 @@ from tqdm import tqdm
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, resolve_gpus_per_replica
-from pipeline import changed_rows, lease, ledger, ownership, preflight, ray_private, references, resources, run_records
+from pipeline import (
+    changed_rows,
+    committed_images,
+    lease,
+    ledger,
+    ownership,
+    preflight,
+    ray_private,
+    references,
+    resources,
+    run_records,
+)
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.metrics import DriverMetrics, FailureCounts
@@ -37,6 +49,7 @@ from pipeline.ray_private import DroppedBatchErrors
 from pipeline.ray_session import RaySession, connect, quiet_ray_data, verbose
 from pipeline.render_stage import render_stage
 from schemas import FailureRecord, JobSpec, RunSummary
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 DISK_FULL = f"write: {NoSpaceLeftError.__name__}: "  # how a renderer reports an image write on a full disk
@@ -68,30 +81,98 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
     session = _ensure_ray(job)
     ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
     resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
-    with ExitStack() as leases:
-        # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
-        # refused (LeaseHeldError, naming the holder) having written nothing.
-        held = leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
-        version_root = ledger.check_job(fs, root, job, new_version=new_version)
-        if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
-            job = writing_to(job, fs.uri(version_root))
-            root, summary.output = version_root, job.output.uri
-            output_lease, held = held, leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
-            output_lease.release()  # OUTPUT's lease guarded the choice of version folder only
-        return _render_held(job, preset, fs, root, summary, held, progress, started, session, ask, rerender_changed,
-                            renderer_class)
+    undo = _Undo(fs, root, run_id)
+    try:
+        with ExitStack() as leases:
+            try:
+                # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
+                # refused (LeaseHeldError, naming the holder) having written nothing.
+                held = leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
+                undo.leases.append(held)
+                version_root = undo.check_job(job, new_version)
+                if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
+                    job = writing_to(job, fs.uri(version_root))
+                    root, summary.output = version_root, job.output.uri
+                    output_lease, held = held, leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
+                    undo.leases.append(held)
+                    output_lease.release()  # OUTPUT's lease guarded the choice of version folder only
+                return _render_held(job, preset, fs, root, summary, held, progress, started, session, ask,
+                                    rerender_changed, renderer_class, undo)
+            except FluxbatchError as error:
+                undo.refused(error)  # still under the lease, which it then restores on release
+                raise
+    finally:
+        undo.remove_empty_folders()  # after the leases are gone (a lease file sits in OUTPUT)
+
+
+class _Undo:
+    """What a run writes before its plan is made, taken back when it is refused (an error with exit code 2: changed
+    rows, a corrupt ledger part, a manifest that cannot be read, mixed formats for WebDataset): a refusal leaves
+    OUTPUT byte-identical, `_SUCCESS` and the lease included. Once the plan is made the run is under way and
+    nothing is undone. What it takes back is this run's own: its lease (restored to what it found), the
+    `_job.json` it wrote, its failure parts (named by its run id) and the empty folders it made on local disk."""
+
+    def __init__(self, fs: Any, root: str, run_id: str):
+        self.fs, self.root, self.run_id = fs, root, run_id
+        self.leases: list[lease.Lease] = []
+        self.job_files: list[str] = []
+        self.folders: list[str] = []  # local folders this run may make, deepest first, that were not there
+        self.roots = [root]  # OUTPUT, and the version folder the run writes if another
+        self.under_way = False  # set once the plan is made: from then on nothing is taken back
+        self.took_back = False
+        if fs.local:
+            self.folders = [f for f in (f"{root}/failures", f"{root}/{ledger.VERSIONS}", root) if not os.path.isdir(f)]
+
+    def check_job(self, job: JobSpec, new_version: bool) -> str:
+        """`ledger.check_job`, remembering the `_job.json` it writes (a new OUTPUT's, or a new version's)."""
+        fs, root = self.fs, self.root
+        known = {root, *(folder for _, folder in ledger.versions(fs, root))} if fs.exists(f"{root}/{ledger.JOB_FILE}") \
+            else set()
+        folder = ledger.check_job(fs, root, job, new_version=new_version)
+        if folder != root:
+            self.roots.append(folder)
+        if folder not in known:
+            self.job_files.append(f"{folder}/{ledger.JOB_FILE}")
+            if folder != root and fs.local:
+                self.folders[:0] = [f"{folder}/failures", folder]
+        return folder
+
+    def refused(self, error: FluxbatchError) -> None:
+        """Take back what this run wrote, if `error` refused it before its plan was made."""
+        if self.under_way or getattr(error, "exit_code", 2) != 2:
+            return
+        self.took_back = True
+        for held in self.leases:
+            held.restore_on_release = True  # read by release(), which the caller's ExitStack runs after this
+        try:
+            for folder in self.roots:
+                for part in ledger.parts(self.fs, f"{folder}/failures"):
+                    if part.rsplit("/", 1)[-1].startswith(f"part-{self.run_id}-"):
+                        self.fs.rm_file(part)
+            for path in self.job_files:
+                if self.fs.exists(path):
+                    self.fs.rm_file(path)
+        except Exception as undo_error:  # noqa: BLE001 - the refusal is what the user must see
+            log.warning("could not take back what this refused run wrote: %s", undo_error)
+
+    def remove_empty_folders(self) -> None:
+        if not self.took_back:
+            return
+        for folder in self.folders:
+            with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+                os.rmdir(folder)
 
 
 def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary: RunSummary, held: lease.Lease,
                  progress: bool, started: float, session: RaySession, ask: resources.ReplicaAsk,
-                 rerender_changed: bool = False, renderer_class: type | None = None) -> RunSummary:
+                 rerender_changed: bool, renderer_class: type | None, undo: _Undo) -> RunSummary:
     """The rest of `render`, run while this driver holds the lease on `root` (OUTPUT or its version folder)."""
     run_id, seconds = summary.run_id, {}
     # The cheap half of `fluxbatch verify`, before this run deletes or writes anything: an unreadable part
     # stops the run in one line naming it (CorruptLedgerError), with the failures of the last run still there.
     committed = changed_rows.read_committed(fs, root)
-    run_records.clear_success(fs, root)  # OUTPUT no longer says "done" while this run is under way
-    ownership.remove_partial_files(fs, root)
+    # Committed images deleted or altered since (one listing): rendered again, each to a path of its own.
+    stale = committed_images.stale_keys(fs, root, committed)
     # Bad rows stream to this run's failure parts as they are found; the previous run's parts stay until the end.
     validate_failures = ledger.FailureWriter(fs, root, run_id, "validate")
     manifest = read_manifest(
@@ -109,13 +190,18 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     seconds["read"] = time.monotonic() - started
 
     mark = time.monotonic()
-    # A refusal of changed rows (ChangedRowsError) writes nothing but this run's parts of bad rows, if any.
-    plan = plan_images(manifest, job, preset, committed, rerender_changed=rerender_changed)
-    del committed  # the ledger's rows: only the superseded ones are kept, in the plan
+    # A refusal (changed rows, mixed formats for WebDataset) takes back this run's failure parts (_Undo).
+    plan = plan_images(manifest, job, preset, committed, rerender_changed=rerender_changed, stale=stale,
+                       run_id=run_id)
+    undo.under_way = True
+    del committed, stale
     seconds["plan"] = time.monotonic() - mark
+    run_records.clear_success(fs, root)  # OUTPUT no longer says "done" while this run is under way
+    ownership.remove_partial_files(fs, root)
     invalid_rows = manifest.failures.rows
-    log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render",
-             manifest.total_rows, invalid_rows, plan.expected, plan.already_done, plan.table.num_rows)
+    log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render "
+             "(%d changed, %d restored)", manifest.total_rows, invalid_rows, plan.expected, plan.already_done,
+             plan.table.num_rows, plan.changed, plan.restored)
 
     mark = time.monotonic()
     failures_by_reason = Counter(manifest.failures.by_reason)
@@ -130,10 +216,23 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
                                        session.can_grow, renderer_class)
         rendered = writer.written  # _render_plan flushed the last rows, whatever happened
         failures_by_reason.update(render_failures.by_reason)
-        if plan.changed:  # their new rows are committed: the old ones go, so each key is once on disk
-            held.check()
-            changed_rows.drop_superseded(fs, root, run_id, plan.superseded)
     seconds["render"] = time.monotonic() - mark
+    # Every run ends with the ledger and the images agreeing: one row per key, no image without a row, and every
+    # committed image present with its size (one listing). What is still missing is said, never claimed done.
+    mark = time.monotonic()
+    held.check()
+    settled = committed_images.settle(fs, root, run_id)
+    if settled.missing:
+        missing = ledger.FailureWriter(fs, root, run_id, "check")
+        for key, problem in settled.missing.items():
+            missing.add(FailureRecord(stage="check", key=key, reason=f"committed image {problem}",
+                                      at=datetime.now(timezone.utc)))
+        missing.flush()
+        failures_by_reason.update(f"committed image {problem.split(':', 1)[0]}" for problem in settled.missing.values())
+        log.warning("%d committed images are missing or altered in %s (first: %s); their keys render again on the "
+                    "next run if their rows are in the manifest, else `fluxbatch verify --repair` drops their rows",
+                    len(settled.missing), fs.uri(root), "; ".join(list(settled.missing.values())[:3]))
+    seconds["check"] = time.monotonic() - mark
     if job.output.layout != "files":
         # Shards are packed from the finished image files and the ledger, so resume never depends on them.
         mark = time.monotonic()
@@ -148,7 +247,8 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     summary.images_planned = plan.table.num_rows
     summary.images_rendered = rendered
     summary.images_failed = plan.table.num_rows - rendered
-    summary.images_total_done = plan.already_done + rendered
+    summary.images_missing = len(settled.missing)
+    summary.images_total_done = max(0, plan.already_done + rendered - len(settled.missing))
     summary.images_per_second = rendered / seconds["render"] if rendered else 0.0
     summary.failures_by_reason = dict(failures_by_reason)
     summary.finished_at = datetime.now(timezone.utc)

@@ -8,8 +8,8 @@ OUTPUT and in each OUTPUT/_versions/<n>/:
   up under OUTPUT/images/<kk>/ by the file name in image_uri, so a copied or moved OUTPUT verifies too);
 - no key is held by two rows;
 - no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it).
-Only names fluxbatch writes count as images (images/<kk>/<key>.<png|jpg|webp>); any other file is not ours
-and is neither reported nor touched.
+Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: image_writer.IMAGE_NAME);
+any other file is not ours and is neither reported nor touched.
 
 `--repair` holds each folder's lease (pipeline/lease.py), so it never races a running driver, and deletes
 nothing outright: what it takes out of the ledger goes to OUTPUT/_quarantine/<repair id>/, at its path
@@ -27,7 +27,6 @@ whole or not at all): a crash leaves the old part or the new one, never a key lo
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,15 +36,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from flux_worker.image_writer import committed_image_path
 from flux_worker.storage import Storage, filesystem
 from pipeline import ledger
+from pipeline.committed_images import QUARANTINE, list_images, move_aside
 from pipeline.lease import hold
 from schemas.errors import FluxbatchError
 
 COLUMNS = ["key", "image_uri", "sha256", "bytes"]
-QUARANTINE = "_quarantine"
-# The image files fluxbatch writes (flux_worker/renderer.py image_path): keys are 32 hex digits.
-IMAGE_NAME = re.compile(r"/images/([0-9a-f]{2})/\1[0-9a-f]{30}\.(png|jpg|webp)$")
 SHOWN = 5  # offenders named per kind of problem; the counts cover all
 HASH_THREADS = 16  # images are hashed in parallel: on object storage each read is a round trip
 
@@ -154,14 +152,13 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
             if last[key] != (part, index):
                 check.drop[part].add(index)
 
-    on_disk = _images(fs, folder)
+    on_disk = list_images(fs, folder)
     check.images = len(on_disk)
     named: dict[str, tuple[str, str, int, str, int]] = {}  # image path -> (key, sha256, bytes, part, row)
     for key, (part, index) in last.items():
         values = columns[part]
-        name = str(values["image_uri"][index] or "").rsplit("/", 1)[-1]
-        named[f"{folder}/images/{key[:2]}/{name}"] = (key, values["sha256"][index], values["bytes"][index],
-                                                       part, index)
+        named[committed_image_path(folder, key, values["image_uri"][index])] = (
+            key, values["sha256"][index], values["bytes"][index], part, index)
     to_hash = []
     for path, (key, _, size, part, index) in named.items():
         if path not in on_disk:
@@ -187,7 +184,7 @@ def repair_folder(fs: Storage, root: str, check: FolderCheck, quarantine: str) -
     """Put one folder right (see the module docstring); the caller holds its lease. Returns the files moved."""
     moved = list(check.unreadable)
     for part in moved:
-        _move_aside(fs, root, quarantine, part)
+        move_aside(fs, root, quarantine, part)
     for part, rows in sorted(check.drop.items()):
         if not rows:
             continue
@@ -197,26 +194,9 @@ def repair_folder(fs: Storage, root: str, check: FolderCheck, quarantine: str) -
                             lambda table, rows=rows: pa.array([index in rows for index in range(table.num_rows)]))
         moved.append(part)
     for path in [path for path, _ in check.altered.values()] + check.orphans:
-        _move_aside(fs, root, quarantine, path)
+        move_aside(fs, root, quarantine, path)
         moved.append(path)
     return len(moved)
-
-
-def _images(fs: Storage, folder: str) -> dict[str, int]:
-    """The image files fluxbatch wrote under `folder`/images, with their sizes."""
-    base = f"{folder}/images"
-    if not fs.exists(base):
-        return {}
-    found = fs.find(base, detail=True)
-    return {path: info["size"] for path, info in found.items() if IMAGE_NAME.search(path)}
-
-
-def _move_aside(fs: Storage, root: str, quarantine: str, path: str) -> None:
-    """Move `path` to the same path under `quarantine` (relative to OUTPUT): repair deletes nothing outright."""
-    target = f"{quarantine}/{path[len(root) + 1:]}"
-    if fs.local:
-        fs.makedirs(target.rsplit("/", 1)[0])
-    fs.mv(path, target)
 
 
 def _copy_aside(fs: Storage, root: str, quarantine: str, path: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import Storage
+from flux_worker.storage import TMP_MARK, Storage
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # The `datasets` library reads a Parquet file's features from this schema metadata key: with it the
@@ -57,7 +57,7 @@ class _Shard:
         if self.local:
             # Beside the destination, so the final rename stays on one filesystem.
             fs.makedirs(dest.rsplit("/", 1)[0])
-            self.path = f"{dest}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+            self.path = f"{dest}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"  # swept if killed
         else:
             handle, self.path = tempfile.mkstemp(prefix="fluxbatch-shard-")
             os.close(handle)

@@ -113,8 +113,10 @@ def signed_seeds(table: pa.Table) -> pa.Table:
     return table.set_column(index, "seed", pc.cast(table.column("seed"), SEED_TYPE, safe=False))
 
 
-# A planned image, as the driver hands it to a renderer; extra manifest columns follow these.
-PLAN_SCHEMA = pa.schema(RENDER_FIELDS + ORIGIN_FIELDS)
+# A planned image, as the driver hands it to a renderer; extra manifest columns follow these. `revision` is null
+# for a key's first image and the run id when the key has a committed image already (its row changed, or its
+# image went missing): the new image then gets a path of its own, so a committed image is never overwritten.
+PLAN_SCHEMA = pa.schema(RENDER_FIELDS + ORIGIN_FIELDS + [("revision", pa.string())])
 
 # What a renderer returns per planned image: the record (null on failure), where it came from, and
 # the error of its last try (null on success).

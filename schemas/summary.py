@@ -47,6 +47,9 @@ class RunSummary(BaseModel):
     images_rendered: int = 0
     images_failed: int = 0
     images_total_done: int = 0
+    images_missing: int = Field(default=0, description="committed images found missing or altered (another size "
+                                "than their ledger row says) when the run ended; each is a failure row of stage "
+                                "'check'")
     images_per_second: float = 0.0
     seconds: dict[str, float] = Field(default_factory=dict, description="wall seconds per stage")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
@@ -57,8 +60,8 @@ class RunSummary(BaseModel):
     @computed_field  # in summary.json and _SUCCESS, so a sensor reading _SUCCESS knows the outcome
     @property
     def complete(self) -> bool:
-        """Every expected image exists."""
-        return self.images_total_done == self.images_expected
+        """Every expected image exists, and every committed image of OUTPUT is there with its recorded size."""
+        return self.images_total_done == self.images_expected and self.images_missing == 0
 
     @computed_field
     @property
