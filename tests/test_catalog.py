@@ -155,3 +155,18 @@ def test_cli_catalog_run_publishes_and_prints_the_report(tmp_path, tiny_model, c
     assert "1 products: 1 new, 0 changed, 0 unchanged, 0 removed, 0 failed, 0 refused; 1 images rendered, " \
         "1 published, 0 previous versions kept" in printed
     assert (out / "catalog" / "LAMP-1" / "1x1" / "0.png").is_file()
+
+
+def test_a_catalog_run_refused_for_gpus_writes_no_manifest_and_leaves_no_output_folder(tmp_path, tiny_model,
+                                                                                        ray_cluster, monkeypatch):
+    from pipeline.resources import ClusterTooSmallError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's own cluster: 4 fake GPUs, never grows
+    out = tmp_path / "out"
+    spec = make_spec(write_products(tmp_path / "p.parquet", PRODUCTS[:1]), str(out), str(tiny_model),
+                     aspects=["1:1"], render={"batch_size": 4, "gpus_per_replica": 8})
+
+    with pytest.raises(ClusterTooSmallError):
+        run_catalog(spec, progress=False)
+
+    assert not out.exists()

@@ -160,23 +160,36 @@ def test_lease_of_a_driver_on_another_machine_refuses_while_renewed_and_is_taken
     assert not (out / "_lease.json").exists()
 
 
-def test_success_marker_is_removed_when_a_run_starts_so_a_run_that_fails_leaves_none(tmp_path, tiny_model,
-                                                                                      ray_cluster):
+def test_success_marker_survives_refusals_and_is_removed_once_a_run_is_under_way_so_a_run_that_fails_leaves_none(
+        tmp_path, tiny_model, ray_cluster, monkeypatch):
+    from pipeline import committed_images
+
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
     out = tmp_path / "out"
     job = make_job(str(manifest), str(out), str(tiny_model))
     render(job, progress=False)
-    assert (out / "_SUCCESS").exists()
+    success = (out / "_SUCCESS").read_bytes()
     manifest.unlink()
     with pytest.raises(FluxbatchError):  # refused by the pre-flight: the run never starts, OUTPUT is as it was
         render(job, progress=False)
-    assert (out / "_SUCCESS").exists()
+    assert (out / "_SUCCESS").read_bytes() == success
 
-    # Edited rows are refused once the run has started (it reads the ledger under its lease to find them).
+    # Edited rows are refused under the lease, before the plan is made: a refusal changes nothing.
     write_manifest(manifest, [{**row, "prompt": row["prompt"] + ", edited"} for row in ROWS])
     with pytest.raises(FluxbatchError):
         render(job, progress=False)
+    assert (out / "_SUCCESS").read_bytes() == success
+    assert not (out / "_lease.json").exists(), "a refused run kept its lease"
 
+    # A run that fails once under way (here: at its end-of-run check) leaves no _SUCCESS behind.
+    write_manifest(manifest, ROWS)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("storage gave up")
+
+    monkeypatch.setattr(committed_images, "settle", broken)
+    with pytest.raises(RuntimeError):
+        render(job, progress=False)
     assert not (out / "_SUCCESS").exists(), "_SUCCESS still claims a finished OUTPUT after a run that failed"
     assert not (out / "_lease.json").exists(), "a run that failed kept its lease"
 

@@ -1,5 +1,6 @@
 """Every output opens with the common readers as they are, default arguments: `datasets`, `webdataset`,
-Ray Data and pandas. One small render, packed as each layout (files, webdataset, hf-parquet)."""
+Ray Data and pandas. One small render of mixed formats, packed as files and hf-parquet (a WebDataset of mixed
+formats is refused), and one of a single format packed as WebDataset."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import pytest
 from PIL import Image
 
 from pipeline import render
+from pipeline.plan import MixedFormatsError
 from schemas import JobSpec
 from tests.helpers import metadata
 from tests.own_ray import REPO
+from tests.stand_in import stand_in
 
 HIGH_SEED = 2**63 + 5  # a seed the manifest may give (0 to 2**64-1) that int64 cannot hold as it is
 BAD_ROW = 3  # the manifest's fourth row, as pandas numbers it: df.iloc[3]
@@ -47,13 +50,55 @@ def out(tmp_path_factory, tiny_model, ray_cluster) -> Path:
                         ("num_images", pa.int32()), ("seed", pa.uint64()), ("output_format", pa.string())])
     pq.write_table(pa.Table.from_pylist(ROWS, schema=schema), manifest)  # seed: uint64, as a user may write it
     output = folder / "out"
-    for layout in ("files", "webdataset", "hf-parquet"):
+    for layout in ("files", "hf-parquet"):
         job = JobSpec.model_validate({"manifest": str(manifest), "model": {"name": str(tiny_model)},
                                       "replicas": 1, "batch_size": 8,
                                       "output": {"uri": str(output), "layout": layout, "shard_size": 2}})
         summary = render(job, progress=False)
         assert summary.images_total_done == 4 and summary.invalid_rows == 1
     return output
+
+
+@pytest.fixture(scope="module")
+def wds(tmp_path_factory, tiny_model, ray_cluster) -> Path:
+    """The same rows in one format (jpeg), rendered by the stand-in renderer and packed as WebDataset shards of 2."""
+    folder = tmp_path_factory.mktemp("readers-wds")
+    manifest = folder / "manifest.parquet"
+    rows = [{**row, "output_format": "jpeg", "seed": row["seed"] if row["seed"] != HIGH_SEED else 5} for row in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    output = folder / "out"
+    job = JobSpec.model_validate({"manifest": str(manifest), "model": {"name": str(tiny_model)}, "batch_size": 8,
+                                  "output": {"uri": str(output), "layout": "webdataset", "shard_size": 2}})
+    summary = render(job, progress=False, renderer_class=stand_in())
+    assert summary.images_total_done == 4 and summary.invalid_rows == 1
+    return output
+
+
+def test_webdataset_of_mixed_formats_is_refused_and_leaves_the_output_as_it_was(out, tiny_model):
+    before = {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in out.rglob("*")}
+    job = JobSpec.model_validate({"manifest": str(out.parent / "manifest.parquet"), "replicas": 1, "batch_size": 8,
+                                  "model": {"name": str(tiny_model)},
+                                  "output": {"uri": str(out), "layout": "webdataset", "shard_size": 2}})
+
+    with pytest.raises(MixedFormatsError, match="--layout webdataset holds images of one format"):
+        render(job, progress=False)
+
+    assert {p.relative_to(out): p.read_bytes() if p.is_file() else None for p in out.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_webdataset_shards_load_whole_with_load_dataset_of_the_path_alone(wds, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+    loaded = datasets.load_dataset(str(wds / "webdataset"), split="train")
+
+    rows = by_key(wds)
+    assert sorted(loaded["__key__"]) == sorted(rows)
+    for item in loaded:
+        assert item["jpg"] is not None and item["jpg"].size == SIZES[rows[item["__key__"]]["request_id"]]
 
 
 def by_key(output: Path) -> dict[str, dict]:
@@ -79,12 +124,12 @@ def test_hf_parquet_folder_loads_with_load_dataset_of_the_path_alone(out, tmp_pa
 
 
 @pytest.mark.slow
-def test_webdataset_shards_read_with_ray_data_read_webdataset_defaults(out):
+def test_webdataset_shards_read_with_ray_data_read_webdataset_defaults(wds):
     import ray
 
-    samples = ray.data.read_webdataset(str(out / "webdataset")).take_all()
+    samples = ray.data.read_webdataset(str(wds / "webdataset")).take_all()
 
-    rows = by_key(out)
+    rows = by_key(wds)
     assert sorted(s["__key__"] for s in samples) == sorted(rows)
     for sample in samples:
         row = rows[sample["__key__"]]
@@ -99,23 +144,22 @@ def test_webdataset_shards_read_with_ray_data_read_webdataset_defaults(out):
 
 
 @pytest.mark.slow
-def test_webdataset_shards_iterate_with_the_webdataset_library(out):
-    import webdataset as wds
+def test_webdataset_shards_iterate_with_the_webdataset_library(wds):
+    import webdataset
 
-    shards = sorted(str(p) for p in (out / "webdataset").glob("*.tar"))
-    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+    shards = sorted(str(p) for p in (wds / "webdataset").glob("*.tar"))
+    samples = list(webdataset.WebDataset(shards, shardshuffle=False).decode("pil"))
 
-    rows = by_key(out)
+    rows = by_key(wds)
     assert sorted(s["__key__"] for s in samples) == sorted(rows)
     for sample in samples:
         row = rows[sample["__key__"]]
         suffix = {"png": "png", "jpeg": "jpg", "webp": "webp"}[row["output_format"]]
         assert sample[suffix].size == SIZES[row["request_id"]]
         assert sample["json"] == json.loads(json.dumps(sample["json"])) and sample["json"]["key"] == row["key"]
-    # One image format per shard: a shard mixing .png and .jpg members breaks Ray's default decoder.
-    for shard in shards:
+    for shard in shards:  # one format in every shard: readers take one shard's columns for all
         formats = {name.rsplit(".", 1)[-1] for name in tarfile.open(shard).getnames()}
-        assert len(formats - {"json", "txt"}) == 1, (shard, formats)
+        assert formats - {"json", "txt"} == {"jpg"}, (shard, formats)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ USER_FILES = {
     "Documents/thesis.tmp-final.docx": b"my thesis, final version",
     "backup.tmp-2024.tar": b"a backup",
     "Documents/drafts/notes.tmp-1234-deadbeef": b"looks like an old temp name, is not ours",
+    "data.csv.fluxbatch-tmp-42-deadbeef": b"our temp pattern, but not a name fluxbatch writes at the top",
 }
 
 
@@ -60,7 +61,8 @@ def test_partial_file_sweep_removes_only_fluxbatch_temp_names_in_its_own_folders
     put_user_files(tmp_path)
     ours = ["images/ab/abcd.png.fluxbatch-tmp-77-0badf00d", "metadata/part-1.parquet.fluxbatch-tmp-77-12345678",
             "failures/part-1.parquet.fluxbatch-tmp-8-abcdef01", "runs/r1/summary.json.fluxbatch-tmp-9-00000000",
-            "summary.json.fluxbatch-tmp-77-ffffffff"]
+            "summary.json.fluxbatch-tmp-77-ffffffff", "_job.json.fluxbatch-tmp-7-00000001",
+            "_write-test.fluxbatch-tmp-7-00000002"]
     kept = [*USER_FILES,
             "images/ab/abcd.png.tmp-77-0badf00d",  # not our pattern, even in our folder
             "images/ab/abcd.png.fluxbatch-tmp-77-0badf00d.bak",  # pattern not at the end
@@ -129,6 +131,18 @@ def test_non_empty_foreign_output_with_the_flag_renders_and_leaves_the_foreign_f
     assert (first.images_rendered, second.images_already_done) == (3, 3)
     assert_images_match_metadata(str(out))
     assert tree_digests(out, list(USER_FILES)) == before
+
+
+def test_a_folder_holding_only_a_user_file_named_like_a_temp_file_is_refused_and_the_file_kept(tmp_path, tiny_model):
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "data.csv.fluxbatch-tmp-42-deadbeef").write_bytes(b"the user's data")
+
+    with pytest.raises(ForeignOutputError, match="data.csv.fluxbatch-tmp-42-deadbeef"):
+        render(make_job(str(manifest), str(out), str(tiny_model)), progress=False)
+
+    assert [p.name for p in out.iterdir()] == ["data.csv.fluxbatch-tmp-42-deadbeef"]
 
 
 def test_foreign_output_holding_a_folder_fluxbatch_writes_is_refused_even_with_the_flag(tmp_path, tiny_model):
