@@ -30,6 +30,7 @@ from diffusers import FluxPipeline
 
 from flux_worker import compile_cache
 from flux_worker.cold_start import ColdStart
+from flux_worker.cpu_threads import cpu_threads
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.families import Encoding, family_of
 from flux_worker.image_writer import ImageWriter, Rendered, describe, failure_row, image_path
@@ -154,7 +155,7 @@ class Renderer:
         self.run_id = run_id
         quiet_libraries()
         if threads:
-            torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=num_cpus; match it explicitly
+            torch.set_num_threads(cpu_threads(threads))  # Ray sets OMP_NUM_THREADS=num_cpus; match it explicitly
         self.spec = ModelSpec.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # A caller may hand in a loaded pipeline (tests share one between renderers).

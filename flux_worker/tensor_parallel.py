@@ -90,10 +90,11 @@ class RankWorker:
         """Join the process group and load this rank's part of the pipeline."""
         import torch
 
+        from flux_worker.cpu_threads import cpu_threads
         from flux_worker.tensor_parallel_rank import Placement, RankRenderer, init_group
 
         if threads:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cpu_threads(threads))
         if group_gpus:
             # Ray shows each actor only its own GPU; NCCL's peer-to-peer paths need the whole group's,
             # ordered so that rank i uses cuda:i. Set before anything initialises CUDA in this process.

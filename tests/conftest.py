@@ -50,6 +50,23 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def stand_in_renderer():
+    """Every render in this module (the Python API and `fluxbatch` commands run in-process) uses the stand-in
+    renderer of tests/stand_in.py: no torch, a replica up in about a second. For tests of the driver (lease,
+    ledger, ownership, versions, verify, report), not of the model; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("stand_in_renderer")`, and its module-scoped fixtures that render
+    ask for it by name. Tensor-parallel stages are left as they are."""
+    from pipeline import render_stage
+    from tests.stand_in import stand_in
+
+    real, renderer = render_stage.in_actor, stand_in()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(render_stage, "in_actor",
+                      lambda target: renderer if target == render_stage.RENDERER else real(target))
+        yield renderer
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random-weight Flux pipeline in the diffusers folder format, built offline."""

@@ -1,15 +1,17 @@
 """A renderer that holds no model, for tests of the driver (lease, ledger, resume, refusals, layouts).
 
 It takes `Renderer`'s constructor arguments and writes each image through the real `ImageWriter`, so paths,
-ledger rows and sha256 are the real ones; the picture is a solid colour drawn from the render parameters, so an
-edited row renders other bytes and the same row the same bytes. It imports no torch: a replica starts in about
+ledger rows and sha256 are the real ones; the picture is noise drawn from the render parameters, so an edited
+row renders other bytes and the same row the same bytes. It imports no torch: a replica starts in about
 a second instead of the five to nine a real pipeline takes (img2dataset keeps a dummy writer for the same reason).
-Reached only through `pipeline.render(..., renderer_class=stand_in())`.
+Reached through `pipeline.render(..., renderer_class=stand_in())`, or for a whole test module through the
+`stand_in_renderer` fixture (tests/conftest.py), which also covers `fluxbatch` commands run in-process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -20,13 +22,19 @@ from flux_worker.image_writer import ImageWriter, Rendered
 
 
 class StandInRenderer:
-    """Renders a solid colour per (prompt, seed, size, steps, guidance); one image per planned row."""
+    """Renders noise drawn from (prompt, seed, size, steps, guidance); one image per planned row."""
 
     def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
                  jpeg_quality: int = 95, webp_quality: int = 95, **_: Any):
+        from flux_worker.presets import model_revision, resolve_preset
+        from schemas import ModelSpec
+
+        spec = ModelSpec.model_validate(model)
+        preset = resolve_preset(spec.name)  # the metadata names the model as the real renderer does
         self.writer = ImageWriter(output_uri, storage_options, jpeg_quality=jpeg_quality, webp_quality=webp_quality,
                                   write_threads=2, device="cpu",
-                                  identity={"model_id": "stand-in", "model_revision": "none", "dtype": "fp32"})
+                                  identity={"model_id": preset.name, "model_revision": model_revision(preset, spec),
+                                            "dtype": "float32"})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.writer.results(batch, (self._render(row) for row in batch.to_pylist()))
@@ -37,8 +45,9 @@ class StandInRenderer:
 
         started_at = datetime.now(timezone.utc)
         what = f"{row['prompt']}|{row['seed']}|{row['width']}x{row['height']}|{row['steps']}|{row['guidance']}"
-        colour = tuple(hashlib.sha256(what.encode()).digest()[:3])
-        return Rendered(row, Image.new("RGB", (row["width"], row["height"]), colour), 0.0, started_at)
+        # Noise, as random weights render: it does not compress, so an image costs disk as a real one does.
+        noise = random.Random(hashlib.sha256(what.encode()).digest()).randbytes(row["width"] * row["height"] * 3)
+        return Rendered(row, Image.frombytes("RGB", (row["width"], row["height"]), noise), 0.0, started_at)
 
 
 def stand_in() -> type:

@@ -23,6 +23,8 @@ from tests.helpers import failures, make_job, session_cluster_env
 from tests.own_ray import REPO
 from tests.test_cli import call_cli
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 MILLION = 1_000_000
 # The bound docs/guarantees.md states for `fluxbatch validate`, whatever share of the rows is bad: the
 # interpreter and its libraries (~130 MB) plus at most 6x the manifest as Arrow tables (its columns and the
@@ -137,8 +139,8 @@ def test_driver_killed_mid_run_keeps_the_previous_runs_failure_parts(tmp_path, t
     rows = pq.read_table(manifest).to_pylist() + [{"id": f"ok{i}", "prompt": "a lamp", "width": 64}
                                                   for i in range(30)]
     pq.write_table(pa.Table.from_pylist(rows), manifest)
-    command = [sys.executable, "-m", "jobs.cli", "render", str(manifest), str(out), "--model", str(tiny_model),
-               "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1"]
+    command = [sys.executable, "-m", "tests.stand_in_cli", "render", str(manifest), str(out), "--model",
+               str(tiny_model), "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1"]
     driver = subprocess.Popen(command, cwd=REPO, env=session_cluster_env(ray_cluster), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -13,6 +13,8 @@ from jobs.catalog import ProductTableError, catalog_manifest, read_products, run
 from schemas.catalog import CatalogSpec, aspect_size
 from tests.helpers import assert_images_match_metadata
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 PRODUCTS = [
     {"sku": "LAMP-1", "title": "brass desk lamp", "category": "lamps", "attributes": {"color": "gold"}},
     {"sku": "LAMP-2", "title": "paper lantern", "category": "lamps", "attributes": {"color": "white"}},

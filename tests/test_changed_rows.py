@@ -23,6 +23,8 @@ from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env
 from tests.own_ray import REPO
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 ROWS = [
     {"id": "apple", "prompt": "a green apple", "width": 64, "height": 64, "steps": 2},
     {"id": "boat", "prompt": "a red boat", "width": 64, "height": 64, "steps": 2},
@@ -45,7 +47,7 @@ def sha_by_id(out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model, ray_cluster):
+def runs(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer):
     """(output, first run's sha256 by id, files before the refused run, the refused run, files after it,
     the --rerender-changed run's summary, the unchanged re-run's summary)."""
     folder = tmp_path_factory.mktemp("changed-rows")
@@ -57,7 +59,7 @@ def runs(tmp_path_factory, tiny_model, ray_cluster):
 
     before = files_under(out)
     refused = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "render", str(edited), str(out), "--model", str(tiny_model),
+        [sys.executable, "-m", "tests.stand_in_cli", "render", str(edited), str(out), "--model", str(tiny_model),
          "--no-progress"], cwd=REPO, env=session_cluster_env(ray_cluster), capture_output=True, text=True,
         timeout=600)
     after = files_under(out)

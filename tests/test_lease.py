@@ -34,9 +34,12 @@ ROWS = [{"id": f"lamp-{i}", "prompt": f"a lamp number {i}", "width": 64, "height
 EXPECTED = {image_key(row["id"], 0) for row in ROWS}
 
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
+
 def start_driver(manifest: Path, output: str, model: Path, ray) -> subprocess.Popen:
-    """`fluxbatch render` as its own process, driving the session's Ray cluster."""
-    command = [sys.executable, "-m", "jobs.cli", "render", str(manifest), output, "--model", str(model),
+    """`fluxbatch render` as its own process (with the stand-in renderer), driving the session's Ray cluster."""
+    command = [sys.executable, "-m", "tests.stand_in_cli", "render", str(manifest), output, "--model", str(model),
                "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1"]
     return subprocess.Popen(command, cwd=REPO, env=session_cluster_env(ray), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

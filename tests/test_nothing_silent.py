@@ -63,8 +63,9 @@ def test_a_rerender_changed_run_killed_at_any_point_leaves_every_row_matching_it
     run(first, out, tiny_model)
     original = {r["request_id"]: r["sha256"] for r in metadata(str(out)).to_pylist()}
 
-    killed = subprocess.run([sys.executable, "-m", "tests.kill_driver", str(edited), str(out), str(tiny_model), point,
-                             "--rerender-changed"], cwd=REPO, env=session_cluster_env(ray_cluster),
+    killed = subprocess.run([sys.executable, "-m", "tests.stand_in_cli", "--kill-at", point, "render", str(edited),
+                             str(out), "--model", str(tiny_model), "--rerender-changed", "--commit-seconds", "0",
+                             "--no-progress"], cwd=REPO, env=session_cluster_env(ray_cluster),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, f"not killed at {point}: {killed.returncode}\n{killed.stderr[-3000:]}"
     # Whatever the moment, each key's row names an image that is the one it records (old or new).

@@ -22,6 +22,8 @@ from pipeline.ownership import ForeignOutputError, remove_partial_files
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 ROWS = [{"id": f"r{i}", "prompt": f"a lamp number {i}", "width": 64, "height": 64} for i in range(3)]
 # Names a user may well keep; the old sweep deleted any name holding ".tmp-" anywhere under OUTPUT.
 USER_FILES = {
@@ -296,8 +298,9 @@ def test_disk_full_stops_the_run_with_one_line_no_temp_files_and_keeps_what_was_
     render(make_job(str(write_manifest(tmp_path / "first.parquet", rows[:3])), str(out), str(tiny_model)),
            progress=False)
     committed = {row["key"]: row["sha256"] for row in metadata(str(out)).to_pylist()}
-    command = [sys.executable, "-m", "jobs.cli", "render", str(write_manifest(tmp_path / "all.parquet", rows)),
-               str(out), "--model", str(tiny_model), "--no-progress"]
+    command = [sys.executable, "-m", "tests.stand_in_cli", "render",
+               str(write_manifest(tmp_path / "all.parquet", rows)), str(out), "--model", str(tiny_model),
+               "--no-progress"]
     env = {**session_cluster_env(ray_cluster), "FLUXBATCH_WORKER_LOGS": "0"}
 
     full = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

@@ -225,3 +225,14 @@ def test_verbose_shows_what_ray_and_ray_data_print(tmp_path, tiny_model):
     assert "Started a local Ray instance" in result.stderr  # Ray's own logger
     assert "core_worker.cc" in result.stderr  # Ray's C++ core: "constructor arguments in the object store"
     assert "streaming_executor.py" in result.stderr  # Ray Data's "execution finished"
+
+
+def test_a_cpu_replica_runs_no_more_torch_threads_than_its_machine_has_cores():
+    import os
+
+    from flux_worker.cpu_threads import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    # The session cluster declares 4 CPUs on this machine: a replica given all 4 runs one thread per core.
+    assert cpu_threads(cores + 2) == cores
+    assert cpu_threads(1) == 1 and cpu_threads(0) == 1

@@ -21,6 +21,8 @@ from schemas import FAILURE_SCHEMA, RunSummary
 from tests.conftest import write_manifest
 from tests.helpers import make_job
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 THUMBNAIL = re.compile(r"<img src='data:image/jpeg;base64,([A-Za-z0-9+/=]+)' alt='([0-9a-f]+)'>")
 ROWS = [
     {"id": "lamp", "prompt": "a brass lamp & <b>bold</b> shade", "width": 64, "height": 64, "num_images": 2},
@@ -30,7 +32,7 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model, ray_cluster) -> tuple[Path, RunSummary]:
+def run(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer) -> tuple[Path, RunSummary]:
     """One real render on the local Ray cluster: three images and one refused row."""
     folder = tmp_path_factory.mktemp("report")
     manifest = write_manifest(folder / "m.parquet", ROWS)

@@ -14,6 +14,8 @@ from jobs.synthesize import SlotVocabularyError, draw_manifest, synthesize
 from schemas.synthesis import SynthesisSpec
 from tests.helpers import assert_images_match_metadata, metadata
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
+
 
 def make_spec(out: str, model: str = "flux.1-schnell", layout: str = "files", shard_size: int = 1000,
               **fields) -> SynthesisSpec:
@@ -173,7 +175,12 @@ def test_cli_synthesize_draw_only_writes_the_manifest_and_renders_nothing(tmp_pa
     from jobs.cli import main
 
     out = tmp_path / "out"
-    spec_file = write_spec_yaml(tmp_path / "spec.yaml", make_spec("unused"))
+    # A default of 64 px is one flux.1-schnell cannot render: refused, naming the spec, before anything is drawn.
+    bad = write_spec_yaml(tmp_path / "bad.yaml", make_spec("unused"))
+    assert main(["synthesize", str(bad), "--output", str(out), "--draw-only"]) == 2
+    assert f"error: {bad}: defaults.width: width must be between 256 and 2048" in capsys.readouterr().err
+    assert not out.exists()
+    spec_file = write_spec_yaml(tmp_path / "spec.yaml", make_spec("unused", defaults={}))  # the preset's size
     assert main(["synthesize", str(spec_file), "--output", str(out), "--draw-only"]) == 0
 
     assert pq.read_table(out / "manifest.parquet").equals(draw_manifest(make_spec(str(out))))
@@ -187,8 +194,8 @@ def test_cli_synthesize_names_the_slot_whose_parquet_column_is_missing(tmp_path,
 
     words = tmp_path / "w.parquet"
     pq.write_table(pa.table({"name": ["cat"]}), words)
-    spec = make_spec(str(tmp_path / "out"), slots={"color": ["red"], "place": ["x"],
-                                                   "animal": {"parquet": str(words), "column": "species"}})
+    spec = make_spec(str(tmp_path / "out"), defaults={}, slots={"color": ["red"], "place": ["x"],
+                                                                "animal": {"parquet": str(words), "column": "species"}})
     assert main(["synthesize", str(write_spec_yaml(tmp_path / "s.yaml", spec)), "--draw-only"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: slot 'animal': {str(words)!r} has no column 'species'; it has: name"

@@ -20,7 +20,7 @@ from tests.conftest import write_manifest
 from tests.helpers import make_job
 from tests.test_cli import call_cli
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = pytest.mark.usefixtures("ray_cluster", "stand_in_renderer")
 
 ROWS = [{"id": f"r{i}", "prompt": f"a lamp number {i}", "width": 64, "height": 64, "steps": 2} for i in range(6)]
 BAD_ROW = {"id": "bad", "prompt": "odd width", "width": 70, "height": 64, "steps": 2}
@@ -41,7 +41,7 @@ CORRUPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory, tiny_model, ray_cluster) -> Path:
+def rendered(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer) -> Path:
     """A finished run: six images committed in several parts (`commit_seconds=0`), a failure part for the bad row."""
     folder = tmp_path_factory.mktemp("verify")
     manifest = write_manifest(folder / "m.parquet", ROWS + [BAD_ROW])

@@ -12,7 +12,7 @@ from pipeline.ledger import JobMismatchError
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job
 
-pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("ray_cluster", "stand_in_renderer"), pytest.mark.slow]
 
 ROWS = [{"id": "cat", "prompt": "a red cat", "width": 64, "height": 64, "num_images": 2}]
 
