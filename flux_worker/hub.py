@@ -19,6 +19,16 @@ PROBE_SECONDS = 5.0  # the hub's answer, or none: either way the user hears with
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
+class HubUnreachableError(UnknownModelError):
+    """A model in no local cache, and the hub could not be asked (HF_HUB_OFFLINE, no network): whether it exists is
+    unknown here. `why` says which; `hint` is the "did you mean" (or ""). `fluxbatch k8s` notes it and goes on: the
+    cluster's pods ask the hub themselves."""
+
+    def __init__(self, message: str, why: str, hint: str):
+        super().__init__(message)
+        self.why, self.hint = why, hint
+
+
 def cache_dir() -> Path:
     """The hub cache the workers' `from_pretrained` reads, from the environment as it is now.
 
@@ -60,18 +70,23 @@ def check_hub_model(repo_id: str, revision: str | None = None) -> None:
     at = f" at revision {revision!r}" if revision else ""
     hint = did_you_mean(repo_id, [*PRESETS, *(p.source for p in PRESETS.values()), *cached_ids(cache)])
     if offline():
-        raise UnknownModelError(
+        raise HubUnreachableError(
             f"model {repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, "
-            f"so it cannot be downloaded{hint or '; give a local folder, or unset HF_HUB_OFFLINE'}")
+            f"so it cannot be downloaded{hint or '; give a local folder, or unset HF_HUB_OFFLINE'}",
+            "HF_HUB_OFFLINE is set", hint)
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
-    problem = _ask_hub(endpoint, repo_id, revision)
-    if problem:
-        raise UnknownModelError(f"model {repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and "
-                                f"{problem}{hint}")
+    answer = _ask_hub(endpoint, repo_id, revision)
+    if answer:
+        problem, unreachable = answer
+        message = f"model {repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and {problem}{hint}"
+        if unreachable:
+            raise HubUnreachableError(message, problem.split("; ")[0], hint)  # without the advice for a local run
+        raise UnknownModelError(message)
 
 
-def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> str | None:
-    """None if the hub at `endpoint` knows the model; else what it (or the network) said, in a few words.
+def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> tuple[str, bool] | None:
+    """None if the hub at `endpoint` knows the model; else what it (or the network) said, in a few words, and
+    whether the hub could not be asked at all (True) rather than said it has no such model (False).
 
     Asked in a daemon thread joined for at most PROBE_SECONDS: a name lookup that hangs must not hang the run.
     """
@@ -91,14 +106,14 @@ def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> str | None:
     thread.start()
     thread.join(PROBE_SECONDS + 1)
     if "error" not in answer:
-        return f"the hub at {endpoint} did not answer within {PROBE_SECONDS:.0f} s (no network?)"
+        return f"the hub at {endpoint} did not answer within {PROBE_SECONDS:.0f} s (no network?)", True
     error = answer["error"]
     if error is None:
         return None
     if isinstance(error, RevisionNotFoundError):
-        return f"the hub at {endpoint} has no revision {revision!r} of it"
+        return f"the hub at {endpoint} has no revision {revision!r} of it", False
     if isinstance(error, RepositoryNotFoundError):
         return (f"the hub at {endpoint} has no such model (or it is private and no token gives access: "
-                "set HF_TOKEN)")
+                "set HF_TOKEN)"), False
     reason = first_line(error)
-    return f"the hub at {endpoint} cannot be reached ({reason}); give a local folder, or check the network"
+    return f"the hub at {endpoint} cannot be reached ({reason}); give a local folder, or check the network", True

@@ -181,13 +181,14 @@ def job_from_args(args: argparse.Namespace) -> Any:
     from flux_worker.storage import apply_storage_options
     from jobs.errors import UsageError
     from jobs.flags import flags_as_typed, job_overrides
+    from jobs.storage_options import check_storage_options
     from schemas import JobSpec
     from schemas.overrides import apply_overrides, spec_data, validate_spec
 
     data = spec_data(args.job, "job", {}) if args.job else {}
     manifest, output = args.manifest, getattr(args, "output", None)
     if args.command == "validate":
-        output = "unused://"  # validate writes nothing
+        output = "memory://unused"  # validate writes nothing
     elif output is None and manifest is not None and "manifest" in data and not _output_uri(data):
         manifest, output = None, manifest  # `render --job job.yaml OUT`: the file names the manifest, not the output
     apply_overrides(data, {"manifest": manifest, "output.uri": output, **job_overrides(args)}, args.job)
@@ -197,8 +198,26 @@ def job_from_args(args: argparse.Namespace) -> Any:
     if not _output_uri(data):
         raise UsageError(f"{args.command}: no output; give OUTPUT on the command line or `output: {{uri: ...}}` "
                          f"{where}")
-    job = validate_spec(JobSpec, data, source=args.job, flags=flags_as_typed(args))
+    # A positional's mistake is named as a flag's is: `OUTPUT s4://x: unknown protocol ...`.
+    typed = {"manifest": f"MANIFEST {manifest}" if manifest else None,
+             "output.uri": f"OUTPUT {output}" if output and args.command != "validate" else None}
+    job = validate_spec(JobSpec, data, source=args.job,
+                        flags={**{field: word for field, word in typed.items() if word}, **flags_as_typed(args)})
+    check_storage_options(args.storage_option, [job.manifest, job.output.uri, *job.reference_roots])
     return apply_storage_options(job, args.storage_option)
+
+
+def check_model_defaults(args: argparse.Namespace, job: Any) -> Any:
+    """The preset of the job's model, once each of the job's defaults is known to obey the rule of a manifest row
+    with the model's limits; a bad one is named by its flag, else the job file and the field (README, "Flags and
+    job files"), before anything is written. A model that is no preset, folder or hub id is refused here too."""
+    from flux_worker.presets import resolve_preset
+    from jobs.flags import flags_as_typed
+    from schemas.job import check_defaults
+
+    preset = resolve_preset(job.model.name)
+    check_defaults(job, preset.limits, source=args.job, flags=flags_as_typed(args))
+    return preset
 
 
 def _output_uri(data: dict[str, Any]) -> Any:
@@ -207,12 +226,11 @@ def _output_uri(data: dict[str, Any]) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from flux_worker.presets import resolve_preset
     from pipeline.manifest import read_manifest
     from pipeline.references import check_manifest
 
     job = job_from_args(args)
-    preset = resolve_preset(job.model.name)
+    preset = check_model_defaults(args, job)
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
                              adapter_names=set(job.model.adapters), sink=_print_failure)
@@ -245,6 +263,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     from pipeline import render
 
     job = job_from_args(args)
+    check_model_defaults(args, job)  # the pre-flight checks them again, naming no flag (the Python API's)
     summary = render(job, new_version=args.new_version, allow_non_empty_output=args.allow_non_empty_output,
                      rerender_changed=args.rerender_changed, progress=not args.no_progress)
     print(f"{summary.images_rendered} rendered, {summary.images_already_done} already done, "
@@ -259,8 +278,16 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from flux_worker.storage import parse_storage_options
+    from jobs.errors import UsageError
+    from jobs.storage_options import check_storage_options
     from pipeline.verify import verify_output
+    from schemas.urls import storage_url
 
+    try:
+        storage_url(args.output)
+    except ValueError as error:
+        raise UsageError(f"OUTPUT {args.output}: {error}") from None
+    check_storage_options(args.storage_option, [args.output])
     result = verify_output(args.output, parse_storage_options(args.storage_option), repair=args.repair)
     print(result.report())
     return 1 if result.problems and not args.repair else 0

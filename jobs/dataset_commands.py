@@ -53,9 +53,20 @@ def load_spec(spec_type: Any, args: argparse.Namespace) -> Any:
     """The synthesis or catalog spec named on the command line, OUTPUT and --storage-option applied (also read by
     `fluxbatch k8s`, which checks the spec before it writes the cluster's manifests)."""
     from flux_worker.storage import apply_storage_options
+    from jobs.storage_options import check_storage_options
 
     spec = spec_type.from_yaml(args.spec, **{"output.uri": args.output})
+    check_storage_options(args.storage_option, [spec.output.uri, getattr(spec, "products", None)])
     return apply_storage_options(spec, args.storage_option)
+
+
+def check_model_defaults(spec: Any, args: argparse.Namespace) -> None:
+    """The spec's defaults obey a row's rules with its model's limits, named by the spec file and the field, before
+    anything is drawn or written (a local run; `fluxbatch k8s` checks them with its own model rules)."""
+    from flux_worker.presets import resolve_preset
+    from schemas.job import check_defaults
+
+    check_defaults(spec.job_for("manifest.parquet"), resolve_preset(spec.model.name).limits, source=args.spec)
 
 
 def _synthesize(args: argparse.Namespace) -> int:
@@ -63,6 +74,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     from schemas.synthesis import SynthesisSpec
 
     spec = load_spec(SynthesisSpec, args)
+    check_model_defaults(spec, args)
     manifest, summary = synthesize(spec, render=not args.draw_only, new_version=args.new_version,
                                    progress=not args.no_progress)
     print(f"drew {spec.prompts} prompts x {spec.images_per_prompt} images into {manifest}")
@@ -79,6 +91,7 @@ def _catalog_run(args: argparse.Namespace) -> int:
     from schemas.catalog import CatalogSpec
 
     spec = load_spec(CatalogSpec, args)
+    check_model_defaults(spec, args)
     report, summary = run_catalog(spec, new_version=args.new_version, progress=not args.no_progress)
     print(f"{report.products} products: {len(report.skus_new)} new, {len(report.skus_changed)} changed, "
           f"{report.skus_unchanged} unchanged, {len(report.skus_removed)} removed, {len(report.skus_failed)} "

@@ -170,9 +170,10 @@ def _parse_local_command(words: list[str]) -> tuple[str, Any, str | None]:
     _refuse_credentials([option for option in local.storage_option or []])
     if command == "render":
         from jobs.cli import job_from_args
+        from jobs.flags import flags_as_typed
 
         job = job_from_args(local)
-        spec_file, paths = local.job, [job.manifest]
+        spec_file, paths, flags = local.job, [job.manifest], flags_as_typed(local)
     else:
         from jobs.dataset_commands import load_spec
         from schemas.catalog import CatalogSpec
@@ -180,7 +181,7 @@ def _parse_local_command(words: list[str]) -> tuple[str, Any, str | None]:
 
         spec = load_spec(CatalogSpec if command == "catalog" else SynthesisSpec, local)
         job = spec.job_for("manifest.parquet")
-        spec_file, paths = local.spec, [getattr(spec, "products", None)]
+        spec_file, paths, flags = local.spec, [getattr(spec, "products", None)], {}
         _refuse_credentials(list(spec.output.storage_options) + list(spec.storage_options), spec_file)
     _refuse_credentials(list(job.storage_options), spec_file)
     for path in [*paths, job.output.uri, *job.model.adapters.values()]:
@@ -190,7 +191,38 @@ def _parse_local_command(words: list[str]) -> tuple[str, Any, str | None]:
     if job.gpus_per_replica == "auto":
         raise K8sError("k8s: --gpus-per-replica auto is decided on the cluster, but the pods are sized now; run "
                        "`fluxbatch plan --model ... --gpu-memory ...` and pass its number")
+    _preflight(job, spec_file, flags)
     return command, job, spec_file
+
+
+def _preflight(job: Any, source: str | None, flags: dict[str, str]) -> None:
+    """The local pre-flight (pipeline/preflight.py), less what needs the cluster: the model resolves and its
+    defaults obey a row's rules with its limits, in the local command's words. The manifest and OUTPUT are not
+    asked (this machine may not reach the cluster's buckets), nor adapters (files of the pods); what cannot be
+    known here is one note on stderr, and the manifests are printed."""
+    from pathlib import Path
+
+    from flux_worker.hub import HubUnreachableError, check_hub_model
+    from flux_worker.presets import PRESETS, resolve_preset
+    from flux_worker.weights import check_model_folder
+    from schemas.job import check_defaults
+
+    name = job.model.name
+    if name.startswith("/") and not Path(name).exists():
+        print(f"note: model {name!r} is not a folder on this machine; the cluster's pods must mount it there",
+              file=sys.stderr)
+        return
+    preset = resolve_preset(name)  # a mistyped preset: "did you mean", as a local render says it
+    if Path(preset.source).expanduser().is_dir():
+        check_model_folder(preset.source)
+    elif name not in PRESETS and name not in {known.source for known in PRESETS.values()}:
+        # A preset's weights are on the hub by definition; the local cache says nothing of the pods' own.
+        try:
+            check_hub_model(preset.source, job.model.revision)
+        except HubUnreachableError as error:
+            print(f"note: model {name!r} is not in the local Hugging Face cache and {error.why}, so it is not "
+                  f"checked here; the cluster's pods download it when the job starts{error.hint}", file=sys.stderr)
+    check_defaults(job, preset.limits, source=source, flags=flags)
 
 
 def _refuse_credentials(names: list[str], where: str | None = None) -> None:

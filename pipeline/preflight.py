@@ -28,11 +28,13 @@ from flux_worker.weights import check_adapter, check_model_folder
 from pipeline import ledger, ownership
 from pipeline.manifest import list_manifest_files
 from schemas import JobSpec, ModelSpec
+from schemas.job import check_defaults
 
 
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     """Raise the first mistake found in `job` as one FluxbatchError; returns the model's preset."""
     preset = check_model(job.model)
+    check_defaults(job, preset.limits)  # each default by the rule of a row's value, with this model's limits
     list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
     check_output(job, allow_non_empty_output)
     return preset

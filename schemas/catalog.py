@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from schemas.job_template import JobTemplate, template_fields
 from schemas.request import MAX_IMAGES_PER_ROW
+from schemas.urls import storage_url
 
 ASPECT = re.compile(r"^([1-9][0-9]?):([1-9][0-9]?)$")
 DEFAULT_TEMPLATE = "*"
@@ -49,6 +50,11 @@ class CatalogSpec(JobTemplate):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the product table"
     )
+
+    @field_validator("products")
+    @classmethod
+    def _products(cls, value: str) -> str:
+        return storage_url(value)
 
     @field_validator("templates")
     @classmethod

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from schemas.overrides import load_spec
-from schemas.request import OutputFormat
+from schemas.overrides import load_spec, validate_spec
+from schemas.request import ANY_MODEL, ModelLimits, OutputFormat, RenderRequest, row_value
+from schemas.urls import manifest_url, storage_url
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -44,6 +45,11 @@ class ModelSpec(BaseModel):
         default=None, description="fsspec URL sharing model.compile's kernels between actors and nodes "
         "(default: ~/.cache/fluxbatch/compile-cache on each machine)")
 
+    @field_validator("compile_cache")
+    @classmethod
+    def _compile_cache(cls, value: str | None) -> str | None:
+        return value if value is None else storage_url(value)
+
     @model_validator(mode="after")
     def _fast_path_with_adapters(self) -> ModelSpec:
         # Fused or fp8 linears no longer hold the separate q/k/v weights a LoRA adapter patches.
@@ -64,6 +70,19 @@ class RenderDefaults(BaseModel):
     guidance: float | None = Field(default=None, description="guidance for rows that give none (default: the preset's)")
     output_format: OutputFormat = Field(default=OutputFormat.png, description="image format for rows that give none")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_in_a_row(cls, value: Any, info: ValidationInfo) -> Any:
+        # A default obeys the rule the same value obeys in a manifest row (RenderRequest's validators), with the
+        # model's limits once they are known (validation context `limits`: check_defaults), else those of every model.
+        if value is None:
+            return None
+        return row_value(info.field_name, value, (info.context or {}).get("limits") or ANY_MODEL)
+
+
+# Each default stands for a manifest column: the row's rule is the default's (RenderDefaults._as_in_a_row).
+assert set(RenderDefaults.model_fields) <= set(RenderRequest.model_fields), "a default of no manifest column"
+
 
 class OutputSpec(BaseModel):
     """Where the run writes, and how images are encoded."""
@@ -83,6 +102,11 @@ class OutputSpec(BaseModel):
     shard_size: int = Field(default=1000, ge=1, le=1_000_000, description="images per tar shard or Parquet file")
     # Credentials may live here; they are never written to _job.json, logs or summaries.
     storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return storage_url(value)
 
 
 class JobSpec(BaseModel):
@@ -159,7 +183,12 @@ class JobSpec(BaseModel):
     def _manifest(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("manifest is empty; give a Parquet file, folder or glob")
-        return value
+        return manifest_url(value)
+
+    @field_validator("reference_roots")
+    @classmethod
+    def _reference_roots(cls, value: list[str]) -> list[str]:
+        return [storage_url(url, named=True) for url in value]
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> JobSpec:
@@ -174,3 +203,11 @@ class JobSpec(BaseModel):
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),
         }
+
+
+def check_defaults(job: JobSpec, limits: ModelLimits, *, source: str | None = None,
+                   flags: dict[str, str] | None = None) -> None:
+    """Refuse a default that a manifest row could not hold with this model (its sizes, its guidance): the job
+    validated again with the model's limits, so each mistake is named as any other, by its flag, else the file
+    (`source`) and the field (schemas/overrides.py)."""
+    validate_spec(JobSpec, job.model_dump(mode="json"), source=source, flags=flags, context={"limits": limits})

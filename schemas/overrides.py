@@ -113,11 +113,11 @@ def load_spec(model: type[Spec], path: str | Path, what: str, overrides: dict[st
 
 
 def validate_spec(model: type[Spec], data: dict[str, Any], *, source: str | None = None,
-                  flags: dict[str, str] | None = None) -> Spec:
-    """`model` validated from `data`; errors become one line naming the flag (`flags`: field -> flag as typed),
-    else the file (`source`), the field and the fix."""
+                  flags: dict[str, str] | None = None, context: dict[str, Any] | None = None) -> Spec:
+    """`model` validated from `data` (with the validation `context`, if any); errors become one line naming the flag
+    (`flags`: field -> flag as typed), else the file (`source`), the field and the fix."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as error:
         problems: dict[tuple[str, str, str, str], list[str]] = {}
         for item in error.errors(include_url=False):
@@ -127,7 +127,7 @@ def validate_spec(model: type[Spec], data: dict[str, Any], *, source: str | None
         for (_, where, field, got), texts in problems.items():
             # A union tried each member ("a valid number", "'auto'"): one sentence with "or".
             text = " or ".join([texts[0], *(t.removeprefix("Input should be ") for t in texts[1:])])
-            parts.append(f"{where + ': ' if where != last else ''}{field}{text}{got}")
+            parts.append(f"{where + ': ' if where and where != last else ''}{field}{text}{got}")
             last = where
         raise SpecFileError("; ".join(parts)) from error
 
@@ -155,6 +155,8 @@ def _problem(model: type[BaseModel], item: dict[str, Any], source: str | None,
     if flag:  # the flag as typed shows the value
         return dotted, where, "", "", message
     got = f", got {value!r}" if isinstance(value, (str, int, float)) and len(repr(value)) < 80 else ""
+    if (repr(value) if isinstance(value, str) else f"got {value}") in message:  # a row's rule says it already
+        got = ""
     return dotted, where, f"{dotted}: " if dotted else "", got, message
 
 

@@ -71,6 +71,11 @@ class ModelLimits(BaseModel):
     max_references: int = 0  # ... and may give (0: the model renders from text alone)
 
 
+# The limits every model shares, for a value checked before its model is known (a job's defaults, as its spec loads):
+# sides a multiple of SIDE_MULTIPLE, steps and guidance in their ranges. The model's own are checked once it is.
+ANY_MODEL = ModelLimits(min_side=SIDE_MULTIPLE, max_side=2**31 - 1)
+
+
 class AdapterRef(BaseModel):
     """A LoRA adapter by the name the job's model spec declares it under, with its scale."""
 
@@ -323,6 +328,16 @@ def request_id(row: Mapping[str, Any]) -> str:
         params["reference_images"] = references
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=12).hexdigest()
     return f"h-{digest}"
+
+
+def row_value(field: str, value: Any, limits: ModelLimits) -> Any:
+    """`value` of `field` as a manifest row's validator takes it (normalized: 8.0 is 8, jpg is jpeg), or ValueError
+    with the row's own message: how a job's defaults obey the rules of a row (schemas/job.py)."""
+    row = {"prompt": "-", "reference_images": ["-"] * limits.min_references, field: value}  # else a valid row
+    try:
+        return getattr(RenderRequest.model_validate(row, context={"limits": limits}), field)
+    except ValidationError as error:
+        raise ValueError(row_errors(error)[0].reason) from None
 
 
 def reference_urls(value: Any) -> list[str]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from schemas.job_template import JobTemplate, template_fields
 from schemas.request import MAX_IMAGES_PER_ROW
+from schemas.urls import storage_url
 
 MAX_PROMPTS = 100_000_000
 SLOT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
@@ -30,6 +31,11 @@ class SlotColumn(BaseModel):
 
     parquet: str = Field(min_length=1)
     column: str = Field(min_length=1)
+
+    @field_validator("parquet")
+    @classmethod
+    def _parquet(cls, value: str) -> str:
+        return storage_url(value)
 
 
 class SynthesisSpec(JobTemplate):

@@ -218,7 +218,8 @@ def example_value(field: str) -> tuple[list[str], typing.Any]:
     if flag.kind == "str":
         return ([flag.names[0], "example"], "example")
     low = flag.bounds[0]
-    number = (default + 1 if isinstance(default, int) else default + 0.25) if default is not None else (low or 64)
+    # 16 for a default's flag: a side, steps and guidance a manifest row may hold with any model.
+    number = (default + 1 if isinstance(default, int) else default + 0.25) if default is not None else (low or 16)
     return ([flag.names[0], str(number)], number)
 
 

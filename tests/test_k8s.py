@@ -356,6 +356,137 @@ def test_k8s_mistakes_are_one_line_with_exit_2_and_print_no_manifest(words, expe
     assert len(err.strip().splitlines()) == 1 and expected in err, err
 
 
+def k8s_line(capsys, *words: str) -> tuple[int, str, str]:
+    """`fluxbatch k8s WORDS` in-process: (exit status, stdout, stderr)."""
+    from jobs.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["k8s", *words])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An empty hub cache of our own, HF_HUB_OFFLINE set: no test may reach the network."""
+    for name in list(__import__("os").environ):
+        if name.startswith(("HF_", "HUGGINGFACE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+RENDER = ["render", "s3://a/", "s3://b/run"]
+
+
+@pytest.mark.parametrize("words", [
+    [*RENDER, "--model", "flux.1-schnel"],
+    [*RENDER, "--width", "1000"],
+    [*RENDER, "--model", "flux.1-dev", "--height", "4096"],
+    [*RENDER, "--model", "flux.2-klein-4b", "--guidance", "3.5"],
+    ["render", "s3://a/**.parquet", "s3://b/run"],
+    ["render", "s3://a/", "s4://b/run"],
+    [*RENDER, "--storage-option", "endpont_url=http://minio:9000"],
+], ids=["mistyped preset", "width not a multiple of 16", "height over the model's", "guidance for klein",
+        "glob fsspec cannot read", "unknown protocol", "unknown s3 option"])
+@pytest.mark.usefixtures("offline_hub")
+def test_k8s_refuses_what_a_local_render_refuses_before_the_cluster_with_the_same_line(words, capsys, monkeypatch):
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "_ensure_ray", lambda *_: pytest.fail("the local render started Ray"))
+    code, out, err = k8s_line(capsys, "--image", "X", *words)
+    assert (code, out) == (2, ""), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    local = call_local(capsys, *words)
+    assert (local.returncode, local.stderr) == (2, err)
+
+
+def call_local(capsys, *words: str) -> subprocess.CompletedProcess:
+    from tests.test_cli import call_cli
+
+    return call_cli(capsys, *words, "--no-progress")
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_k8s_asks_neither_the_clusters_storage_nor_the_hub_and_notes_a_model_it_cannot_confirm_here(capsys,
+                                                                                                  monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nobody listens: any storage request would fail
+    code, out, err = k8s_line(capsys, "render", "s3://no-bucket-here/m.parquet", "s3://b/run", "--model",
+                              "acme/flux-finetune")
+    assert code == 0, err
+    assert "kind: RayJob" in out and "--model acme/flux-finetune" in out
+    assert err.strip() == ("note: model 'acme/flux-finetune' is not in the local Hugging Face cache and "
+                           "HF_HUB_OFFLINE is set, so it is not checked here; the cluster's pods download it when the "
+                           "job starts")
+    code, out, err = k8s_line(capsys, "render", "s3://a/", "s3://b/run", "--model", "/models/flux-finetune")
+    assert code == 0, err
+    assert err.strip() == ("note: model '/models/flux-finetune' is not a folder on this machine; the cluster's pods "
+                           "must mount it there")
+    code, out, err = k8s_line(capsys, *RENDER, "--model", "flux.1-dev")  # a preset: nothing to note
+    assert (code, err) == (0, "")
+
+
+@pytest.fixture
+def hub_without_the_model(monkeypatch, tmp_path):
+    """A hub on loopback that has no model at all (404 RepoNotFound, as huggingface.co answers), an empty cache."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoSuchModel(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoSuchModel)
+    thread = __import__("threading").Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    for name in list(__import__("os").environ):
+        if name.startswith(("HF_", "HUGGINGFACE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.usefixtures("hub_without_the_model")
+def test_k8s_refuses_a_hub_id_the_hub_says_it_lacks_with_the_local_renders_did_you_mean(capsys, monkeypatch):
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "_ensure_ray", lambda *_: pytest.fail("the local render started Ray"))
+    words = [*RENDER, "--model", "black-forest-labs/FLUX.1-dvv"]
+    code, out, err = k8s_line(capsys, *words)
+    assert (code, out) == (2, ""), err
+    assert "has no such model" in err and err.strip().endswith("did you mean 'black-forest-labs/FLUX.1-dev'?")
+    assert call_local(capsys, *words).stderr == err
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("model: {name: flux.1-dvv}", "error: model 'flux.1-dvv' is not a preset"),
+    ("defaults: {width: 1000}", "error: {spec}: defaults.width: width must be a multiple of 16, got 1000"),
+    ("defaults: {width: 4096}", "error: {spec}: defaults.width: width must be between 256 and 2048 for this model, "
+                                "got 4096"),
+    ("output: s4://shop-assets/catalog", "error: {spec}: output.uri: unknown protocol 's4' (did you mean s3://?), "
+                                         "got 's4://shop-assets/catalog'"),
+])
+@pytest.mark.usefixtures("offline_hub")
+def test_k8s_catalog_spec_is_checked_as_the_local_pre_flight_checks_it(change, expected, tmp_path, capsys):
+    spec = tmp_path / "catalog.yaml"
+    spec.write_text((DEPLOY / "kuberay" / "specs" / "catalog.yaml").read_text() + change + "\n")
+    code, out, err = k8s_line(capsys, "catalog", "run", str(spec))
+    assert (code, out) == (2, ""), err
+    assert err.startswith(expected.format(spec=spec)) and len(err.strip().splitlines()) == 1, err
+
+
 def test_k8s_output_holds_no_credential_from_the_environment_and_secrets_only_by_reference(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value-123")
     monkeypatch.setenv("HF_TOKEN", "hf_env_token_456")

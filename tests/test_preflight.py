@@ -224,6 +224,189 @@ def test_job_file_that_is_not_json_is_named_in_one_line(tmp_path, manifest, tiny
     assert (out / "_job.json").read_text() == "{not json"
 
 
+# --- job defaults: the rules of a manifest row's value ------------------------------------------------------------
+
+
+@pytest.fixture
+def manifest_without_sizes(tmp_path) -> Path:
+    """Rows that leave every default-able column out, so the job's defaults are what renders."""
+    return write_manifest(tmp_path / "prompts" / "bare.parquet", [{"id": "a", "prompt": "a cat"}])
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_width_default_not_a_multiple_of_16_is_one_line_naming_the_flag_and_writes_nothing(
+        tmp_path, manifest_without_sizes, tiny_model, capsys):
+    out = tmp_path / "out"
+    line = refused(capsys, str(manifest_without_sizes), str(out), "--model", str(tiny_model), "--width", "1000")
+    assert line == "error: --width 1000: width must be a multiple of 16, got 1000"  # a row's words for it
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_default_from_a_job_file_outside_the_models_sizes_names_the_file_and_the_field(
+        tmp_path, manifest_without_sizes, tiny_model, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("defaults: {width: 2048}\n")  # a fine size for flux.1-dev, too large for the offline model
+    out = tmp_path / "out"
+    line = refused(capsys, str(manifest_without_sizes), str(out), "--model", str(tiny_model), "--job", str(job))
+    assert line == f"error: {job}: defaults.width: width must be between 64 and 1024 for this model, got 2048"
+    assert not out.exists()
+    validate = call_cli(capsys, "validate", str(manifest_without_sizes), "--model", str(tiny_model),
+                        "--job", str(job))
+    assert (validate.returncode, validate.stderr.strip()) == (2, line)  # validate refuses it the same way
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    (["--height", "48"], "--height 48: height must be between 64 and 1024 for this model, got 48"),
+    (["--steps", "0"], "--steps 0: steps must be between 1 and 200, got 0"),
+    (["--guidance", "31"], "--guidance 31.0: guidance must be between 0 and 30.0, got 31.0"),
+    (["--guidance", "nan"], "--guidance nan: guidance must be a finite number, got nan"),
+])
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_every_default_flag_obeys_the_rule_of_the_same_value_in_a_manifest_row(
+        tmp_path, manifest_without_sizes, tiny_model, words, expected, capsys):
+    out = tmp_path / "out"
+    assert refused(capsys, str(manifest_without_sizes), str(out), "--model", str(tiny_model), *words) == (
+        f"error: {expected}")
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_default_fields_of_a_job_file_obey_a_rows_rules_jpg_included(tmp_path, manifest_without_sizes, tiny_model,
+                                                                     capsys):
+    from jobs.cli import build_parser, job_from_args
+
+    job = tmp_path / "job.yaml"
+    job.write_text("defaults: {output_format: gif, steps: 500}\n")
+    line = refused(capsys, str(manifest_without_sizes), str(tmp_path / "out"), "--model", str(tiny_model),
+                   "--job", str(job))
+    assert line == (f"error: {job}: defaults.steps: steps must be between 1 and 200, got 500; "
+                    "defaults.output_format: output_format must be one of png, jpeg, webp; got 'gif'")
+    job.write_text("defaults: {output_format: JPG, steps: 8.0}\n")  # what a row may say, a default may say
+    args = build_parser().parse_args(["render", str(manifest_without_sizes), "out", "--job", str(job)])
+    assert (job_from_args(args).defaults.output_format.value, job_from_args(args).defaults.steps) == ("jpeg", 8)
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_guidance_default_for_a_step_distilled_model_is_refused_as_in_a_row(tmp_path, manifest_without_sizes,
+                                                                            capsys):
+    line = refused(capsys, str(manifest_without_sizes), str(tmp_path / "out"), "--model", "flux.2-klein-4b",
+                   "--guidance", "3.5")
+    assert line == ("error: --guidance 3.5: guidance must be empty: this model is step-distilled and takes no "
+                    "guidance")
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_python_api_default_outside_the_models_sizes_is_refused_before_output_exists(tmp_path, tiny_model,
+                                                                                     manifest_without_sizes):
+    from pipeline import render
+    from schemas.overrides import SpecFileError
+    from tests.helpers import make_job
+
+    out = tmp_path / "out"
+    job = make_job(str(manifest_without_sizes), str(out), str(tiny_model), defaults={"height": 1056})
+    with pytest.raises(SpecFileError, match=r"^defaults\.height: height must be between 64 and 1024 for this "
+                                             r"model, got 1056$"):
+        render(job, progress=False)
+    assert not out.exists()
+
+
+# --- globs, URLs and storage options: one line each, in render, validate and verify ----------------------------
+
+
+def one_line(result) -> str:
+    """The error line of a refused command: exit 2, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr.strip()
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_a_manifest_glob_fsspec_cannot_read_is_one_line_in_render_and_validate(tmp_path, manifest, tiny_model,
+                                                                               capsys):
+    glob = f"{tmp_path}/prompts/**.parquet"
+    out = tmp_path / "out"
+    expected = (f"error: MANIFEST {glob}: '**' in a glob must be a whole path component (did you mean "
+                f"'{tmp_path}/prompts/**/*.parquet'?)")
+    assert refused(capsys, glob, str(out), "--model", str(tiny_model)) == expected
+    assert one_line(call_cli(capsys, "validate", glob, "--model", str(tiny_model))) == expected
+    job = tmp_path / "job.yaml"
+    job.write_text("manifest: prompts/**.parquet\n")
+    assert one_line(call_cli(capsys, "validate", "--job", str(job), "--model", str(tiny_model))) == (
+        f"error: {job}: manifest: '**' in a glob must be a whole path component (did you mean "
+        "'prompts/**/*.parquet'?), got 'prompts/**.parquet'")
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_an_output_of_an_unknown_protocol_is_one_line_in_render_and_verify_and_nothing_is_written(
+        tmp_path, manifest, tiny_model, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # fsspec would not make a local folder of it, but nothing may be written anywhere
+    before = sorted(tmp_path.rglob("*"))
+    expected = "error: OUTPUT s4://x: unknown protocol 's4' (did you mean s3://?)"
+    assert refused(capsys, str(manifest), "s4://x", "--model", str(tiny_model)) == expected
+    assert one_line(call_cli(capsys, "verify", "s4://x")) == expected
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_a_manifest_or_reference_root_of_an_unknown_protocol_is_one_line(tmp_path, manifest, tiny_model, capsys):
+    out = tmp_path / "out"
+    assert refused(capsys, "s4://prompts/m.parquet", str(out), "--model", str(tiny_model)) == (
+        "error: MANIFEST s4://prompts/m.parquet: unknown protocol 's4' (did you mean s3://?)")
+    assert one_line(call_cli(capsys, "validate", "S3://prompts/m.parquet", "--model", str(tiny_model))) == (
+        "error: MANIFEST S3://prompts/m.parquet: unknown protocol 'S3' (did you mean s3://?)")
+    assert refused(capsys, str(manifest), str(out), "--model", str(tiny_model), "--reference-root", "s4://photos") == (
+        "error: --reference-root s4://photos: unknown protocol 's4' in 's4://photos' (did you mean s3://?)")
+    job = tmp_path / "job.yaml"
+    job.write_text("reference_roots: [/srv/photos, 'htps://cdn.example.com/photos']\n")
+    assert one_line(call_cli(capsys, "validate", str(manifest), "--model", str(tiny_model), "--job", str(job))) == (
+        f"error: {job}: reference_roots: unknown protocol 'htps' in 'htps://cdn.example.com/photos' "
+        "(did you mean https://?)")
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_a_url_whose_file_system_package_is_not_installed_or_that_names_no_bucket_is_one_line(
+        tmp_path, manifest, tiny_model, capsys, monkeypatch):
+    from fsspec.registry import known_implementations
+
+    monkeypatch.setitem(known_implementations, "fbtest",
+                        {"class": "fluxbatch_no_such_package.FileSystem", "err": "pip install fluxbatch-fbtest"})
+    out = tmp_path / "out"
+    assert refused(capsys, "fbtest://prompts/m.parquet", str(out), "--model", str(tiny_model)) == (
+        "error: MANIFEST fbtest://prompts/m.parquet: the protocol 'fbtest' needs a package that is not installed "
+        "(pip install fluxbatch-fbtest)")
+    assert refused(capsys, str(manifest), "s3:///run", "--model", str(tiny_model)) == (
+        "error: OUTPUT s3:///run: no bucket or host after 's3://'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (["=x"], "--storage-option =x: the key is empty; write KEY=VALUE (nested: client_kwargs.region_name=VALUE)"),
+    (["a.=x"], "--storage-option a.=x: the key has an empty part; write KEY=VALUE (nested: "
+               "client_kwargs.region_name=VALUE)"),
+    (["anon=true", "anon.x=1"], "--storage-option anon.x=1: anon is also set to a value (--storage-option "
+                                "anon=true); an option takes a value or nested keys, not both"),
+    (["client_kwargs=x", "endpoint_url=http://127.0.0.1:9"],
+     "--storage-option endpoint_url=http://127.0.0.1:9: client_kwargs is also set to a value (--storage-option "
+     "client_kwargs=x); an option takes a value or nested keys, not both"),
+    (["endpont_url=http://127.0.0.1:9"], "--storage-option endpont_url=http://127.0.0.1:9: s3:// (s3fs) takes no "
+                                         "option 'endpont_url' (did you mean 'endpoint_url'?)"),
+    (["config_kwargs=3"], "--storage-option config_kwargs=3: config_kwargs takes nested keys for s3:// "
+                          "(config_kwargs.KEY=VALUE)"),
+    (["config_kwargs.connect_timeot=3"], "--storage-option config_kwargs.connect_timeot=3: botocore's Config takes "
+                                         "no option 'connect_timeot' (did you mean 'connect_timeout'?)"),
+])
+@pytest.mark.usefixtures("clean_env", "no_ray")
+def test_storage_option_garbage_is_one_line_naming_the_flag_in_render_and_verify(tmp_path, manifest, tiny_model,
+                                                                                 options, expected, capsys):
+    words = [word for option in options for word in ("--storage-option", option)]
+    assert refused(capsys, str(manifest), "s3://bucket/run", "--model", str(tiny_model), *words) == (
+        f"error: {expected}")
+    assert one_line(call_cli(capsys, "verify", "s3://bucket/run", *words)) == f"error: {expected}"
+
+
 # --- S3 ---------------------------------------------------------------------------------------------------------
 
 
