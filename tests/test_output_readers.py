@@ -42,8 +42,9 @@ SIZES = {"lamp": (80, 64), "mug": (64, 64), "jug": (64, 64)}
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory, tiny_model, ray_cluster) -> Path:
-    """One render into OUTPUT, then packed as WebDataset and as HF Parquet (re-runs that render nothing)."""
+def out(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer) -> Path:
+    """One render into OUTPUT (the stand-in renderer: what readers see does not depend on the model), then packed
+    as HF Parquet (a re-run that renders nothing)."""
     folder = tmp_path_factory.mktemp("readers")
     manifest = folder / "manifest.parquet"
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("width", pa.int32()), ("height", pa.int32()),

@@ -15,6 +15,8 @@ from jobs.synthesize import synthesize
 from tests import test_catalog, test_synthesize
 from tests.fault_proxy import FaultProxy
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's storage calls; the model does not matter
+
 # botocore's own retries down to one try; s3fs retries a throttle (SlowDown) itself, but not a 500 InternalError.
 ONE_TRY = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
 
