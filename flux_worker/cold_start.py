@@ -31,17 +31,17 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from schemas.errors import first_line
+from schemas.layout import ACTORS, run_folder
 
 if TYPE_CHECKING:  # the compile cache imports torch; a stand-in renderer that loads no model must not
     from flux_worker.compile_cache import CompileCache
 
 log = logging.getLogger(__name__)
-ACTORS = "actors"  # OUTPUT/runs/<run_id>/actors/
 
 
 def actor_record_path(root: str, run_id: str, worker: str) -> str:
     """Where an actor's record goes; `worker` is "host:pid" as in the metadata's worker column."""
-    return f"{root}/runs/{run_id}/{ACTORS}/{worker.replace(':', '-').replace('/', '-')}.json"
+    return f"{run_folder(root, run_id)}/{ACTORS}/{worker.replace(':', '-').replace('/', '-')}.json"
 
 
 class ColdStart:

@@ -1,4 +1,4 @@
-"""Writing rendered images: their path in OUTPUT, the result row of each (written or failed), and the writer.
+"""Writing rendered images: the result row of each (written or failed), and the writer (paths: schemas/layout.py).
 
 Kept apart from the render steps (flux_worker/renderer.py) and free of torch and diffusers, so that what only
 writes images imports in a fraction of a second: rank 0 of a tensor-parallel group uses it as the single-GPU
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import socket
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,27 +25,10 @@ from flux_worker.metrics import RendererMetrics
 from flux_worker.storage import filesystem
 from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat
 from schemas.errors import first_line
+from schemas.layout import image_path
 
 log = logging.getLogger("flux_worker.renderer")  # the renderer's log lines, as before this module was split off
 PLAN_COLUMNS = set(PLAN_SCHEMA.names)
-
-
-def image_path(root: str, key: str, fmt: OutputFormat, revision: str | None = None) -> str:
-    """OUTPUT/images/<kk>/<key>.<ext>, or <key>.<revision>.<ext> for a key whose committed image this render
-    replaces (`revision` is the run id: see PLAN_SCHEMA). Keys are hex digests, so no row can name a path."""
-    name = key if revision is None else f"{key}.{revision}"
-    return f"{root}/images/{key[:2]}/{name}.{fmt.extension}"
-
-
-# Every image name image_path makes (a run id is a UTC time and 6 hex digits: pipeline/run.py). Only these
-# count as images under images/: any other file there is not fluxbatch's and is never reported or touched.
-IMAGE_NAME = re.compile(r"/images/([0-9a-f]{2})/(\1[0-9a-f]{30})(?:\.[0-9]{8}T[0-9]{6}-[0-9a-f]{6})?\.(png|jpg|webp)$")
-
-
-def committed_image_path(root: str, key: str, image_uri: str) -> str:
-    """Where the image a ledger row names lies under `root`: its file name under images/<kk>/, so a copied or
-    moved OUTPUT (whose rows still name the old URLs) is checked where its images are now."""
-    return f"{root}/images/{key[:2]}/{str(image_uri or '').rsplit('/', 1)[-1]}"
 
 
 @dataclass
@@ -104,7 +86,7 @@ class ImageWriter:
         row = item.row
         fmt = OutputFormat(row["output_format"])
         data = encode_image(item.image, fmt, **self.quality)
-        path = image_path(self.root, row["key"], fmt, row.get("revision"))
+        path = image_path(self.root, row["key"], fmt.extension, row.get("revision"))
         self.fs.write_bytes(path, data)
         return {
             **row,

@@ -33,13 +33,13 @@ from flux_worker.cold_start import ColdStart
 from flux_worker.cpu_threads import cpu_threads
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.families import Encoding, family_of
-from flux_worker.image_writer import ImageWriter, Rendered, describe, failure_row, image_path
+from flux_worker.image_writer import ImageWriter, Rendered, describe, failure_row
 from flux_worker.loading import load_pipeline
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.references import ReferenceReader
 from schemas import ModelSpec
 
-__all__ = ["ImageWriter", "Rendered", "Renderer", "failure_row", "image_path", "render_rows", "render_same_shape",
+__all__ = ["ImageWriter", "Rendered", "Renderer", "failure_row", "render_rows", "render_same_shape",
            "run_pipeline"]
 log = logging.getLogger(__name__)
 

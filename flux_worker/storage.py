@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import random
-import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from schemas.errors import FluxbatchError
+from schemas.layout import TMP_MARK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,11 +124,9 @@ def probe_options(url: str, storage_options: dict[str, Any] | None = None) -> di
 
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
-# A local file still being written is `<final name>.fluxbatch-tmp-<pid>-<8 hex>`; `os.replace` gives it its final
-# name once whole. Only names matching TMP_NAME exactly, and only in fluxbatch's own folders, are ever swept
+# A local file still being written is `<final name>.fluxbatch-tmp-<pid>-<8 hex>` (schemas/layout.py TMP_NAME);
+# `os.replace` gives it its final name once whole. Only fluxbatch's own such files are ever swept
 # (pipeline/ownership.py): a user's `thesis.tmp-final.docx` is not a temp file of ours.
-TMP_MARK = ".fluxbatch-tmp-"
-TMP_NAME = re.compile(r".+\.fluxbatch-tmp-[0-9]+-[0-9a-f]{8}")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -136,11 +134,6 @@ class NoSpaceLeftError(FluxbatchError):
     """The disk under OUTPUT is full (or over quota). Not a usage mistake: the run had started, so exit code 1."""
 
     exit_code = 1
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether a file name (no folder) is one of `Storage.write_bytes`'s temp files."""
-    return TMP_NAME.fullmatch(name) is not None
 
 
 class StorageError(FluxbatchError):

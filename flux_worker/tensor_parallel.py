@@ -174,10 +174,6 @@ class TensorParallelReplica:
         """What each rank holds, in rank order: where the plan's placement put the text encoders and the VAE."""
         return ray.get([worker.holdings.remote() for worker in self.ranks])
 
-    def nodes(self) -> list[str]:
-        """The node id of every rank (all the same: a group never spans nodes)."""
-        return ray.get([worker.node_id.remote() for worker in self.ranks])
-
 
 def _gpu_sort_key(gpu: Any) -> tuple:
     text = str(gpu[0] if isinstance(gpu, list) and gpu else gpu)

@@ -33,9 +33,10 @@ from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.catalog import DEFAULT_TEMPLATE, CatalogReport, CatalogSpec, aspect_size
 from schemas.errors import FluxbatchError, first_line
 from schemas.job_template import template_fields
+from schemas.layout import CATALOG, JOB_MANIFEST
 from schemas.records import REFERENCES_TYPE
 
-MANIFEST_NAME = "manifest.parquet"
+MANIFEST_NAME = JOB_MANIFEST  # OUTPUT/manifest.parquet (schemas/layout.py)
 REQUIRED_COLUMNS = ("sku", "title", "category")
 SAFE_SKU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_TEXT = 1000
@@ -269,5 +270,5 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     current = {p.sku for p in products} | {f.request_id for f in failures if f.request_id}
     publish(fs, root, assets, done_before, report, current_skus=current)
     report.finished_at = datetime.now(timezone.utc)
-    fs.write_bytes(f"{root}/catalog/_runs/{summary.run_id}.json", (report.model_dump_json(indent=2) + "\n").encode())
+    fs.write_bytes(f"{root}/{CATALOG}/_runs/{summary.run_id}.json", (report.model_dump_json(indent=2) + "\n").encode())
     return report, summary

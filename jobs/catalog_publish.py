@@ -21,8 +21,9 @@ from flux_worker.storage import Storage
 from jobs.catalog import Asset
 from pipeline import ledger
 from schemas.catalog import CatalogReport
+from schemas.layout import CATALOG, METADATA
 
-INDEX = "catalog/_index.json"
+INDEX = f"{CATALOG}/_index.json"
 
 
 def read_index(fs: Storage, root: str) -> dict[str, dict[str, Any]]:
@@ -35,7 +36,7 @@ def read_index(fs: Storage, root: str) -> dict[str, dict[str, Any]]:
 
 def _finished(fs: Storage, root: str, keys: set[str]) -> dict[str, dict[str, Any]]:
     """The ledger's rows for `keys`: where each finished image is and its sha256."""
-    table = ledger.read_table(fs, root, "metadata")
+    table = ledger.read_table(fs, root, METADATA)
     if table is None:
         return {}
     table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string())))
@@ -85,10 +86,10 @@ def _replace(fs: Storage, root: str, asset: Asset, record: dict[str, Any],
              old: dict[str, Any] | None, report: CatalogReport) -> dict[str, Any]:
     """Keep the live file (if any) under _previous/, then write the new image to the stable path."""
     ext = record["image_uri"].rsplit(".", 1)[-1]
-    path = f"catalog/{asset.path_id}.{ext}"
+    path = f"{CATALOG}/{asset.path_id}.{ext}"
     if old is not None and fs.exists(f"{root}/{old['path']}"):
         old_ext = old["path"].rsplit(".", 1)[-1]
-        kept = f"{root}/catalog/_previous/{asset.path_id}/{report.run_id}.{old_ext}"
+        kept = f"{root}/{CATALOG}/_previous/{asset.path_id}/{report.run_id}.{old_ext}"
         fs.write_bytes(kept, fs.read_bytes(f"{root}/{old['path']}"))
         report.previous_versions_kept += 1
         if old["path"] != path:  # the format changed: the old name must not stay live

@@ -261,6 +261,7 @@ def _print_failure(failure: Any) -> None:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from pipeline import render
+    from schemas.layout import FAILURES
 
     job = job_from_args(args)
     check_model_defaults(args, job)  # the pre-flight checks them again, naming no flag (the Python API's)
@@ -270,7 +271,7 @@ def cmd_render(args: argparse.Namespace) -> int:
           f"{summary.images_failed} failed, {summary.invalid_rows} bad rows; "
           f"{summary.images_total_done}/{summary.images_expected} images in {job.output.uri}")
     if summary.failures_by_reason:
-        print(f"failures (see {job.output.uri.rstrip('/')}/failures/): {summary.failures_by_reason}")
+        print(f"failures (see {job.output.uri.rstrip('/')}/{FAILURES}/): {summary.failures_by_reason}")
     if not summary.images_expected:
         print("no valid row in the manifest: nothing to render", file=sys.stderr)
     return 0 if summary.succeeded else 1  # README, "Exit codes"

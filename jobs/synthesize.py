@@ -21,10 +21,10 @@ from flux_worker.storage import filesystem
 from schemas import RunSummary
 from schemas.errors import FluxbatchError, first_line
 from schemas.job_template import template_fields
+from schemas.layout import JOB_MANIFEST, SYNTHESIS_SPEC
 from schemas.synthesis import SlotColumn, SynthesisSpec
 
-MANIFEST_NAME = "manifest.parquet"
-SPEC_NAME = "synthesis.json"
+MANIFEST_NAME, SPEC_NAME = JOB_MANIFEST, SYNTHESIS_SPEC  # in OUTPUT (schemas/layout.py)
 
 
 class SlotVocabularyError(FluxbatchError, ValueError):

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from flux_worker.storage import Storage
 from pipeline import ledger
 from schemas.errors import FluxbatchError
+from schemas.layout import METADATA
 
 # Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
 # defaults are per job and `_job.json` guards them (ledger.check_job).
@@ -43,7 +44,7 @@ def read_committed(fs: Storage, root: str) -> pa.Table | None:
     Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
     """
     columns = ["key", *RENDER_FIELDS, "image_uri", "bytes"]
-    tables = [ledger.read_part(fs, root, part, columns) for part in ledger.parts(fs, f"{root}/metadata")]
+    tables = [ledger.read_part(fs, root, part, columns) for part in ledger.parts(fs, f"{root}/{METADATA}")]
     if not tables:
         return None
     return ledger.latest_row_per_key(pa.concat_tables(tables, promote_options="permissive"))

@@ -8,7 +8,7 @@ that promise with two listings of OUTPUT/images (one LIST request per 1,000 imag
   1. each key keeps one row, its latest (a changed or restored key's new row; the older rows are retired by
      `ledger.rewrite_part`, whole or not at all);
   2. an image no kept row names is retired: the image of a retired row, or one a killed run wrote but never
-     committed. Both are fluxbatch's by their name (flux_worker/image_writer.IMAGE_NAME) in a folder only
+     committed. Both are fluxbatch's by their name (schemas/layout.py IMAGE_NAME) in a folder only
      fluxbatch writes. It is deleted, unless a retired row recorded it with another size (someone edited it
      after fluxbatch wrote it): that one is moved aside into OUTPUT/_quarantine/<run id>/;
   3. every kept row's image is looked for again: what is still missing is returned, and the run says so
@@ -24,20 +24,19 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flux_worker.image_writer import IMAGE_NAME, committed_image_path
 from flux_worker.storage import Storage
 from pipeline import ledger
+from schemas.layout import IMAGE_NAME, IMAGES, METADATA, committed_image_path, quarantine_folder
 
 log = logging.getLogger(__name__)
 
-QUARANTINE = "_quarantine"  # OUTPUT/_quarantine/<run or repair id>/: what fluxbatch moved aside, never deleted
 COLUMNS = ["key", "image_uri", "bytes"]
 
 
 def list_images(fs: Storage, root: str) -> dict[str, int]:
     """The image files fluxbatch wrote under `root`/images, with their sizes: one listing (on S3, one LIST
     request per 1,000 objects). Files of other names are not fluxbatch's and are left out."""
-    base = f"{root}/images"
+    base = f"{root}/{IMAGES}"
     if not fs.exists(base):
         return {}
     found = fs.find(base, detail=True)
@@ -86,7 +85,7 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     listing). Images are looked up by file name under images/<kk>/ (committed_image_path)."""
     settled = Settled()
     tables = []
-    for part in ledger.parts(fs, f"{root}/metadata"):
+    for part in ledger.parts(fs, f"{root}/{METADATA}"):
         table = ledger.read_part(fs, root, part, COLUMNS)
         tables.append(table.append_column("part", pa.repeat(pa.scalar(part), table.num_rows))
                       .append_column("index", pa.array(range(table.num_rows), pa.int64())))
@@ -124,7 +123,7 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     if settled.rows_retired or settled.images_removed or settled.images_moved_aside:
         log.warning("%s: retired %d superseded ledger rows and %d images no row names; moved %d aside into %s",
                     fs.uri(root), settled.rows_retired, settled.images_removed, len(settled.images_moved_aside),
-                    fs.uri(f"{root}/{QUARANTINE}/{run_id}"))
+                    fs.uri(quarantine_folder(root, run_id)))
     return settled
 
 
@@ -134,7 +133,7 @@ def _retire(fs: Storage, root: str, run_id: str, path: str, size: int, recorded:
     a run wrote and never committed (no row ever named it); move it aside when a row named it with another size,
     i.e. someone edited it after fluxbatch wrote it."""
     if recorded is not None and recorded != size:
-        move_aside(fs, root, f"{root}/{QUARANTINE}/{run_id}", path)
+        move_aside(fs, root, quarantine_folder(root, run_id), path)
         settled.images_moved_aside.append(path)
         return
     fs.rm_file(path)

@@ -44,10 +44,10 @@ from typing import Any
 
 from flux_worker.storage import Storage
 from schemas.errors import FluxbatchError
+from schemas.layout import LEASE_FILE
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "_lease.json"
 # Seconds without renewal after which a lease is stale. A killed driver on another machine blocks OUTPUT
 # this long; a live one renews every quarter of it, so it survives a few failed renewals.
 LEASE_SECONDS = 60.0

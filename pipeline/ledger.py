@@ -27,11 +27,10 @@ from flux_worker.presets import PRESETS, local_fingerprint
 from flux_worker.storage import Storage
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError, first_line
+from schemas.layout import FAILURES, JOB_FILE, METADATA, VERSIONS, failure_part, is_part_of_run, metadata_part
 from schemas.records import signed_seeds
 
 log = logging.getLogger(__name__)
-JOB_FILE = "_job.json"
-VERSIONS = "_versions"
 
 
 class JobMismatchError(FluxbatchError, ValueError):
@@ -78,13 +77,13 @@ def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = Non
 def done_keys(fs: Storage, root: str) -> set[str]:
     """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
     keys: set[str] = set()
-    for part in parts(fs, f"{root}/metadata"):
+    for part in parts(fs, f"{root}/{METADATA}"):
         keys.update(read_part(fs, root, part, ["key"]).column("key").to_pylist())
     return keys
 
 
 def read_table(fs: Storage, root: str, which: str) -> pa.Table | None:
-    """All parts of `metadata` or `failures` as one table, or None when there are none.
+    """All parts of `metadata` or `failures` (METADATA, FAILURES) as one table, or None when there are none.
 
     The metadata keeps one row per key: the row of the last part in name order. Part names start with the
     run id, a UTC timestamp, so that is the latest commit: a re-rendered key's new row supersedes the old.
@@ -93,7 +92,7 @@ def read_table(fs: Storage, root: str, which: str) -> pa.Table | None:
     if not tables:
         return None
     table = pa.concat_tables(tables, promote_options="permissive")
-    return latest_row_per_key(table) if which == "metadata" else table
+    return latest_row_per_key(table) if which == METADATA else table
 
 
 def latest_row_per_key(table: pa.Table) -> pa.Table:
@@ -110,7 +109,7 @@ def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, 
     a run may have written millions, and only their count and a few are needed to report them."""
     tables: list[pa.Table] = []
     kept = total = 0
-    for part in parts(fs, f"{root}/failures"):
+    for part in parts(fs, f"{root}/{FAILURES}"):
         file = pq.ParquetFile(pa.BufferReader(fs.read_bytes(part)))
         total += file.metadata.num_rows
         if kept < rows:
@@ -237,9 +236,8 @@ def remove_failures_of_other_runs(fs: Storage, root: str, run_id: str) -> int:
     before its end removes nothing, and failures/ then holds the earlier run's parts beside this run's.
     """
     removed = 0
-    for part in parts(fs, f"{root}/failures"):
-        name = part.rsplit("/", 1)[-1]
-        if name.startswith("part-") and not name.startswith(f"part-{run_id}-"):
+    for part in parts(fs, f"{root}/{FAILURES}"):
+        if part.rsplit("/", 1)[-1].startswith("part-") and not is_part_of_run(part, run_id):
             fs.rm_file(part)
             removed += 1
     return removed
@@ -283,7 +281,7 @@ class FailureWriter:
         if not self._pending:
             return
         table = pa.Table.from_pylist(self._pending, schema=FAILURE_SCHEMA)
-        path = f"{self.root}/failures/part-{self.run_id}-{self.stage}-{self._seq:05d}.parquet"
+        path = failure_part(self.root, self.run_id, self.stage, self._seq)
         self.fs.write_bytes(path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
@@ -339,7 +337,7 @@ class MetadataWriter:
         if self.before_commit is not None:
             self.before_commit()
         table = pa.concat_tables(self._pending)
-        path = f"{self.root}/metadata/part-{self.run_id}-{self._seq:05d}.parquet"
+        path = metadata_part(self.root, self.run_id, self._seq)
         self.fs.write_bytes(path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows

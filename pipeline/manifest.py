@@ -26,7 +26,6 @@ from pydantic import ValidationError
 
 from flux_worker.storage import Storage, filesystem
 from pipeline.fast_validate import check_file
-from pipeline.ledger import JOB_FILE
 from pipeline.metrics import FailureCounts
 from schemas import (
     MANIFEST_COLUMNS,
@@ -38,6 +37,7 @@ from schemas import (
     row_errors,
 )
 from schemas.errors import FluxbatchError, first_line
+from schemas.layout import JOB_FILE
 from schemas.records import RESULT_SCHEMA
 
 log = logging.getLogger(__name__)

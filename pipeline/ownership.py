@@ -15,25 +15,11 @@ import logging
 import os
 from collections.abc import Collection
 
-from flux_worker.storage import TMP_MARK, Storage, is_temp_name
-from pipeline.lease import LEASE_FILE
-from pipeline.ledger import JOB_FILE, VERSIONS
-from pipeline.pack import LAYOUTS
-from pipeline.report import REPORT_FILE
-from pipeline.run_records import RUNS, SUCCESS_FILE, SUMMARY_FILE
+from flux_worker.storage import Storage
 from schemas.errors import FluxbatchError
+from schemas.layout import JOB_FILE, LEASE_FILE, OWN_FOLDERS, OWN_NAMES, OWN_TOP_FILES, TMP_MARK, is_temp_name
 
 log = logging.getLogger(__name__)
-# Folders under a version root that hold only what fluxbatch writes: images/<kk>/, metadata/, failures/,
-# runs/<run_id>/, and the packed layouts (webdataset/, hf/, each with its .stats/).
-OWN_FOLDERS = ("images", "metadata", "failures", RUNS, *(folder for folder, _ in LAYOUTS.values()))
-# Every name fluxbatch writes at the top of OUTPUT. A foreign folder holding one of these is refused even with
-# --allow-non-empty-output: the run would read it as its ledger, replace it, or delete its failure parts.
-OWN_NAMES = frozenset({JOB_FILE, LEASE_FILE, VERSIONS, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, *OWN_FOLDERS})
-# The files a run writes at the top of OUTPUT through `Storage.write_bytes` (the lease is written in place, never
-# through a temp file); `_write-test` is pre-flight's probe (pipeline/preflight.py).
-PROBE_NAME = "_write-test"
-OWN_TOP_FILES = frozenset({JOB_FILE, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, PROBE_NAME})
 SHOWN = 3  # foreign names quoted in the refusal
 
 

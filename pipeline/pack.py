@@ -36,14 +36,11 @@ from pipeline.plan import image_key
 from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
+from schemas.layout import LAYOUTS, METADATA, STATS
 
 log = logging.getLogger(__name__)
 
-# layout -> (folder under OUTPUT, shard file suffix)
-LAYOUTS = {"webdataset": ("webdataset", ".tar"), "hf-parquet": ("hf", ".parquet")}
 READ_THREADS = 8  # image reads overlap; on object stores each is a round trip
-STATS = ".stats"
-LEGACY_STATS = "_stats"  # where fluxbatch wrote the stats before; moved to STATS on the next pack
 
 
 class CorruptImageError(FluxbatchError, RuntimeError):
@@ -92,8 +89,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
     for index, records in enumerate(shards):
         digest = _digest(layout, records)
         name = shard_name(index, suffix)
-        previous = (_read_stats(fs, f"{folder}/{STATS}/{index:05d}.json")
-                    or _read_stats(fs, f"{folder}/{LEGACY_STATS}/{index:05d}.json"))
+        previous = _read_stats(fs, f"{folder}/{STATS}/{index:05d}.json")
         if previous and previous.get("digest") == digest and fs.exists(f"{folder}/{name}"):
             stats.append(previous)
             unchanged += 1
@@ -116,7 +112,6 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
     fs.write_bytes(f"{folder}/{STATS}.json", _json(total))
-    _remove_legacy_stats(fs, folder)
     log.info("packed %d images into %d %s shards (%d written, %d unchanged)", total["images"], count, layout,
              written, unchanged)
     return PackResult(layout=layout, folder=folder, shards=count, written=written, unchanged=unchanged,
@@ -124,18 +119,11 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
 
 
 def _ledger_records(fs: Storage, root: str, keys: set[str]) -> pa.Table:
-    """The ledger's rows for `keys`, in commit order, each key once."""
-    table = ledger.read_table(fs, root, "metadata")
+    """The ledger's rows for `keys`, in commit order, each key once (the ledger reader keeps a key's latest row)."""
+    table = ledger.read_table(fs, root, METADATA)
     if table is None:
         return pa.table({"key": pa.array([], pa.string())})
-    table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string())))
-    seen: set[str] = set()
-    first = []
-    for index, key in enumerate(table.column("key").to_pylist()):
-        if key not in seen:
-            seen.add(key)
-            first.append(index)
-    return table.take(pa.array(first, pa.int64())) if len(first) != table.num_rows else table
+    return table.filter(pc.is_in(table.column("key"), value_set=pa.array(sorted(keys), pa.string())))
 
 
 def _shards(layout: str, table: pa.Table, size: int) -> list[pa.Table]:
@@ -198,20 +186,6 @@ def _remove_stale_shards(fs: Storage, folder: str, suffix: str, count: int) -> N
             stats = f"{folder}/{STATS}/{stem}.json"
             if fs.exists(stats):
                 fs.rm_file(stats)
-
-
-def _remove_legacy_stats(fs: Storage, folder: str) -> None:
-    """The stats an older fluxbatch wrote under LEGACY_STATS, now under STATS: only our own names are removed."""
-    legacy = f"{folder}/{LEGACY_STATS}"
-    if fs.exists(f"{legacy}.json"):
-        fs.rm_file(f"{legacy}.json")
-    if fs.exists(legacy):
-        for path in fs.ls(legacy):
-            stem = path.rsplit("/", 1)[-1].removesuffix(".json")
-            if path.endswith(".json") and stem.isdigit():
-                fs.rm_file(path)
-        if fs.local and not fs.ls(legacy):
-            fs.rmdir(legacy)  # an object store has no empty folders to leave behind
 
 
 def _sum_counts(counts: Any) -> dict[str, int]:

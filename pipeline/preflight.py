@@ -23,12 +23,13 @@ from pathlib import Path
 
 from flux_worker.hub import check_hub_model
 from flux_worker.presets import ModelPreset, resolve_preset
-from flux_worker.storage import TMP_MARK, Storage, StorageError, filesystem, probe_options
+from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline import ledger, ownership
 from pipeline.manifest import list_manifest_files
 from schemas import JobSpec, ModelSpec
 from schemas.job import check_defaults
+from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
 
 
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
@@ -62,9 +63,9 @@ def check_output(job: JobSpec, allow_non_empty_output: bool = False) -> None:
     once.exists(root)
     ownership.refuse_foreign_output(fs, root, allow_non_empty_output)
     for _, folder in [(1, root), *ledger.versions(fs, root)]:
-        if fs.exists(f"{folder}/{ledger.JOB_FILE}"):
+        if fs.exists(f"{folder}/{JOB_FILE}"):
             ledger.recorded_identity(fs, folder)  # CorruptJobFileError naming a _job.json that is not one
-    probe = f"{root}/{ownership.PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
+    probe = f"{root}/{PROBE_NAME}{TMP_MARK}{os.getpid()}-{random.getrandbits(32):08x}"
     made = _missing_folders(root) if fs.local else []
     try:
         fs.write_bytes(probe, b"")

@@ -21,10 +21,10 @@ from PIL import Image
 from flux_worker.storage import Storage
 from pipeline import ledger
 from schemas import RunSummary
+from schemas.layout import METADATA, REPORT_FILE
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 THUMBNAIL_PIXELS = 192
 SHEET_COLUMNS = ["key", "request_id", "variant", "prompt", "width", "height", "seed", "image_uri", "render_seconds"]
 FAILURE_COLUMNS = ["stage", "source", "row", "request_id", "field", "reason", "attempts"]
@@ -52,7 +52,7 @@ def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int
 
 def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` metadata rows for the contact sheet, read part by part so a huge output stays cheap."""
-    folder = f"{root}/metadata"
+    folder = f"{root}/{METADATA}"
     found = fs.find(folder) if fs.exists(folder) else []
     parts = sorted(p for p in found if p.endswith(".parquet"))
     ours = [p for p in parts if f"part-{run_id}-" in p]

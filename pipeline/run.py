@@ -50,6 +50,7 @@ from pipeline.ray_session import RaySession, connect, quiet_ray_data, verbose
 from pipeline.render_stage import render_stage
 from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.errors import FluxbatchError
+from schemas.layout import FAILURES, JOB_FILE, VERSIONS, is_part_of_run
 
 log = logging.getLogger(__name__)
 DISK_FULL = f"write: {NoSpaceLeftError.__name__}: "  # how a renderer reports an image write on a full disk
@@ -121,20 +122,20 @@ class _Undo:
         self.under_way = False  # set once the plan is made: from then on nothing is taken back
         self.took_back = False
         if fs.local:
-            self.folders = [f for f in (f"{root}/failures", f"{root}/{ledger.VERSIONS}", root) if not os.path.isdir(f)]
+            self.folders = [f for f in (f"{root}/{FAILURES}", f"{root}/{VERSIONS}", root) if not os.path.isdir(f)]
 
     def check_job(self, job: JobSpec, new_version: bool) -> str:
         """`ledger.check_job`, remembering the `_job.json` it writes (a new OUTPUT's, or a new version's)."""
         fs, root = self.fs, self.root
-        known = {root, *(folder for _, folder in ledger.versions(fs, root))} if fs.exists(f"{root}/{ledger.JOB_FILE}") \
-            else set()
+        recorded = fs.exists(f"{root}/{JOB_FILE}")
+        known = {root, *(folder for _, folder in ledger.versions(fs, root))} if recorded else set()
         folder = ledger.check_job(fs, root, job, new_version=new_version)
         if folder != root:
             self.roots.append(folder)
         if folder not in known:
-            self.job_files.append(f"{folder}/{ledger.JOB_FILE}")
+            self.job_files.append(f"{folder}/{JOB_FILE}")
             if folder != root and fs.local:
-                self.folders[:0] = [f"{folder}/failures", folder]
+                self.folders[:0] = [f"{folder}/{FAILURES}", folder]
         return folder
 
     def refused(self, error: FluxbatchError) -> None:
@@ -146,8 +147,8 @@ class _Undo:
             held.restore_on_release = True  # read by release(), which the caller's ExitStack runs after this
         try:
             for folder in self.roots:
-                for part in ledger.parts(self.fs, f"{folder}/failures"):
-                    if part.rsplit("/", 1)[-1].startswith(f"part-{self.run_id}-"):
+                for part in ledger.parts(self.fs, f"{folder}/{FAILURES}"):
+                    if is_part_of_run(part, self.run_id):
                         self.fs.rm_file(part)
             for path in self.job_files:
                 if self.fs.exists(path):

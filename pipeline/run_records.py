@@ -17,16 +17,13 @@ from __future__ import annotations
 import json
 import logging
 
-from flux_worker.cold_start import ACTORS
 from flux_worker.storage import Storage
 from pipeline.report import write_report
 from schemas import ActorStart, RunSummary
+from schemas.layout import ACTORS, SUCCESS_FILE, SUMMARY_FILE, run_folder
 
 log = logging.getLogger(__name__)
 
-SUCCESS_FILE = "_SUCCESS"
-SUMMARY_FILE = "summary.json"
-RUNS = "runs"
 
 
 def clear_success(fs: Storage, root: str) -> None:
@@ -41,7 +38,7 @@ def actor_starts(fs: Storage, root: str, run_id: str) -> list[ActorStart]:
 
     A record that cannot be read (an actor killed mid-write leaves none: writes are whole) is left out with a
     log line: it describes the run, it is not the run's result."""
-    folder = f"{root}/{RUNS}/{run_id}/{ACTORS}"
+    folder = f"{run_folder(root, run_id)}/{ACTORS}"
     if not fs.exists(folder):
         return []
     starts = []
@@ -64,7 +61,7 @@ def _complete(fs: Storage, path: str) -> bool | None:
 def write(fs: Storage, root: str, summary: RunSummary) -> None:
     """Record a finished run: its own summary, the root summary and report if it rendered, then `_SUCCESS`."""
     body = (summary.model_dump_json(indent=2) + "\n").encode()
-    fs.write_bytes(f"{root}/{RUNS}/{summary.run_id}/{SUMMARY_FILE}", body)
+    fs.write_bytes(f"{run_folder(root, summary.run_id)}/{SUMMARY_FILE}", body)
     latest = f"{root}/{SUMMARY_FILE}"
     if summary.images_planned or not fs.exists(latest) or _complete(fs, latest) != summary.complete:
         fs.write_bytes(latest, body)

@@ -8,7 +8,7 @@ OUTPUT and in each OUTPUT/_versions/<n>/:
   up under OUTPUT/images/<kk>/ by the file name in image_uri, so a copied or moved OUTPUT verifies too);
 - no key is held by two rows;
 - no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it).
-Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: image_writer.IMAGE_NAME);
+Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: schemas/layout.py);
 any other file is not ours and is neither reported nor touched.
 
 `--repair` holds each folder's lease (pipeline/lease.py), so it never races a running driver, and deletes
@@ -36,12 +36,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from flux_worker.image_writer import committed_image_path
 from flux_worker.storage import Storage, filesystem
 from pipeline import ledger
-from pipeline.committed_images import QUARANTINE, list_images, move_aside
+from pipeline.committed_images import list_images, move_aside
 from pipeline.lease import hold
 from schemas.errors import FluxbatchError
+from schemas.layout import JOB_FILE, METADATA, QUARANTINE, committed_image_path, quarantine_folder
 
 COLUMNS = ["key", "image_uri", "sha256", "bytes"]
 SHOWN = 5  # offenders named per kind of problem; the counts cover all
@@ -108,15 +108,15 @@ class Verification:
 def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False) -> Verification:
     """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease."""
     fs, root = filesystem(url, storage_options)
-    if not fs.exists(f"{root}/{ledger.JOB_FILE}"):
-        raise NotAnOutputError(f"{fs.uri(root)} is not a fluxbatch OUTPUT (no {ledger.JOB_FILE}); nothing checked")
+    if not fs.exists(f"{root}/{JOB_FILE}"):
+        raise NotAnOutputError(f"{fs.uri(root)} is not a fluxbatch OUTPUT (no {JOB_FILE}); nothing checked")
     folders = [root] + [folder for _, folder in ledger.versions(fs, root)]
     result = Verification(output=fs.uri(root), checks=[], fs=fs)
     if not repair:
         result.checks = [check_folder(fs, folder) for folder in folders]
         return result
     repair_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-repair-" + uuid.uuid4().hex[:6]
-    result.quarantine = f"{root}/{QUARANTINE}/{repair_id}"
+    result.quarantine = quarantine_folder(root, repair_id)
     for folder in folders:
         with hold(fs, folder, repair_id):  # no driver commits or writes images here meanwhile
             check = check_folder(fs, folder)
@@ -129,7 +129,7 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     """Every check on one ledger folder; reads every part and every image once."""
     check = FolderCheck(folder=folder)
     columns: dict[str, dict[str, list]] = {}  # part -> column -> values, parts in name order
-    for part in ledger.parts(fs, f"{folder}/metadata"):
+    for part in ledger.parts(fs, f"{folder}/{METADATA}"):
         check.parts += 1
         try:
             table = ledger.read_part(fs, folder, part, COLUMNS)

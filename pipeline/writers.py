@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flux_worker.storage import TMP_MARK, Storage
+from flux_worker.storage import Storage
+from schemas.layout import TMP_MARK
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # The `datasets` library reads a Parquet file's features from this schema metadata key: with it the

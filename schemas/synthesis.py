@@ -21,7 +21,6 @@ from schemas.request import MAX_IMAGES_PER_ROW
 from schemas.urls import storage_url
 
 MAX_PROMPTS = 100_000_000
-SLOT_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 
 
 class SlotColumn(BaseModel):

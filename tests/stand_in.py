@@ -25,9 +25,12 @@ class StandInRenderer:
     """Renders noise drawn from (prompt, seed, size, steps, guidance); one image per planned row."""
 
     def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 jpeg_quality: int = 95, webp_quality: int = 95, **_: Any):
+                 jpeg_quality: int = 95, webp_quality: int = 95, run_id: str | None = None, **_: Any):
+        from flux_worker.cold_start import ColdStart
         from flux_worker.presets import model_revision, resolve_preset
         from schemas import ModelSpec
+
+        self.start, self.run_id = ColdStart("cpu"), run_id  # the cold-start record a real renderer writes
 
         spec = ModelSpec.model_validate(model)
         preset = resolve_preset(spec.name)  # the metadata names the model as the real renderer does
@@ -35,9 +38,13 @@ class StandInRenderer:
                                   write_threads=2, device="cpu",
                                   identity={"model_id": preset.name, "model_revision": model_revision(preset, spec),
                                             "dtype": "float32"})
+        self.start.model_loaded()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.writer.results(batch, (self._render(row) for row in batch.to_pylist()))
+        with self.start.first_call():
+            result = self.writer.results(batch, (self._render(row) for row in batch.to_pylist()))
+        self.start.after_batch(result, self.writer.fs, self.writer.root, self.run_id)
+        return result
 
     @staticmethod
     def _render(row: dict[str, Any]) -> Rendered:
