@@ -99,3 +99,18 @@ def test_a_submitted_drivers_runtime_env_is_read(monkeypatch):
     assert submitted_job_env() == {}
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, '{"runtime_env": {"env_vars": {"AWS_REGION": "eu-west-1"}}}')
     assert submitted_job_env() == {"AWS_REGION": "eu-west-1"}
+
+
+def test_restarts_reach_ray_data_through_ray_remote_args_until_map_batches_names_them():
+    """Ray 2.60's map_batches names no parameter for max_restarts / max_task_retries, so pipeline/render_stage.py
+    passes them through `**ray_remote_args`, which Ray says is deprecated (gone in 2.64): the one deprecated path
+    fluxbatch uses. This fails when a named parameter appears (use it, and drop the warning filter there) or when
+    the path is gone."""
+    import ray.data
+
+    parameters = inspect.signature(ray.data.Dataset.map_batches).parameters
+    assert not {"max_restarts", "max_task_retries"} & set(parameters), "map_batches names them now: pass them by name"
+    assert parameters["ray_remote_args"].kind is inspect.Parameter.VAR_KEYWORD
+    users = [path.relative_to(REPO) for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
+             if "max_task_retries=" in path.read_text()]
+    assert users == [Path("pipeline/render_stage.py")]
