@@ -9,11 +9,11 @@ failures, and says how many it left out.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import logging
 from typing import Any
 
+import jinja2
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -83,8 +83,7 @@ def thumbnail(fs: Storage, image_uri: str) -> str | None:
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
                   fs: Storage, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
-    """The report as one HTML string: summary tables, contact sheet, failures table."""
-    e = html.escape
+    """The report as one HTML string (pipeline/templates/report.html): summary tables, contact sheet, failures."""
     counts = [
         ("manifest files", summary.manifest_files), ("manifest rows", summary.manifest_rows),
         ("invalid rows", summary.invalid_rows), ("images expected", summary.images_expected),
@@ -94,52 +93,25 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         ("committed images missing or altered", summary.images_missing),
         ("images per second", f"{summary.images_per_second:.3f}"),
     ]
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>fluxbatch report {e(summary.run_id)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>fluxbatch run {e(summary.run_id)}</h1>",
-        f"<p class='meta'>output <code>{e(summary.output)}</code> · model <code>{e(summary.model_id)}</code>"
-        f"{' @ ' + e(summary.model_revision) if summary.model_revision else ''} · started "
-        f"{e(summary.started_at.isoformat(timespec='seconds'))}"
-        + (f" · finished {e(summary.finished_at.isoformat(timespec='seconds'))}" if summary.finished_at else "")
-        + f" · <b>{'complete' if summary.complete else 'incomplete'}</b></p>",
-        "<div class='tables'>",
-        _table("counts", None, counts),
-        _table("seconds per stage", ["stage", "seconds"], [(k, f"{v:.2f}") for k, v in summary.seconds.items()]),
-        _table("failures by reason", ["reason", "count"],
-               sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)]),
-        "</div>",
-        cold_start_table(summary),
-        f"<h2>contact sheet <span class='note'>{len(images)} image(s)</span></h2><div class='sheet'>",
-    ]
-    for row in images:
-        src = thumbnail(fs, row["image_uri"])
-        picture = f"<img src='{src}' alt='{e(row['key'])}'>" if src else "<div class='missing'>no preview</div>"
-        seconds = f" · {row['render_seconds']:.2f}s" if row.get("render_seconds") is not None else ""
-        parts.append(
-            f"<figure>{picture}<figcaption><span class='prompt'>{e(row['prompt'])}</span>"
-            f"<span class='note'>{e(str(row['request_id']))} #{row['variant']} · {row['width']}×{row['height']}"
-            f" · seed {row['seed']}{seconds}</span></figcaption></figure>"
-        )
-    parts.append("</div>")
     total = failure_total if failure_total is not None else failures.num_rows if failures is not None else 0
     shown = min(total, failure_rows)
-    parts.append(f"<h2>failures <span class='note'>{total} row(s)"
-                 f"{f', first {shown} shown' if shown < total else ''}</span></h2>")
-    if failures is not None and total:
-        present = [c for c in FAILURE_COLUMNS if c in failures.column_names]
-        rows = [[r.get(c) for c in present] for r in failures.select(present).slice(0, shown).to_pylist()]
-        parts.append(_table(None, present, rows))
-    else:
-        parts.append("<p>No failures.</p>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    present = [c for c in FAILURE_COLUMNS if failures is not None and c in failures.column_names]
+    rows = ([[r.get(c) for c in present] for r in failures.select(present).slice(0, shown).to_pylist()]
+            if failures is not None and total else [])
+    return TEMPLATES.get_template("report.html").render(
+        summary=summary, style=STYLE, counts=counts,
+        stages=[(k, f"{v:.2f}") for k, v in summary.seconds.items()],
+        reasons=sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)],
+        actor_header=["actor", "device", "process start", "model load", "compile / warm-up", "first image",
+                      "compile cache"],
+        actors=cold_start_rows(summary),
+        images=[{**row, "src": thumbnail(fs, row["image_uri"])} for row in images],
+        failure_total=total, failure_shown=shown, failure_header=present, failure_rows=rows,
+    ) + "\n"
 
 
-def cold_start_table(summary: RunSummary) -> str:
-    """Where each renderer actor's cold start went, in seconds (schemas.ActorStart), or nothing if none reported."""
-    if not summary.actors:
-        return ""
+def cold_start_rows(summary: RunSummary) -> list[tuple]:
+    """Where each renderer actor's cold start went, in seconds (schemas.ActorStart); empty if none reported."""
 
     def seconds(value: float | None) -> str:
         return "" if value is None else f"{value:.1f}"
@@ -150,22 +122,13 @@ def cold_start_table(summary: RunSummary) -> str:
         return "hit" if start.compile_cache_hit else "miss" + (" (ignored a stale blob)" if start.compile_cache_ignored
                                                                else "")
 
-    header = ["actor", "device", "process start", "model load", "compile / warm-up", "first image", "compile cache"]
-    rows = [(a.worker, a.device, seconds(a.process_start), seconds(a.model_load), seconds(a.warmup),
+    return [(a.worker, a.device, seconds(a.process_start), seconds(a.model_load), seconds(a.warmup),
              seconds(a.first_image), cache(a)) for a in summary.actors]
-    return ("<h2>cold start <span class='note'>seconds per renderer actor; first image counts from the process's "
-            "start</span></h2>" + _table(None, header, rows))
 
 
-def _table(title: str | None, header: list[str] | None, rows: list) -> str:
-    e = html.escape
-    head = "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in row) + "</tr>"
-                   for row in rows)
-    caption = f"<caption>{e(title)}</caption>" if title else ""
-    return f"<table>{caption}{head}<tbody>{body}</tbody></table>"
-
-
+# Autoescaped: prompts, ids and reasons are user text.
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+                               undefined=jinja2.StrictUndefined)
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 10px}
