@@ -241,6 +241,7 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     from jobs.catalog_publish import publish
     from jobs.refusal import restored_on_refusal
     from pipeline import ledger, render
+    from pipeline.lease import refuse_if_held
     from pipeline.ownership import refuse_foreign_output
 
     started_at = datetime.now(timezone.utc)
@@ -255,6 +256,7 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     failures += refused
     table, assets, refused = catalog_manifest(spec, products, photos)
     failures += refused
+    refuse_if_held(fs, root)  # never overwrite the manifest a running driver reads
     with restored_on_refusal(fs, root, [MANIFEST_NAME]):  # a refused render leaves OUTPUT as it was
         fs.write_bytes(f"{root}/{MANIFEST_NAME}", ledger.parquet_bytes(table))
         done_before = ledger.done_keys(fs, root)

@@ -21,7 +21,7 @@ from flux_worker.storage import Storage
 from jobs.catalog import Asset
 from pipeline import ledger
 from schemas.catalog import CatalogReport
-from schemas.layout import CATALOG, METADATA
+from schemas.layout import CATALOG, METADATA, committed_image_path
 
 INDEX = f"{CATALOG}/_index.json"
 
@@ -94,7 +94,7 @@ def _replace(fs: Storage, root: str, asset: Asset, record: dict[str, Any],
         report.previous_versions_kept += 1
         if old["path"] != path:  # the format changed: the old name must not stay live
             fs.rm_file(f"{root}/{old['path']}")
-    data = fs.read_bytes(record["image_uri"])
+    data = fs.read_bytes(committed_image_path(root, record["key"], record["image_uri"]))  # a moved OUTPUT too
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise RuntimeError(f"image {record['image_uri']} does not match the sha256 in its metadata row; "
                            "delete it and re-run to render it again")

@@ -4,6 +4,7 @@ they were when the render is refused: a refused job leaves OUTPUT byte-identical
 `synthesize` and `catalog run` write their manifest into OUTPUT first because the render reads it from there. If
 the render is then refused (no GPUs for the replicas, changed rows, a lease held, any error with exit code 2),
 each of those files gets back the bytes it had, or goes if it was not there, and a folder the job made is removed.
+A render that fails once under way keeps the manifest its rows were committed from.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def restored_on_refusal(fs: Any, root: str, names: list[str]) -> Iterator[None]:
     try:
         yield
     except FluxbatchError as error:
-        if getattr(error, "exit_code", 2) == 2:
+        if error.refused:  # the render changed nothing (pipeline/run.py); once under way, the manifest stays
             _restore(fs, root, before, made_root)
         raise
 

@@ -112,6 +112,7 @@ def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = 
                progress: bool = True) -> tuple[str, RunSummary | None]:
     """Draw the manifest, write it into OUTPUT, and render it; returns the manifest URL and the run summary."""
     from jobs.refusal import restored_on_refusal
+    from pipeline.lease import refuse_if_held
     from pipeline.ownership import refuse_foreign_output
 
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)
@@ -122,6 +123,7 @@ def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = 
         return write_manifest(spec, table), None
     from pipeline import render as render_job
 
+    refuse_if_held(fs, root)  # never overwrite the manifest a running driver reads
     with restored_on_refusal(fs, root, [MANIFEST_NAME, SPEC_NAME]):  # a refused render leaves OUTPUT as it was
         manifest = write_manifest(spec, table)
         return manifest, render_job(spec.job_for(manifest), new_version=new_version, allow_non_empty_output=True,

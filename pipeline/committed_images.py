@@ -13,7 +13,9 @@ that promise with two listings of OUTPUT/images (one LIST request per 1,000 imag
      after fluxbatch wrote it): that one is moved aside into OUTPUT/_quarantine/<run id>/;
   3. every kept row's image is looked for again: what is still missing is returned, and the run says so
      (exit 1, `_SUCCESS` with `complete: false`) instead of claiming it.
-Rows first, images second: a run killed between the two leaves orphan images, which the next run retires.
+Images first, rows second, so that a superseded row still tells an image's recorded size when it is retired: a
+run killed between the two leaves a key's older row naming an image that is gone; every reader keeps the key's
+latest row, whose image is there, and the next run retires the older one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline import ledger
-from schemas.layout import IMAGE_NAME, IMAGES, METADATA, committed_image_path, quarantine_folder
+from schemas.layout import IMAGE_NAME, IMAGES, METADATA, committed_image_path, is_part_of_run, quarantine_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,6 @@ def stale_keys(fs: Storage, root: str, committed: pa.Table | None) -> pa.Array:
     stale = [key for key, uri, size in zip(keys, committed.column("image_uri").to_pylist(),
                                            committed.column("bytes").to_pylist())
              if image_problem(committed_image_path(root, key, uri), size, on_disk)]
-    if stale:
-        log.warning("%d committed images are missing or altered in %s; rendering them again", len(stale),
-                    fs.uri(root))
     return pa.array(stale, pa.string())
 
 
@@ -76,6 +75,7 @@ class Settled:
     images_removed: int = 0
     images_moved_aside: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)  # key -> why its image is not as recorded
+    missing_new: set[str] = field(default_factory=set)  # of those, the keys this run committed
 
 
 def settle(fs: Storage, root: str, run_id: str) -> Settled:
@@ -95,35 +95,44 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     for key, uri, size in (zip(*(kept.column(c).to_pylist() for c in COLUMNS)) if kept is not None else ()):
         named[committed_image_path(root, key, uri)] = size
 
-    retired: dict[str, int] = {}  # image path -> bytes its retired row recorded
+    old = None  # the rows a key's latest row supersedes
+    retired: dict[str, int] = {}  # image path -> bytes its superseded row recorded
     if kept is not None and kept.num_rows < rows.num_rows:
         kept_at = pc.binary_join_element_wise(kept.column("part"), pc.cast(kept.column("index"), pa.string()), "#")
         every = pc.binary_join_element_wise(rows.column("part"), pc.cast(rows.column("index"), pa.string()), "#")
         old = rows.filter(pc.invert(pc.is_in(every, value_set=kept_at)))
-        for part in sorted(set(old.column("part").to_pylist())):
-            indices = set(old.filter(pc.equal(old.column("part"), part)).column("index").to_pylist())
-            settled.rows_retired += ledger.rewrite_part(
-                fs, root, part, lambda table, indices=indices: pa.array([i in indices for i in range(table.num_rows)]))
         for key, uri, size in zip(*(old.column(c).to_pylist() for c in COLUMNS)):
             retired[committed_image_path(root, key, uri)] = size
 
+    # Images first, while the superseded rows still say what size each of their images had.
     on_disk = list_images(fs, root)
     for path, size in sorted(on_disk.items()):
         if path not in named:
             _retire(fs, root, run_id, path, size, retired.get(path), settled)
     for path in settled.images_moved_aside:
         on_disk.pop(path, None)
+    if old is not None:
+        for part in sorted(set(old.column("part").to_pylist())):
+            indices = set(old.filter(pc.equal(old.column("part"), part)).column("index").to_pylist())
+            settled.rows_retired += ledger.rewrite_part(
+                fs, root, part, lambda table, indices=indices: pa.array([i in indices for i in range(table.num_rows)]))
     by_path = {committed_image_path(root, key, uri): key
                for key, uri in (zip(kept.column("key").to_pylist(), kept.column("image_uri").to_pylist())
                                 if kept is not None else ())}
+    part_of = dict(zip(kept.column("key").to_pylist(), kept.column("part").to_pylist())) if kept is not None else {}
     for path, size in named.items():
         problem = image_problem(path, size, on_disk)
         if problem:
-            settled.missing[by_path[path]] = problem
-    if settled.rows_retired or settled.images_removed or settled.images_moved_aside:
-        log.warning("%s: retired %d superseded ledger rows and %d images no row names; moved %d aside into %s",
-                    fs.uri(root), settled.rows_retired, settled.images_removed, len(settled.images_moved_aside),
-                    fs.uri(quarantine_folder(root, run_id)))
+            key = by_path[path]
+            settled.missing[key] = problem
+            if is_part_of_run(part_of[key], run_id):
+                settled.missing_new.add(key)
+    if settled.rows_retired or settled.images_removed:
+        log.warning("%s: retired %d superseded ledger rows and %d images no row names", fs.uri(root),
+                    settled.rows_retired, settled.images_removed)
+    if settled.images_moved_aside:
+        log.warning("%s: moved %d images edited since they were written aside into %s", fs.uri(root),
+                    len(settled.images_moved_aside), fs.uri(quarantine_folder(root, run_id)))
     return settled
 
 

@@ -81,6 +81,10 @@ class Holder:
     def is_stale(self) -> bool:
         return time.time() > self.stale_at()
 
+    def is_live(self) -> bool:
+        """The holder may still be writing: renewed lately, and not known dead on this machine."""
+        return not self.is_stale() and not self.is_dead_here()
+
     def is_dead_here(self) -> bool:
         """True when the holder ran on this machine and its process is gone (SIGKILL, OOM kill, reboot-free)."""
         if self.machine is None or self.machine != _machine():
@@ -297,9 +301,8 @@ class Lease:
         for _ in range(5):  # each pass either takes the lease or sees another driver change it
             data, tag = self._slot.read()
             holder = Holder.from_bytes(data) if data else None
-            if holder is not None and not holder.is_stale() and not holder.is_dead_here():
-                raise LeaseHeldError(f"{self._where} is being written by another fluxbatch driver: "
-                                     f"{holder.describe()}. Wait for that run to end, or render into another OUTPUT")
+            if holder is not None and holder.is_live():
+                raise held_error(self._where, holder)
             mark = time.monotonic()
             new_tag = self._swap(tag, self._record())
             if new_tag is not None:
@@ -357,6 +360,27 @@ class Lease:
         except Exception as error:  # noqa: BLE001 - a lease left behind goes stale on its own
             log.warning("could not remove the lease on %s (%s); it goes stale in %.0f s", self._where, error,
                         self.seconds)
+
+
+def held_error(where: str, holder: Holder) -> LeaseHeldError:
+    return LeaseHeldError(f"{where} is being written by another fluxbatch driver: {holder.describe()}. Wait for "
+                          "that run to end, or render into another OUTPUT")
+
+
+def refuse_if_held(fs: Storage, root: str) -> None:
+    """LeaseHeldError if a live driver holds `root`'s lease; reads only. For a job that writes into OUTPUT before
+    its render takes the lease (`synthesize`, `catalog run` write their manifest there): it does not overwrite
+    the manifest a running driver reads. Two such jobs started in the same instant can still both pass here; the
+    lease then refuses one, which puts its manifest back (jobs/refusal.py)."""
+    path = f"{root}/{LEASE_FILE}"
+    if not fs.exists(path):
+        return
+    try:
+        holder = Holder.from_bytes(fs.read_bytes(path))
+    except FileNotFoundError:
+        return  # released since
+    if holder is not None and holder.is_live():
+        raise held_error(fs.uri(root), holder)
 
 
 @contextlib.contextmanager

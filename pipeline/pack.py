@@ -36,7 +36,7 @@ from pipeline.plan import image_key
 from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
-from schemas.layout import LAYOUTS, METADATA, STATS
+from schemas.layout import LAYOUTS, METADATA, STATS, committed_image_path
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
             stats.append(previous)
             unchanged += 1
             continue
-        shard_stats = _write_shard(fs, layout, f"{folder}/{name}", records, table.schema)
+        shard_stats = _write_shard(fs, root, layout, f"{folder}/{name}", records, table.schema)
         shard_stats = {"shard": name, **shard_stats, "digest": digest,
                        "written_at": datetime.now(timezone.utc).isoformat()}
         fs.write_bytes(f"{folder}/{STATS}/{index:05d}.json", _json(shard_stats))
@@ -143,13 +143,13 @@ def _digest(layout: str, records: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(fs: Storage, layout: str, dest: str, records: pa.Table,
+def _write_shard(fs: Storage, root: str, layout: str, dest: str, records: pa.Table,
                  schema: pa.Schema) -> dict[str, Any]:
     writer: ShardWriter = WebDatasetWriter(fs, dest) if layout == "webdataset" else HFParquetWriter(fs, dest, schema)
     rows = records.to_pylist()
     try:
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for record, data in zip(rows, pool.map(lambda r: _read_image(fs, r), rows)):
+            for record, data in zip(rows, pool.map(lambda r: _read_image(fs, root, r), rows)):
                 writer.write(record, data)
     except BaseException:
         writer.abort()
@@ -157,8 +157,9 @@ def _write_shard(fs: Storage, layout: str, dest: str, records: pa.Table,
     return writer.close()
 
 
-def _read_image(fs: Storage, record: dict[str, Any]) -> bytes:
-    data = fs.read_bytes(record["image_uri"])
+def _read_image(fs: Storage, root: str, record: dict[str, Any]) -> bytes:
+    """The image of a ledger row, where this OUTPUT holds it (a copied or moved OUTPUT's rows name the old URL)."""
+    data = fs.read_bytes(committed_image_path(root, record["key"], record["image_uri"]))
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CorruptImageError(
             f"image {record['image_uri']} (key {record['key']}) does not match the sha256 in its metadata row; "

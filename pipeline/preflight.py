@@ -59,8 +59,11 @@ def check_output(job: JobSpec, allow_non_empty_output: bool = False) -> None:
     where = fs.uri(root)
     # The first request, named as the user wrote OUTPUT: no credentials, an endpoint down or a read refused are
     # reported as reading OUTPUT, not as some file inside it.
-    once = Storage(fs.fs, tries=1)  # the first request and the probe's removal are not retried
-    once.exists(root)
+    # The first request is retried twice: a store that answers 500 or 503 once is there, and one nobody listens on
+    # is reported at once anyway (botocore's connection errors are not retried: storage.py). The probe's removal
+    # is tried once.
+    Storage(fs.fs, tries=3).exists(root)
+    once = Storage(fs.fs, tries=1)
     ownership.refuse_foreign_output(fs, root, allow_non_empty_output)
     for _, folder in [(1, root), *ledger.versions(fs, root)]:
         if fs.exists(f"{folder}/{JOB_FILE}"):

@@ -21,7 +21,7 @@ from PIL import Image
 from flux_worker.storage import Storage
 from pipeline import ledger
 from schemas import RunSummary
-from schemas.layout import METADATA, REPORT_FILE
+from schemas.layout import METADATA, REPORT_FILE, committed_image_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int
         images = sheet_rows(fs, root, summary.run_id, thumbnails)
         # The first rows only: a run may have written millions (ledger.FailureWriter), a report shows a few.
         failures, failure_total = ledger.first_failures(fs, root, failure_rows)
-        document = render_report(summary, images, failures, fs, failure_rows=failure_rows,
+        document = render_report(summary, images, failures, fs, root, failure_rows=failure_rows,
                                  failure_total=failure_total)
         fs.write_bytes(path, document.encode())
     except Exception as error:  # noqa: BLE001
@@ -82,7 +82,7 @@ def thumbnail(fs: Storage, image_uri: str) -> str | None:
 
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
-                  fs: Storage, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
+                  fs: Storage, root: str, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
     """The report as one HTML string (pipeline/templates/report.html): summary tables, contact sheet, failures."""
     counts = [
         ("manifest files", summary.manifest_files), ("manifest rows", summary.manifest_rows),
@@ -105,7 +105,9 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         actor_header=["actor", "device", "process start", "model load", "compile / warm-up", "first image",
                       "compile cache"],
         actors=cold_start_rows(summary),
-        images=[{**row, "src": thumbnail(fs, row["image_uri"])} for row in images],
+        # Where this OUTPUT holds each image: a copied or moved OUTPUT's rows name the old URL.
+        images=[{**row, "src": thumbnail(fs, committed_image_path(root, row["key"], row["image_uri"]))}
+                for row in images],
         failure_total=total, failure_shown=shown, failure_header=present, failure_rows=rows,
     ) + "\n"
 

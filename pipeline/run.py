@@ -69,39 +69,44 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
     started = time.monotonic()
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     job = writing_to(job, fs.uri(root))  # absolute: see render_stage.model_for_workers
-    # Model, adapters, manifest files, OUTPUT reachable, ours and writable: a mistake is one line, before anything
-    # is written (no _job.json recording a job that never ran) and before Ray starts (pipeline/preflight.py).
-    preset = preflight.check(job, allow_non_empty_output)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
-                         model_revision=model_revision(preset, job.model), started_at=datetime.now(timezone.utc))
-
-    # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
-    # grow could hold is refused here in one line (pipeline/resources.py), OUTPUT untouched, no actor started.
-    # The price: a re-run with nothing left to render starts Ray too.
-    session = _ensure_ray(job)
-    ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
-    resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
     undo = _Undo(fs, root, run_id)
     try:
+        # Model, adapters, manifest files, OUTPUT reachable, ours and writable: a mistake is one line, before
+        # anything is written (no _job.json recording a job that never ran) and before Ray starts (preflight.py).
+        preset = preflight.check(job, allow_non_empty_output)
+        summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
+                             model_revision=model_revision(preset, job.model), started_at=datetime.now(timezone.utc))
+        # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
+        # grow could hold is refused here in one line (pipeline/resources.py), OUTPUT untouched, no actor started.
+        # The price: a re-run with nothing left to render starts Ray too.
+        session = _ensure_ray(job)
+        ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
+        resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
         with ExitStack() as leases:
             try:
                 # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
                 # refused (LeaseHeldError, naming the holder) having written nothing.
                 held = leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
-                undo.leases.append(held)
+                undo.lease_taken(held)
                 version_root = undo.check_job(job, new_version)
                 if version_root != root:  # another version of OUTPUT (see ledger.py): read and write only there
                     job = writing_to(job, fs.uri(version_root))
                     root, summary.output = version_root, job.output.uri
-                    output_lease, held = held, leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
+                    # OUTPUT's lease guarded the choice of version folder; it goes once the plan is made (_Undo).
+                    undo.output_lease, held = held, leases.enter_context(
+                        lease.hold(fs, root, run_id, job.lease_seconds))
                     undo.leases.append(held)
-                    output_lease.release()  # OUTPUT's lease guarded the choice of version folder only
                 return _render_held(job, preset, fs, root, summary, held, progress, started, session, ask,
                                     rerender_changed, renderer_class, undo)
             except FluxbatchError as error:
-                undo.refused(error)  # still under the lease, which it then restores on release
+                undo.refused(error)  # still under the leases, which then put back what they found on release
                 raise
+    except FluxbatchError as error:
+        # A refusal (exit 2 before the plan was made) changed nothing: jobs that wrote into OUTPUT before calling
+        # render (synthesize, catalog) put their files back on seeing this (jobs/refusal.py).
+        error.refused = not undo.under_way and getattr(error, "exit_code", 2) == 2
+        raise
     finally:
         undo.remove_empty_folders()  # after the leases are gone (a lease file sits in OUTPUT)
 
@@ -116,13 +121,28 @@ class _Undo:
     def __init__(self, fs: Any, root: str, run_id: str):
         self.fs, self.root, self.run_id = fs, root, run_id
         self.leases: list[lease.Lease] = []
+        self.output_lease: lease.Lease | None = None  # OUTPUT's, while the run writes a version folder
         self.job_files: list[str] = []
         self.folders: list[str] = []  # local folders this run may make, deepest first, that were not there
         self.roots = [root]  # OUTPUT, and the version folder the run writes if another
         self.under_way = False  # set once the plan is made: from then on nothing is taken back
         self.took_back = False
-        if fs.local:
-            self.folders = [f for f in (f"{root}/{FAILURES}", f"{root}/{VERSIONS}", root) if not os.path.isdir(f)]
+        self.made_root = fs.local and not os.path.isdir(root)
+
+    def lease_taken(self, held: lease.Lease) -> None:
+        """Note the lease, and the folders missing now (not before: another driver may have made them since)."""
+        self.leases.append(held)
+        if self.fs.local:
+            root = self.root
+            self.folders = [f for f in (f"{root}/{FAILURES}", f"{root}/{VERSIONS}") if not os.path.isdir(f)]
+            self.folders += [root] if self.made_root else []
+
+    def plan_made(self) -> None:
+        """From here the run is under way: nothing is taken back, and OUTPUT's lease (when the run writes a version
+        folder, which it holds the lease of) goes, so runs of other versions may start."""
+        self.under_way = True
+        if self.output_lease is not None:
+            self.output_lease.release()
 
     def check_job(self, job: JobSpec, new_version: bool) -> str:
         """`ledger.check_job`, remembering the `_job.json` it writes (a new OUTPUT's, or a new version's)."""
@@ -194,12 +214,15 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # A refusal (changed rows, mixed formats for WebDataset) takes back this run's failure parts (_Undo).
     plan = plan_images(manifest, job, preset, committed, rerender_changed=rerender_changed, stale=stale,
                        run_id=run_id)
-    undo.under_way = True
+    undo.plan_made()
     del committed, stale
     seconds["plan"] = time.monotonic() - mark
     run_records.clear_success(fs, root)  # OUTPUT no longer says "done" while this run is under way
     ownership.remove_partial_files(fs, root)
     invalid_rows = manifest.failures.rows
+    if plan.restored:
+        log.warning("%d committed images were missing or altered in %s; rendering them again", plan.restored,
+                    fs.uri(root))
     log.info("%d manifest rows, %d invalid; %d images expected, %d already done, %d to render "
              "(%d changed, %d restored)", manifest.total_rows, invalid_rows, plan.expected, plan.already_done,
              plan.table.num_rows, plan.changed, plan.restored)
@@ -249,7 +272,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     summary.images_rendered = rendered
     summary.images_failed = plan.table.num_rows - rendered
     summary.images_missing = len(settled.missing)
-    summary.images_total_done = max(0, plan.already_done + rendered - len(settled.missing))
+    summary.images_total_done = plan.already_done + rendered - _lost_during_run(settled, manifest, plan)
     summary.images_per_second = rendered / seconds["render"] if rendered else 0.0
     summary.failures_by_reason = dict(failures_by_reason)
     summary.finished_at = datetime.now(timezone.utc)
@@ -266,6 +289,17 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         # This process's cluster stops with it: its metrics endpoint must show the run's last values first.
         metrics.wait_until_exported(session.metrics_url)
     return summary
+
+
+def _lost_during_run(settled: committed_images.Settled, manifest: Any, plan: Any) -> int:
+    """Of the images counted done (done before this run, or committed by it), how many were found missing at its
+    end: a manifest's key not planned this run, or one this run committed. Keys outside the manifest count in
+    `images_missing` only; a planned key whose render failed was never counted done."""
+    if not settled.missing:
+        return 0
+    expected = expected_keys(manifest)
+    planned = set(plan.table.column("key").to_pylist())
+    return len({key for key in settled.missing if key in expected and key not in planned} | settled.missing_new)
 
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,

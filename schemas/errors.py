@@ -10,6 +10,9 @@ from __future__ import annotations
 class FluxbatchError(Exception):
     """A user-facing error: the message names the thing at fault and what to do."""
 
+    # True when `pipeline.render` raised it before anything was under way, leaving OUTPUT as it was.
+    refused: bool = False
+
 
 def first_line(error: BaseException, *, typed: bool = False) -> str:
     """The first line of an error's message (a library's can run to pages), or its type's name when it has none.

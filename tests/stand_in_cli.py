@@ -6,8 +6,8 @@ a named point of its run, as an operator's kill -9 or a lost node would stop it.
 For tests of the driver in a process of its own (two drivers racing, a driver killed): no torch is imported, so
 it starts in a second or two. It joins the Ray cluster RAY_ADDRESS names. POINT: `render` (before any image is
 written), `commit` (images written, none committed: where a changed row's image was once overwritten in place),
-`settle` (new rows committed, old rows and images not yet retired), `retire` (old rows retired, their images not
-yet). Exit status -9 means it was killed where asked.
+`settle` (new rows committed, old rows and images not yet retired), `retire` (nothing retired yet, in the middle
+of settling), `rows` (old images retired, their rows not yet). Exit status -9 means it was killed where asked.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ POINTS = {
     "commit": lambda: kill_at(ledger.MetadataWriter, "flush", lambda writer: bool(writer._pending)),
     "settle": lambda: kill_at(committed_images, "settle"),
     "retire": lambda: kill_at(committed_images, "_retire"),
+    "rows": lambda: kill_at(ledger, "rewrite_part"),
 }
 
 

@@ -172,3 +172,27 @@ def test_a_catalog_run_refused_for_gpus_writes_no_manifest_and_leaves_no_output_
         run_catalog(spec, progress=False)
 
     assert not out.exists()
+
+
+def test_a_catalog_run_while_another_driver_holds_the_output_leaves_its_manifest_alone(tmp_path, tiny_model,
+                                                                                         ray_cluster):
+    import time
+
+    from pipeline.lease import LeaseHeldError
+
+    out = tmp_path / "out"
+    spec = make_spec(write_products(tmp_path / "p.parquet", PRODUCTS[:1]), str(out), str(tiny_model),
+                     aspects=["1:1"])
+    run_catalog(spec, progress=False)
+    now = time.time()  # a driver on another machine, renewing its lease: it is reading manifest.parquet
+    (out / "_lease.json").write_text(json.dumps(
+        {"host": "render-node-7", "pid": 4242, "run_id": "20261201T080000-c0ffee", "machine": "other-machine",
+         "started_at": now - 5, "renewed_at": now, "expires_after": 60.0}))
+    before = (out / "manifest.parquet").read_bytes()
+    edited = make_spec(write_products(tmp_path / "p2.parquet", [{**PRODUCTS[0], "title": "a new lamp"}]), str(out),
+                       str(tiny_model), aspects=["1:1"])
+
+    with pytest.raises(LeaseHeldError, match="render-node-7"):
+        run_catalog(edited, progress=False)
+
+    assert (out / "manifest.parquet").read_bytes() == before

@@ -54,7 +54,7 @@ def success(out: Path) -> dict:
 # -- a changed row never overwrites a committed image ----------------------------------------------------
 
 
-@pytest.mark.parametrize("point", ["render", "commit", "settle", "retire"])
+@pytest.mark.parametrize("point", ["render", "commit", "settle", "retire", "rows"])
 def test_a_rerender_changed_run_killed_at_any_point_leaves_every_row_matching_its_image_and_the_next_run_clean(
         point, tmp_path, tiny_model, ray_cluster):
     first = write_manifest(tmp_path / "first.parquet", ROWS)
@@ -138,7 +138,7 @@ def test_a_committed_image_missing_whose_row_left_the_manifest_makes_the_run_exi
     summary = run(write_manifest(tmp_path / "fewer.parquet", ROWS[:3]), out, tiny_model)
 
     assert summary.images_missing == 1 and not summary.complete and not summary.succeeded  # exit 1
-    assert summary.images_total_done == 2
+    assert summary.images_total_done == 3  # the manifest's three are there; the missing one is not its
     assert success(out)["complete"] is False
     record = json.loads((out / "summary.json").read_text())  # the first run's said "complete": rewritten
     assert record["images_missing"] == 1 and record["complete"] is False
@@ -206,3 +206,87 @@ def test_webdataset_of_mixed_formats_is_refused_in_one_line_and_output_is_left_a
     message = str(refused.value)
     assert "\n" not in message and "jpeg, png" in message and "row 3" in message and "hf-parquet" in message
     assert tree(out) == {}
+
+
+def test_an_edited_image_is_moved_aside_never_deleted_even_when_the_run_restoring_it_is_killed_while_settling(
+        tmp_path, tiny_model, ray_cluster):
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    out = tmp_path / "out"
+    run(manifest, out, tiny_model)
+    edited = Path(metadata(str(out)).to_pylist()[0]["image_uri"])
+    edited.write_bytes(edited.read_bytes() + b"retouched")
+    retouched = edited.read_bytes()
+
+    for point in ("retire", "rows"):  # killed before anything is retired, then between the images and the rows
+        killed = subprocess.run([sys.executable, "-m", "tests.stand_in_cli", "--kill-at", point, "render",
+                                 str(manifest), str(out), "--model", str(tiny_model), "--no-progress"], cwd=REPO,
+                                env=session_cluster_env(ray_cluster), capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr[-3000:]
+    summary = run(manifest, out, tiny_model)
+
+    assert summary.succeeded
+    assert_clean(out)
+    aside = [p.read_bytes() for p in (out / "_quarantine").rglob("*.png")]
+    assert aside == [retouched]
+
+
+def test_a_copied_output_whose_rows_name_the_old_folder_packs_reports_and_restores_from_its_own_images(
+        tmp_path, tiny_model, ray_cluster):
+    import shutil
+
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    job = JobSpec.model_validate({"manifest": str(manifest), "model": {"name": str(tiny_model)},
+                                  "output": {"uri": str(first), "layout": "webdataset"}})
+    render(job, progress=False, renderer_class=stand_in())
+    shutil.copytree(first, copy)
+    shutil.move(first, tmp_path / "elsewhere")  # the rows name images that are no longer there
+    Path(str(metadata(str(copy)).to_pylist()[0]["image_uri"]).replace(str(first), str(copy))).unlink()
+    for shard in (copy / "webdataset").glob("*.tar"):
+        shard.unlink()  # packing reads every image again
+
+    summary = render(job.model_copy(update={"output": job.output.model_copy(update={"uri": str(copy)})}),
+                     progress=False, renderer_class=stand_in())
+
+    assert summary.succeeded and summary.images_rendered == 1
+    assert verify_output(str(copy)).problems == 0
+    assert "no preview" not in (copy / "report.html").read_text()
+    assert len(list((copy / "webdataset").glob("*.tar"))) == 1
+
+
+def test_a_refused_run_of_a_version_folder_leaves_outputs_lease_as_it_found_it(tmp_path, tiny_model, ray_cluster):
+    import time
+
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    out = tmp_path / "out"
+    run(manifest, out, tiny_model)
+    second = make_job(str(manifest), str(out), str(tiny_model), defaults={"steps": 3})
+    render(second, new_version=True, progress=False, renderer_class=stand_in())
+    now = time.time()  # a driver on another machine, killed long ago: its lease is stale, so runs take it over
+    (out / "_lease.json").write_text(json.dumps(
+        {"host": "gone", "pid": 1, "run_id": "20261201T080000-c0ffee", "machine": "other", "started_at": now - 900,
+         "renewed_at": now - 600, "expires_after": 60.0}))
+    before = tree(out)
+
+    with pytest.raises(ChangedRowsError):
+        render(second.model_copy(update={"manifest": str(write_manifest(tmp_path / "e.parquet", EDITED))}),
+               progress=False, renderer_class=stand_in())
+
+    assert tree(out) == before
+
+
+def test_a_job_that_wrote_into_output_puts_its_file_back_only_when_the_render_was_refused(tmp_path):
+    from flux_worker.storage import filesystem
+    from jobs.refusal import restored_on_refusal
+    from schemas.errors import FluxbatchError
+
+    fs, root = filesystem(str(tmp_path))
+    (tmp_path / "manifest.parquet").write_bytes(b"the previous manifest")
+    for refused, kept in ((True, b"the previous manifest"), (False, b"the new manifest")):
+        error = FluxbatchError("stopped")
+        error.refused = refused
+        with pytest.raises(FluxbatchError), restored_on_refusal(fs, root, ["manifest.parquet"]):
+            (tmp_path / "manifest.parquet").write_bytes(b"the new manifest")
+            raise error
+        assert (tmp_path / "manifest.parquet").read_bytes() == kept
+        (tmp_path / "manifest.parquet").write_bytes(b"the previous manifest")

@@ -94,7 +94,8 @@ def test_report_says_how_many_failures_it_leaves_out_and_marks_unreadable_images
          for i in range(30)], schema=FAILURE_SCHEMA)
     images = [{"key": "ab12", "request_id": "x", "variant": 0, "prompt": "gone", "width": 64, "height": 64,
                "seed": 1, "image_uri": "memory://out/images/ab/ab12.png", "render_seconds": 0.5}]
-    document = render_report(summary, images, failures, Storage(fsspec.filesystem("memory")), failure_rows=10)
+    document = render_report(summary, images, failures, Storage(fsspec.filesystem("memory")), "/out",
+                             failure_rows=10)
     assert "30 row(s), first 10 shown" in document
     assert "boom 9" in document and "boom 10" not in document
     assert "<div class='missing'>no preview</div>" in document
