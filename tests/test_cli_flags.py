@@ -21,6 +21,8 @@ from schemas import JobSpec
 from tests.conftest import write_manifest
 from tests.own_ray import REPO
 
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # what the flags make of a job; the model does not matter
+
 
 def call_cli(capsys, *args: str) -> subprocess.CompletedProcess:
     """`fluxbatch ARGS` through `jobs.cli.main`: its exit status, stdout and stderr."""

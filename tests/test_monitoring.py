@@ -16,6 +16,9 @@ from pipeline import render
 from tests.conftest import write_manifest
 from tests.helpers import make_job
 
+# The metrics the driver and each renderer export; the model does not matter.
+pytestmark = pytest.mark.usefixtures("stand_in_renderer")
+
 DASHBOARD = Path(__file__).parents[1] / "dashboards" / "fluxbatch.json"
 
 

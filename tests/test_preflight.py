@@ -474,7 +474,7 @@ def test_s3_manifest_in_a_bucket_that_does_not_exist_is_named(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("clean_env", "stand_in_renderer")  # _job.json's identity of the model; no pipeline loads
 def test_corrected_run_renders_and_a_model_path_spelled_otherwise_is_the_same_job(
         tmp_path, manifest, tiny_model, ray_cluster, capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
