@@ -66,7 +66,7 @@ def fluxbatch_render(manifest: Path | str, output: str, model: Path, *flags: str
     wall = run([*FLUXBATCH, "render", str(manifest), output, "--model", str(model), "--replicas", "1",
                 "--no-progress", *flags], env={"FLUXBATCH_WORKER_LOGS": "0", **(env or {})})
     from flux_worker.storage import filesystem
-    from pipeline import ledger
+    from pipeline.store import ledger
 
     storage = None
     if env and "AWS_ENDPOINT_URL" in env:  # read the run back from the same object store

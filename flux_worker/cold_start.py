@@ -3,7 +3,7 @@
 A renderer actor (and rank 0 of a tensor-parallel group) writes one small JSON record, once, after its first
 batch: `OUTPUT/runs/<run_id>/actors/<host>-<pid>.json`, through `Storage.write_bytes` (whole or absent), in
 fluxbatch's own per-run folder. The driver gathers them into `summary.json`'s `actors` and `report.html` at the
-end of the run (pipeline/run_records.py). A file per actor rather than a column of the result rows: a cold start
+end of the run (pipeline/store/run_records.py). A file per actor rather than a column of the result rows: a cold start
 happens once per process, not per image; its record arrives even when every image of the first batch failed;
 and the ledger's schema stays as it is. An actor Ray restarts is a new process, so it writes a record of its own.
 

@@ -126,7 +126,7 @@ def probe_options(url: str, storage_options: dict[str, Any] | None = None) -> di
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
 # A local file still being written is `<final name>.fluxbatch-tmp-<pid>-<8 hex>` (schemas/layout.py TMP_NAME);
 # `os.replace` gives it its final name once whole. Only fluxbatch's own such files are ever swept
-# (pipeline/ownership.py): a user's `thesis.tmp-final.docx` is not a temp file of ours.
+# (pipeline/store/ownership.py): a user's `thesis.tmp-final.docx` is not a temp file of ours.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

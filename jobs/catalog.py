@@ -240,9 +240,10 @@ def run_catalog(spec: CatalogSpec, *, new_version: bool = False,
     """Render what changed in the product table, publish it at stable paths, and report by SKU."""
     from jobs.catalog_publish import publish
     from jobs.refusal import restored_on_refusal
-    from pipeline import ledger, render
-    from pipeline.lease import refuse_if_held
-    from pipeline.ownership import refuse_foreign_output
+    from pipeline import render
+    from pipeline.store import ledger
+    from pipeline.store.lease import refuse_if_held
+    from pipeline.store.ownership import refuse_foreign_output
 
     started_at = datetime.now(timezone.utc)
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)

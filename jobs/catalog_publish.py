@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from jobs.catalog import Asset
-from pipeline import ledger
+from pipeline.store import ledger
 from schemas.catalog import CatalogReport
 from schemas.layout import CATALOG, METADATA, committed_image_path
 

@@ -281,7 +281,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from flux_worker.storage import parse_storage_options
     from jobs.errors import UsageError
     from jobs.storage_options import check_storage_options
-    from pipeline.verify import verify_output
+    from pipeline.store.verify import verify_output
     from schemas.urls import storage_url
 
     try:

@@ -100,7 +100,7 @@ def draw_manifest(spec: SynthesisSpec, vocabularies: dict[str, list[str]] | None
 def write_manifest(spec: SynthesisSpec, table: pa.Table) -> str:
     """Write the drawn manifest and the spec into OUTPUT; returns the manifest's URL."""
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)
-    from pipeline.ledger import parquet_bytes
+    from pipeline.store.ledger import parquet_bytes
 
     fs.write_bytes(f"{root}/{MANIFEST_NAME}", parquet_bytes(table))
     document = spec.model_dump(mode="json")  # storage options are excluded by the schema
@@ -112,8 +112,8 @@ def synthesize(spec: SynthesisSpec, *, render: bool = True, new_version: bool = 
                progress: bool = True) -> tuple[str, RunSummary | None]:
     """Draw the manifest, write it into OUTPUT, and render it; returns the manifest URL and the run summary."""
     from jobs.refusal import restored_on_refusal
-    from pipeline.lease import refuse_if_held
-    from pipeline.ownership import refuse_foreign_output
+    from pipeline.store.lease import refuse_if_held
+    from pipeline.store.ownership import refuse_foreign_output
 
     fs, root = filesystem(spec.output.uri, spec.output.storage_options)
     # Before the manifest goes into OUTPUT: render() would then find it there and could not tell it from a user's.

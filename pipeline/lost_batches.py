@@ -4,7 +4,7 @@ A renderer process that dies (SIGKILL, OOM killer, node lost) is replaced and it
 `JobSpec.max_renderer_deaths` times. Past that Ray Data drops the batch (`max_errored_blocks=-1`) and
 logs why; the driver then renders each lost image alone, with the same bound, so that one row that kills
 its process does not take its neighbours with it. The failures table says Ray's last error, kept by
-`DroppedBatchErrors` (pipeline/ray_private.py: Ray Data has no public hook for dropped batches); the next run
+`DroppedBatchErrors` (pipeline/cluster/ray_private.py: Ray Data has no public hook for dropped batches); the next run
 tries those images again like any other failure.
 """
 

@@ -25,8 +25,8 @@ from fsspec.core import split_protocol, strip_protocol
 from pydantic import ValidationError
 
 from flux_worker.storage import Storage, filesystem
+from pipeline.cluster.metrics import FailureCounts
 from pipeline.fast_validate import check_file
-from pipeline.metrics import FailureCounts
 from schemas import (
     MANIFEST_COLUMNS,
     REQUEST_SCHEMA,

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.presets import ModelPreset
-from pipeline.changed_rows import compare, refusal
 from pipeline.manifest import Manifest
+from pipeline.store.changed_rows import compare, refusal
 from schemas import PLAN_SCHEMA, JobSpec, OutputFormat
 from schemas.errors import FluxbatchError
 

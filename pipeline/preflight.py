@@ -7,7 +7,7 @@ no `_job.json` records a job that never ran, so the corrected run is not refused
    with (flux_worker/weights.py), or a hub id in the local cache or known to the hub (flux_worker/hub.py);
 2. every adapter is a readable safetensors file (flux_worker/weights.py: what "allowed" means for adapters);
 3. the manifest names Parquet files (listed only; the run reads and validates them under its lease);
-4. OUTPUT can be reached, holds nothing foreign (pipeline/ownership.py), and can be written: a probe file,
+4. OUTPUT can be reached, holds nothing foreign (pipeline/store/ownership.py), and can be written: a probe file,
    named as fluxbatch's own temp files so that a run killed in between has it swept, is written and deleted.
 
 Storage is asked with botocore's retries capped (storage.probe_options), so an endpoint nobody listens on is
@@ -25,8 +25,8 @@ from flux_worker.hub import check_hub_model
 from flux_worker.presets import ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
-from pipeline import ledger, ownership
 from pipeline.manifest import list_manifest_files
+from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
 from schemas.job import check_defaults
 from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK

@@ -20,7 +20,7 @@ import ray
 
 from flux_worker.storage import credential_options
 from flux_worker.tensor_parallel import group_options
-from pipeline.resources import ReplicaAsk
+from pipeline.cluster.resources import ReplicaAsk
 from schemas import JobSpec, ModelSpec
 
 

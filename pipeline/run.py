@@ -27,27 +27,18 @@ from tqdm import tqdm
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, resolve_gpus_per_replica
-from pipeline import (
-    changed_rows,
-    committed_images,
-    lease,
-    ledger,
-    ownership,
-    preflight,
-    ray_private,
-    references,
-    resources,
-    run_records,
-)
+from pipeline import preflight, references
+from pipeline.cluster import ray_private, resources
+from pipeline.cluster.metrics import DriverMetrics, FailureCounts
+from pipeline.cluster.ray_auth import keep_token_auth, starts_local_cluster
+from pipeline.cluster.ray_private import DroppedBatchErrors
+from pipeline.cluster.ray_session import RaySession, connect, quiet_ray_data, verbose
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
-from pipeline.metrics import DriverMetrics, FailureCounts
-from pipeline.pack import expected_keys, pack_images
 from pipeline.plan import plan_images, split_blocks
-from pipeline.ray_auth import keep_token_auth, starts_local_cluster
-from pipeline.ray_private import DroppedBatchErrors
-from pipeline.ray_session import RaySession, connect, quiet_ray_data, verbose
 from pipeline.render_stage import render_stage
+from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
+from pipeline.store.pack import expected_keys, pack_images
 from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.errors import FluxbatchError
 from schemas.layout import FAILURES, JOB_FILE, VERSIONS, is_part_of_run
@@ -63,8 +54,8 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
     `renderer_class` (Python API only, never a flag or job field): what each pool member runs instead of
     `Renderer`, with its constructor arguments; the fleet benchmark's stand-in that holds no model.
 
-    An OUTPUT holding files fluxbatch did not write is refused unless `allow_non_empty_output` (pipeline/ownership.py).
-    Rows edited since their images were committed are refused unless `rerender_changed` (pipeline/changed_rows.py).
+    An OUTPUT holding files fluxbatch did not write is refused unless `allow_non_empty_output` (store/ownership.py).
+    Rows edited since their images were committed are refused unless `rerender_changed` (store/changed_rows.py).
     """
     started = time.monotonic()
     fs, root = filesystem(job.output.uri, job.output.storage_options)
@@ -78,14 +69,14 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
         summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                              model_revision=model_revision(preset, job.model), started_at=datetime.now(timezone.utc))
         # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
-        # grow could hold is refused here in one line (pipeline/resources.py), OUTPUT untouched, no actor started.
+        # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.
         session = _ensure_ray(job)
         ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
         resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
         with ExitStack() as leases:
             try:
-                # One driver per OUTPUT (pipeline/lease.py): held before anything is written, so a second driver is
+                # One driver per OUTPUT (store/lease.py): held before anything is written, so a second driver is
                 # refused (LeaseHeldError, naming the holder) having written nothing.
                 held = leases.enter_context(lease.hold(fs, root, run_id, job.lease_seconds))
                 undo.lease_taken(held)
@@ -392,7 +383,7 @@ def stop_leftover_renderers() -> None:
     An actor restarting after its process was killed can miss Ray Data's pool shutdown and keep its CPUs
     and GPUs reserved; the next dataset of this driver (the render-alone pass, the next job) would then
     wait for them forever. Between datasets no renderer of ours should be alive, so any left is stopped.
-    Ray Data holds its pool's handles, so they are found and stopped by id (pipeline/ray_private.py).
+    Ray Data holds its pool's handles, so they are found and stopped by id (pipeline/cluster/ray_private.py).
     """
     for actor in ray_private.actors_of_this_job():
         if actor.state != "DEAD" and actor.class_name.startswith("MapWorker("):
@@ -428,7 +419,7 @@ def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
 
 
 def _ensure_ray(job: JobSpec) -> RaySession:
-    """Join the job's Ray cluster, or start a local one, quietly (pipeline/ray_session.py); storage settings
+    """Join the job's Ray cluster, or start a local one, quietly (pipeline/cluster/ray_session.py); storage settings
     travel to every worker.
 
     Without `--ray-address` (or `RAY_ADDRESS`, which Ray Jobs sets for a submitted driver) fluxbatch starts

@@ -93,7 +93,7 @@ class OutputSpec(BaseModel):
     jpeg_quality: int = Field(default=95, ge=1, le=100, description="JPEG quality, 1-100")
     webp_quality: int = Field(default=95, ge=1, le=100, description="WebP quality, 1-100")
     # Images are always written as files by the renderers (the ledger relies on it); a packed layout is
-    # built from those files and the metadata after the render (pipeline/writers.py), so resume still works.
+    # built from those files and the metadata after the render (pipeline/store/writers.py), so resume still works.
     layout: Literal["files", "webdataset", "hf-parquet"] = Field(
         default="files",
         description="files: images + metadata Parquet; webdataset: also OUTPUT/webdataset/NNNNN.tar shards; "
@@ -138,7 +138,7 @@ class JobSpec(BaseModel):
         description="commit finished images to the metadata at least this often; a killed driver loses at most "
         "this much work (their images are rendered again by the next run)",
     )
-    # Not part of identity(): how long a killed driver blocks OUTPUT never changes an image (pipeline/lease.py).
+    # Not part of identity(): how long a killed driver blocks OUTPUT never changes an image (pipeline/store/lease.py).
     lease_seconds: float = Field(
         default=60.0, ge=1, le=3600,
         description="a driver's lease on OUTPUT goes stale this long after its last renewal (every quarter of it), "

@@ -1,13 +1,13 @@
 """The OUTPUT layout: every folder, file and temp-name pattern fluxbatch writes under an OUTPUT, and nothing else.
 
-    OUTPUT/_job.json                          the job that made OUTPUT (pipeline/ledger.py)
-    OUTPUT/_lease.json                        the one driver writing it (pipeline/lease.py)
+    OUTPUT/_job.json                          the job that made OUTPUT (pipeline/store/ledger.py)
+    OUTPUT/_lease.json                        the one driver writing it (pipeline/store/lease.py)
     OUTPUT/images/<kk>/<key>[.<run id>].<ext> the images (flux_worker/image_writer.py); <run id>: a re-render
     OUTPUT/metadata/part-<run id>-<n>.parquet the ledger, one row per image
     OUTPUT/failures/part-<run id>-<stage>-<n>.parquet
-    OUTPUT/summary.json, report.html, _SUCCESS   the latest run (pipeline/run_records.py)
+    OUTPUT/summary.json, report.html, _SUCCESS   the latest run (pipeline/store/run_records.py)
     OUTPUT/runs/<run id>/summary.json, runs/<run id>/actors/<host>-<pid>.json
-    OUTPUT/webdataset/<n>.tar, OUTPUT/hf/<n>.parquet, each with .stats/<n>.json and .stats.json (pipeline/pack.py)
+    OUTPUT/webdataset/<n>.tar, OUTPUT/hf/<n>.parquet, each with .stats/<n>.json and .stats.json (pipeline/store/pack.py)
     OUTPUT/_quarantine/<run or repair id>/... what a run or `verify --repair` moved aside
     OUTPUT/_versions/<n>/...                  another version: the same layout again
     OUTPUT/manifest.parquet, synthesis.json   written by `synthesize` and `catalog run` (jobs/)
@@ -55,7 +55,7 @@ OWN_NAMES = frozenset({*OWN_TOP_FILES, LEASE_FILE, VERSIONS, QUARANTINE, *OWN_FO
 TMP_MARK = ".fluxbatch-tmp-"
 TMP_NAME = re.compile(r".+\.fluxbatch-tmp-[0-9]+-[0-9a-f]{8}")
 RUN_ID = r"[0-9]{8}T[0-9]{6}-[0-9a-f]{6}"  # a UTC time and 6 hex digits (pipeline/run.py)
-REPAIR_ID = r"[0-9]{8}T[0-9]{6}-repair-[0-9a-f]{6}"  # `fluxbatch verify --repair` (pipeline/verify.py)
+REPAIR_ID = r"[0-9]{8}T[0-9]{6}-repair-[0-9a-f]{6}"  # `fluxbatch verify --repair` (pipeline/store/verify.py)
 # Every image name `image_path` makes; only these count as images under images/.
 IMAGE_NAME = re.compile(rf"/{IMAGES}/([0-9a-f]{{2}})/(\1[0-9a-f]{{30}})(?:\.{RUN_ID})?\.(png|jpg|webp)$")
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from flux_worker.storage import filesystem
-from pipeline import ledger
+from pipeline.store import ledger
 from schemas import JobSpec
 from tests.own_ray import REPO
 

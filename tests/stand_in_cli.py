@@ -18,8 +18,9 @@ import sys
 from typing import Any
 
 from jobs.cli import main as fluxbatch
-from pipeline import committed_images, ledger, render_stage
+from pipeline import render_stage
 from pipeline import run as run_module
+from pipeline.store import committed_images, ledger
 from tests.stand_in import stand_in
 
 

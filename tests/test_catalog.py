@@ -161,7 +161,7 @@ def test_cli_catalog_run_publishes_and_prints_the_report(tmp_path, tiny_model, c
 
 def test_a_catalog_run_refused_for_gpus_writes_no_manifest_and_leaves_no_output_folder(tmp_path, tiny_model,
                                                                                         ray_cluster, monkeypatch):
-    from pipeline.resources import ClusterTooSmallError
+    from pipeline.cluster.resources import ClusterTooSmallError
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the session's own cluster: 4 fake GPUs, never grows
     out = tmp_path / "out"
@@ -178,7 +178,7 @@ def test_a_catalog_run_while_another_driver_holds_the_output_leaves_its_manifest
                                                                                          ray_cluster):
     import time
 
-    from pipeline.lease import LeaseHeldError
+    from pipeline.store.lease import LeaseHeldError
 
     out = tmp_path / "out"
     spec = make_spec(write_products(tmp_path / "p.parquet", PRODUCTS[:1]), str(out), str(tiny_model),

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import render
-from pipeline.changed_rows import RENDER_FIELDS, compare
+from pipeline.store.changed_rows import RENDER_FIELDS, compare
 from schemas.records import ADAPTERS_TYPE
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env

@@ -46,7 +46,7 @@ def assert_exactly_once(output: str, rows: list[dict]) -> None:
 
 def renderer_pids(ray) -> list[int]:
     """PIDs of the live renderer actors of this test process's driver (it renders in-process)."""
-    from pipeline.ray_private import actors_of_this_job
+    from pipeline.cluster.ray_private import actors_of_this_job
 
     return [a.pid for a in actors_of_this_job() if "MapWorker" in a.class_name and a.state == "ALIVE" and a.pid]
 

@@ -202,3 +202,47 @@ def test_a_row_passed_by_the_columns_has_the_request_id_pydantic_gives_it(row):
 def test_a_row_without_an_id_keeps_the_request_id_of_earlier_versions(row, expected):
     # Images already in an OUTPUT are found by these ids; the values were computed by the code before issue 17.
     assert request_id(RenderRequest.model_validate(row).model_dump(mode="json")) == expected
+
+
+# -- one verdict from both paths, at and across every rule's boundary ----------------------------------------
+# The values each field takes: each rule's limits, one step inside and one outside, and the values that are
+# not numbers or text at all. A rule loosened or tightened on one side only (pydantic's or the column checks')
+# makes some row here get two verdicts.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from schemas.request import MAX_GUIDANCE, MAX_ID_CHARS, MAX_IMAGES_PER_ROW, MAX_PROMPT_CHARS, MAX_STEPS  # noqa: E402
+
+SIDES = [None, LIMITS.min_side - 16, LIMITS.min_side, LIMITS.min_side + 1, LIMITS.min_side + 16,
+         LIMITS.max_side - 16, LIMITS.max_side, LIMITS.max_side + 16, 0, -16, 512.0, 512.5, float("nan"),
+         float("inf")]
+BOUNDARIES = {
+    "id": [None, "", "a", "i" * MAX_ID_CHARS, "i" * (MAX_ID_CHARS + 1), "tab\tin", "new\nline", " padded "],
+    "prompt": [None, "", " ", "\u3000", "p", "p" * MAX_PROMPT_CHARS, "p" * (MAX_PROMPT_CHARS + 1), "tab\tok",
+               "line\nok", "bell\x07", "del\x7f", "  spaced  "],
+    "model": [None, "job-model", " job-model ", "other", " "],
+    "width": SIDES,
+    "height": SIDES,
+    "steps": [None, 0, 1, MAX_STEPS, MAX_STEPS + 1, -1],
+    "guidance": [None, 0.0, -0.0, -0.1, MAX_GUIDANCE, MAX_GUIDANCE + 0.1, float("nan"), float("inf"), 3],
+    "seed": [None, 0, -1, 2**63 - 1],
+    "num_images": [None, 0, 1, MAX_IMAGES_PER_ROW, MAX_IMAGES_PER_ROW + 1, -1],
+    "output_format": [None, "png", "jpeg", "jpg", " JPG ", "webp", "gif", "", "PNG"],
+}
+BOUNDARY_ROWS = st.fixed_dictionaries({field: st.sampled_from(values) for field, values in BOUNDARIES.items()})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(BOUNDARY_ROWS, min_size=1, max_size=12))
+def test_rows_at_and_across_every_rules_boundary_get_one_verdict_from_both_paths(rows, tmp_path):
+    rows = [{**row, "id": f"{row['id']}-{index}" if row["id"] else row["id"]} for index, row in enumerate(rows)]
+    refused, normalized = pydantic_outcome(rows)
+
+    checked = check_file(pq.read_table(write(tmp_path / "m.parquet", rows)), "m", LIMITS, "job-model", ["shop"])
+
+    # Every row pydantic refuses is flagged (pydantic then writes its message), and the rows the columns pass are
+    # the rows pydantic passes, normalized alike. Flagged rows pydantic accepts are fine: pydantic has the last word.
+    assert refused <= set(checked.flagged.tolist())
+    passed = {row["row"]: row for row in checked.valid.to_pylist()}
+    assert {row["row"]: row for row in normalized if row["row"] in passed} == passed
+    assert set(passed) | set(checked.flagged.tolist()) == set(range(len(rows)))

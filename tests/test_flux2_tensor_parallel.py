@@ -20,8 +20,8 @@ from PIL import Image
 from flux_worker.memory_plan import parse_size, placement_of, plan_memory
 from flux_worker.model_build import build_model
 from flux_worker.renderer import Renderer
+from pipeline.cluster.resources import replica_ask
 from pipeline.render_stage import render_stage
-from pipeline.resources import replica_ask
 from schemas import PLAN_SCHEMA, JobSpec
 from tests.test_tensor_parallel import FOUR_HEADS, _assert_same_images
 

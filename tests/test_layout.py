@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import render
-from pipeline.verify import verify_output
+from pipeline.store.verify import verify_output
 from schemas import JobSpec
 from schemas.layout import describes
 from tests.helpers import metadata

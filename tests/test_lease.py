@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flux_worker.storage import filesystem
-from pipeline import ledger, render
+from pipeline import render
 from pipeline.plan import image_key
+from pipeline.store import ledger
 from schemas import IMAGE_RECORD_SCHEMA
 from schemas.errors import FluxbatchError
 from tests.conftest import write_manifest
@@ -165,7 +166,7 @@ def test_lease_of_a_driver_on_another_machine_refuses_while_renewed_and_is_taken
 
 def test_success_marker_survives_refusals_and_is_removed_once_a_run_is_under_way_so_a_run_that_fails_leaves_none(
         tmp_path, tiny_model, ray_cluster, monkeypatch):
-    from pipeline import committed_images
+    from pipeline.store import committed_images
 
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
     out = tmp_path / "out"
@@ -238,7 +239,7 @@ def test_ledger_reader_keeps_one_row_per_key_the_latest_when_parts_repeat_it(tmp
 
 
 def test_only_one_of_eight_drivers_racing_for_a_stale_lease_takes_it_over(tmp_path):
-    from pipeline.lease import Lease, LeaseHeldError
+    from pipeline.store.lease import Lease, LeaseHeldError
 
     out = tmp_path / "out"
     plant_lease(out, renewed_ago=61)
@@ -268,7 +269,7 @@ def test_only_one_of_eight_drivers_racing_for_a_stale_lease_takes_it_over(tmp_pa
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_driver_whose_lease_was_taken_over_stops_committing_and_leaves_the_new_lease(where, tmp_path, request):
-    from pipeline.lease import Lease, LeaseLostError
+    from pipeline.store.lease import Lease, LeaseLostError
 
     if where == "s3":
         request.getfixturevalue("s3_env")
@@ -296,7 +297,7 @@ def test_a_driver_whose_lease_was_taken_over_stops_committing_and_leaves_the_new
 
 
 def test_s3_lease_is_created_once_and_a_stale_one_is_taken_over_only_with_the_etag_it_was_read_with(s3_env, bucket):
-    from pipeline.lease import Lease, LeaseHeldError, _ObjectSlot
+    from pipeline.store.lease import Lease, LeaseHeldError, _ObjectSlot
 
     fs, root = filesystem(f"s3://{bucket}/out")
     first = Lease(fs, root, "run-first", seconds=30).acquire()

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import render
-from pipeline.changed_rows import ChangedRowsError
+from pipeline.cluster.resources import ClusterTooSmallError
 from pipeline.plan import MixedFormatsError
-from pipeline.resources import ClusterTooSmallError
-from pipeline.verify import verify_output
+from pipeline.store.changed_rows import ChangedRowsError
+from pipeline.store.verify import verify_output
 from schemas import JobSpec
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, failures, make_job, metadata, session_cluster_env

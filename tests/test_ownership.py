@@ -18,7 +18,7 @@ from flux_worker.storage import NoSpaceLeftError, filesystem
 from jobs.cli import main
 from pipeline import render
 from pipeline.manifest import ManifestError, list_manifest_files
-from pipeline.ownership import ForeignOutputError, remove_partial_files
+from pipeline.store.ownership import ForeignOutputError, remove_partial_files
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env
 
@@ -174,7 +174,7 @@ def test_s3_prefix_emptied_by_another_driver_between_two_requests_is_not_called_
     before the other asked whether the prefix is a folder, and the other was told OUTPUT is a file."""
     import boto3
 
-    from pipeline.ownership import refuse_foreign_output
+    from pipeline.store.ownership import refuse_foreign_output
 
     s3 = boto3.client("s3")
     s3.put_object(Bucket=bucket, Key="out/_write-test.fluxbatch-tmp-17465-73033a3b", Body=b"")
@@ -201,7 +201,7 @@ def test_s3_prefix_emptied_by_another_driver_between_two_requests_is_not_called_
 def test_output_another_driver_starts_writing_between_two_requests_is_left_to_the_lease(tmp_path):
     """The other order of the same race: our `_job.json` question came just before the winning driver wrote
     it, our listing just after. The folder is fluxbatch's; the lease, not a "not empty" refusal, decides."""
-    from pipeline.ownership import refuse_foreign_output
+    from pipeline.store.ownership import refuse_foreign_output
 
     out = tmp_path / "out"
     fs, root = filesystem(str(out))

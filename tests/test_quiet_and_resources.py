@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pipeline.metrics import scrape
+from pipeline.cluster.metrics import scrape
 from tests.conftest import write_manifest
 from tests.helpers import session_cluster_env
 from tests.own_ray import REPO, OwnRay
@@ -63,7 +63,7 @@ TWO_NODES = textwrap.dedent("""
     import json
     import ray
     from ray.cluster_utils import Cluster
-    from pipeline import resources
+    from pipeline.cluster import resources
     from schemas import JobSpec
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
@@ -129,8 +129,8 @@ def test_a_joined_cluster_is_not_refused_and_the_run_says_what_it_waits_for(tmp_
         proc.communicate()
     waiting = [line for line in lines if "waiting for" in line]
     assert waiting == [
-        "WARNING pipeline.resources: waiting for 64 CPUs per replica x 1 replica; the cluster has 4 GPUs and 4 CPUs; "
-        "check the autoscaler"], lines
+        "WARNING pipeline.cluster.resources: waiting for 64 CPUs per replica x 1 replica; the cluster has 4 GPUs and "
+        "4 CPUs; check the autoscaler"], lines
 
 
 # --- quiet by default, start line, metrics at the end ------------------------------------------------------

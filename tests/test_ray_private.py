@@ -1,4 +1,4 @@
-"""The private Ray calls fluxbatch cannot do without live in pipeline/ray_private.py only, and each still does
+"""The private Ray calls fluxbatch cannot do without live in pipeline/cluster/ray_private.py only, and each still does
 what fluxbatch relies on with the installed Ray: a Ray upgrade that moves one fails here, not in a user's run."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("schemas", "flux_worker", "pipeline", "jobs")
-ALLOWED = Path("pipeline/ray_private.py")
+ALLOWED = Path("pipeline/cluster/ray_private.py")
 
 
 def test_no_module_but_ray_private_names_a_private_ray_api():
@@ -21,7 +21,7 @@ def test_no_module_but_ray_private_names_a_private_ray_api():
              for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
              if path.relative_to(REPO) != ALLOWED
              for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
-    assert not found, "private Ray APIs outside pipeline/ray_private.py:\n" + "\n".join(found)
+    assert not found, "private Ray APIs outside pipeline/cluster/ray_private.py:\n" + "\n".join(found)
 
 
 def test_private_ray_names_fluxbatch_relies_on_still_exist_with_the_expected_signatures():
@@ -39,7 +39,7 @@ def test_private_ray_names_fluxbatch_relies_on_still_exist_with_the_expected_sig
 def test_an_actor_of_this_job_is_listed_and_stopped_by_its_id(ray_cluster):
     import ray
 
-    from pipeline.ray_private import actors_of_this_job, kill_actor
+    from pipeline.cluster.ray_private import actors_of_this_job, kill_actor
 
     @ray.remote(num_cpus=0, max_restarts=-1)
     class Sleeper:
@@ -68,7 +68,7 @@ def test_an_actor_of_this_job_is_listed_and_stopped_by_its_id(ray_cluster):
 def test_the_error_of_a_batch_ray_data_drops_is_seen(ray_cluster):
     import ray
 
-    from pipeline.ray_private import DroppedBatchErrors
+    from pipeline.cluster.ray_private import DroppedBatchErrors
 
     def fail_on_three(batch: dict) -> dict:
         if 3 in batch["id"]:
@@ -93,7 +93,7 @@ def test_the_error_of_a_batch_ray_data_drops_is_seen(ray_cluster):
 def test_a_submitted_drivers_runtime_env_is_read(monkeypatch):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from pipeline.ray_private import submitted_job_env
+    from pipeline.cluster.ray_private import submitted_job_env
 
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     assert submitted_job_env() == {}

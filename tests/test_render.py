@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import render
-from pipeline.ledger import JobMismatchError
+from pipeline.store.ledger import JobMismatchError
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, failures, make_job, metadata
 

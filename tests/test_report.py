@@ -16,7 +16,7 @@ from PIL import Image
 
 from flux_worker.storage import Storage
 from pipeline import render
-from pipeline.report import render_report
+from pipeline.store.report import render_report
 from schemas import FAILURE_SCHEMA, RunSummary
 from tests.conftest import write_manifest
 from tests.helpers import make_job

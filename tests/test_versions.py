@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline import render
-from pipeline.ledger import JobMismatchError
+from pipeline.store.ledger import JobMismatchError
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-from pipeline.ray_private import reload_ray_config
+from pipeline.cluster.ray_private import reload_ray_config
 
 log = logging.getLogger(__name__)
 AUTH_MODE_ENV_VAR = "RAY_AUTH_MODE"

@@ -55,7 +55,7 @@ def refuse_foreign_output(fs: Storage, root: str, allow_non_empty: bool = False,
     if JOB_FILE in names:
         return  # another driver wrote it since the first question: the lease that follows refuses this one
     # A lease (or a temp file) without _job.json: a fluxbatch run stopped before it wrote anything else
-    # (pipeline/lease.py takes the lease right after this check).
+    # (pipeline/store/lease.py takes the lease right after this check).
     foreign = [name for name in names if name != LEASE_FILE and name not in own and not is_own_temp_at_top(name)]
     if not foreign:
         return

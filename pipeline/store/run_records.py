@@ -18,7 +18,7 @@ import json
 import logging
 
 from flux_worker.storage import Storage
-from pipeline.report import write_report
+from pipeline.store.report import write_report
 from schemas import ActorStart, RunSummary
 from schemas.layout import ACTORS, SUCCESS_FILE, SUMMARY_FILE, run_folder
 

@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage, filesystem
-from pipeline import ledger
 from pipeline.manifest import Manifest
 from pipeline.plan import image_key
-from pipeline.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
+from pipeline.store import ledger
+from pipeline.store.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
 from schemas.layout import LAYOUTS, METADATA, STATS, committed_image_path

@@ -73,7 +73,7 @@ def connect(address: str, runtime_env: dict, can_grow: bool) -> RaySession:
     dashboard = None
     started_here = False
     if not ray.is_initialized():
-        from pipeline.ray_auth import starts_local_cluster
+        from pipeline.cluster.ray_auth import starts_local_cluster
 
         started_here = starts_local_cluster(address)
         loud = verbose()

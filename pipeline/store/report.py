@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from flux_worker.storage import Storage
-from pipeline import ledger
+from pipeline.store import ledger
 from schemas import RunSummary
 from schemas.layout import METADATA, REPORT_FILE, committed_image_path
 
@@ -83,7 +83,7 @@ def thumbnail(fs: Storage, image_uri: str) -> str | None:
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
                   fs: Storage, root: str, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
-    """The report as one HTML string (pipeline/templates/report.html): summary tables, contact sheet, failures."""
+    """The report as one HTML string (templates/report.html): summary tables, contact sheet, failures."""
     counts = [
         ("manifest files", summary.manifest_files), ("manifest rows", summary.manifest_rows),
         ("invalid rows", summary.invalid_rows), ("images expected", summary.images_expected),
@@ -129,7 +129,7 @@ def cold_start_rows(summary: RunSummary) -> list[tuple]:
 
 
 # Autoescaped: prompts, ids and reasons are user text.
-TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("pipeline.store", "templates"), autoescape=True,
                                undefined=jinja2.StrictUndefined)
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}

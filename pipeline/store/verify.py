@@ -1,6 +1,6 @@
 """`fluxbatch verify OUTPUT [--repair]`: check the ledger against the images, and put right what it finds.
 
-The metadata parts are the ledger (pipeline/ledger.py): a run renders only the keys no part holds, so a
+The metadata parts are the ledger (pipeline/store/ledger.py): a run renders only the keys no part holds, so a
 damaged ledger either stops every run or silently claims images that are not there. Verify checks, in
 OUTPUT and in each OUTPUT/_versions/<n>/:
 - every metadata part is a readable Parquet table with the columns key, image_uri, sha256, bytes;
@@ -11,7 +11,7 @@ OUTPUT and in each OUTPUT/_versions/<n>/:
 Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: schemas/layout.py);
 any other file is not ours and is neither reported nor touched.
 
-`--repair` holds each folder's lease (pipeline/lease.py), so it never races a running driver, and deletes
+`--repair` holds each folder's lease (pipeline/store/lease.py), so it never races a running driver, and deletes
 nothing outright: what it takes out of the ledger goes to OUTPUT/_quarantine/<repair id>/, at its path
 relative to OUTPUT.
 - an unreadable part is moved aside; its keys render again on the next run;
@@ -37,9 +37,9 @@ from typing import Any
 import pyarrow as pa
 
 from flux_worker.storage import Storage, filesystem
-from pipeline import ledger
-from pipeline.committed_images import list_images, move_aside
-from pipeline.lease import hold
+from pipeline.store import ledger
+from pipeline.store.committed_images import list_images, move_aside
+from pipeline.store.lease import hold
 from schemas.errors import FluxbatchError
 from schemas.layout import JOB_FILE, METADATA, QUARANTINE, committed_image_path, quarantine_folder
 

@@ -22,7 +22,7 @@ A driver whose lease was taken over (it stalled for longer than `expires_after`,
 finds out at its next renewal; `Lease.check()` then raises `LeaseLostError`, and the run calls it before
 every commit, so it stops committing.
 
-Versions (pipeline/ledger.py): a run holds OUTPUT's lease while it picks its version folder (`check_job`
+Versions (pipeline/store/ledger.py): a run holds OUTPUT's lease while it picks its version folder (`check_job`
 may write `_versions/<n>/_job.json`). A run of a later version then takes that folder's own lease and lets
 OUTPUT's go; a run of the first version keeps OUTPUT's lease, so while it runs, runs of other versions
 are refused too.

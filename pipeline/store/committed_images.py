@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
-from pipeline import ledger
+from pipeline.store import ledger
 from schemas.layout import IMAGE_NAME, IMAGES, METADATA, committed_image_path, is_part_of_run, quarantine_folder
 
 log = logging.getLogger(__name__)

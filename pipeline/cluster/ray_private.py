@@ -8,7 +8,7 @@ What lives here, and why no public API does it:
 - this job's actors, with or without a dashboard: `ray.util.state.list_actors` asks the dashboard, which a
   minimal install or `include_dashboard=False` lacks;
 - stop an actor known only by its id: `ray.kill` takes a handle, and Ray Data keeps its pool's handles;
-- re-read Ray's settings after setting RAY_AUTH_MODE (pipeline/ray_auth.py): Ray reads them once per process;
+- re-read Ray's settings after setting RAY_AUTH_MODE (pipeline/cluster/ray_auth.py): Ray reads them once per process;
 - the runtime env of a submitted job's driver: an environment variable named by a private constant;
 - the error of a batch Ray Data dropped (`max_errored_blocks=-1`): no public hook reports errored blocks (its
   `ExecutionCallback` is internal); Ray Data logs each to the "ray.data" logger with the exception attached.

@@ -3,7 +3,7 @@
 Every format is one writer class with the same two methods, as in img2dataset: `write(record, image_bytes)`
 adds one image and its metadata row, `close()` publishes the shard in one piece and returns its stats.
 The renderer actors always write plain image files first (the ledger's guarantees rest on them); the
-writers pack those files afterwards (pipeline/pack.py), so an interrupted run resumes as usual.
+writers pack those files afterwards (pipeline/store/pack.py), so an interrupted run resumes as usual.
 
 A shard is built in a local temporary file and published whole: renamed into place on local disk, one
 upload on an object store. A reader never sees half a shard.

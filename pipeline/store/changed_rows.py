@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
-from pipeline import ledger
+from pipeline.store import ledger
 from schemas.errors import FluxbatchError
 from schemas.layout import METADATA
 
