@@ -232,6 +232,19 @@ BOUNDARIES = {
 BOUNDARY_ROWS = st.fixed_dictionaries({field: st.sampled_from(values) for field, values in BOUNDARIES.items()})
 
 
+def test_each_rules_boundary_alone_gets_one_verdict_from_both_paths(tmp_path):
+    # One row per (field, value), the other fields good: a rule moved on one side only is caught by its own row.
+    rows = [{"id": f"{field}-{index}", **({field: value} if field != "id" else {"id": value})}
+            for field, values in BOUNDARIES.items() for index, value in enumerate(values)]
+    refused, normalized = pydantic_outcome(rows)
+
+    checked = check_file(pq.read_table(write(tmp_path / "m.parquet", rows)), "m", LIMITS, "job-model", ["shop"])
+
+    flagged = set(checked.flagged.tolist())
+    assert flagged == refused, [rows[i] for i in refused ^ flagged]
+    assert checked.valid.to_pylist() == normalized
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(BOUNDARY_ROWS, min_size=1, max_size=12))
 def test_rows_at_and_across_every_rules_boundary_get_one_verdict_from_both_paths(rows, tmp_path):
