@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sys
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,7 +23,10 @@ from flux_worker.image_writer import ImageWriter, Rendered
 
 
 class StandInRenderer:
-    """Renders noise drawn from (prompt, seed, size, steps, guidance); one image per planned row."""
+    """Renders noise drawn from (prompt, seed, size, steps, guidance); one image per planned row, taking
+    `seconds_per_image` (0: at once; a test that must act while a run is under way sets a few tenths)."""
+
+    seconds_per_image = 0.0
 
     def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
                  jpeg_quality: int = 95, webp_quality: int = 95, run_id: str | None = None, **_: Any):
@@ -46,20 +50,22 @@ class StandInRenderer:
         self.start.after_batch(result, self.writer.fs, self.writer.root, self.run_id)
         return result
 
-    @staticmethod
-    def _render(row: dict[str, Any]) -> Rendered:
+    def _render(self, row: dict[str, Any]) -> Rendered:
         from PIL import Image
 
         started_at = datetime.now(timezone.utc)
+        time.sleep(self.seconds_per_image)
         what = f"{row['prompt']}|{row['seed']}|{row['width']}x{row['height']}|{row['steps']}|{row['guidance']}"
         # Noise, as random weights render: it does not compress, so an image costs disk as a real one does.
         noise = random.Random(hashlib.sha256(what.encode()).digest()).randbytes(row["width"] * row["height"] * 3)
         return Rendered(row, Image.frombytes("RGB", (row["width"], row["height"]), noise), 0.0, started_at)
 
 
-def stand_in() -> type:
+def stand_in(seconds_per_image: float = 0.0) -> type:
     """The class to pass as `renderer_class`; shipped to the workers by value (tests/ is not on their path)."""
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return StandInRenderer
+    if not seconds_per_image:
+        return StandInRenderer
+    return type("StandInRenderer", (StandInRenderer,), {"seconds_per_image": seconds_per_image})

@@ -1,7 +1,7 @@
 """`fluxbatch` in a subprocess, rendering with the stand-in renderer (tests/stand_in.py), optionally SIGKILLed at
 a named point of its run, as an operator's kill -9 or a lost node would stop it.
 
-    python -m tests.stand_in_cli [--kill-at POINT] render MANIFEST OUTPUT --model MODEL ...
+    python -m tests.stand_in_cli [--kill-at POINT] [--seconds-per-image S] render MANIFEST OUTPUT --model MODEL ...
 
 For tests of the driver in a process of its own (two drivers racing, a driver killed): no torch is imported, so
 it starts in a second or two. It joins the Ray cluster RAY_ADDRESS names. POINT: `render` (before any image is
@@ -46,10 +46,14 @@ POINTS = {
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--kill-at"]:
-        POINTS[argv[1]]()
+    seconds = 0.0
+    while argv[:1] in (["--kill-at"], ["--seconds-per-image"]):
+        if argv[0] == "--kill-at":
+            POINTS[argv[1]]()
+        else:
+            seconds = float(argv[1])
         argv = argv[2:]
-    real, renderer = render_stage.in_actor, stand_in()
+    real, renderer = render_stage.in_actor, stand_in(seconds)
     render_stage.in_actor = lambda target: renderer if target == render_stage.RENDERER else real(target)
     return fluxbatch(argv)
 

@@ -1,5 +1,6 @@
 """Chaos on a real local Ray cluster: renderer processes SIGKILLed mid-run, the driver SIGKILLed and run
-again, object storage failing 20% of requests. Each run ends with every expected key exactly once."""
+again, object storage failing 20% of requests. Each run ends with every expected key exactly once. The renders
+use the stand-in renderer (tests/stand_in.py): what is under test is the driver, Ray and the storage path."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ from tests.conftest import write_manifest
 from tests.fault_proxy import FaultProxy
 from tests.helpers import assert_images_match_metadata, failures, make_job, metadata, session_cluster_env
 from tests.own_ray import REPO
+from tests.stand_in import stand_in
+
+# What is tested is the driver's and Ray's handling of lost processes and failing storage, not the model: the
+# stand-in renderer (tests/stand_in.py), slowed so that kills land while the pool is rendering.
+SLOW_STAND_IN = stand_in(0.1)
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +91,7 @@ def test_renderer_processes_killed_mid_run_are_replaced_and_every_image_lands_on
     killer = RendererKiller(ray_cluster, out / "images", rounds=2)
     killer.start()
     try:
-        summary = render(job, progress=False)
+        summary = render(job, progress=False, renderer_class=SLOW_STAND_IN)
     finally:
         killer.done.set()
         killer.join()
@@ -102,15 +108,16 @@ def test_driver_killed_mid_run_then_run_again_renders_only_the_rest_and_matches_
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     reference = tmp_path / "reference"
     # The reference renders in batches of 2: the same keys must come out byte for byte whatever the batch size.
-    render(make_job(str(manifest), str(reference), str(tiny_model), batch_size=2), progress=False)
+    render(make_job(str(manifest), str(reference), str(tiny_model), batch_size=2), progress=False,
+           renderer_class=stand_in())
 
     # `fluxbatch render` as its own process, driving the test session's cluster (as a driver on a long-lived
     # cluster does), SIGKILLed with its process group as soon as its first metadata part is committed. One
     # image at a time on one thread, so the 40 images take seconds after the first part, even on a busy machine.
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "jobs.cli", "render", str(manifest), str(out), "--model", str(tiny_model),
-               "--no-progress", "--replicas", "1", "--batch-size", "1", "--cpus-per-replica", "1",
-               "--commit-seconds", "0"]
+    command = [sys.executable, "-m", "tests.stand_in_cli", "--seconds-per-image", "0.2", "render", str(manifest),
+               str(out), "--model", str(tiny_model), "--no-progress", "--replicas", "1", "--batch-size", "1",
+               "--cpus-per-replica", "1", "--commit-seconds", "0"]
     driver = subprocess.Popen(command, cwd=REPO, env=session_cluster_env(ray_cluster), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -124,7 +131,8 @@ def test_driver_killed_mid_run_then_run_again_renders_only_the_rest_and_matches_
     assert not (out / "_SUCCESS").exists()
     done_before = len(metadata(str(out)))
 
-    again = render(make_job(str(manifest), str(out), str(tiny_model), batch_size=2), progress=False)
+    again = render(make_job(str(manifest), str(out), str(tiny_model), batch_size=2), progress=False,
+                   renderer_class=stand_in())
 
     assert 0 < done_before < 40, f"the kill came when {done_before} of 40 images were committed"
     assert (again.images_already_done, again.images_rendered, again.images_failed) == (done_before,
@@ -144,8 +152,9 @@ def test_storage_failing_20_percent_of_requests_loses_nothing(tmp_path, tiny_mod
     with FaultProxy(s3_env, failure_rate=0.2, seed=3) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # driver and workers both go through the proxy
         summary = render(make_job(f"s3://{bucket}/in/m.parquet", out, str(tiny_model), replicas=2, batch_size=2,
-                                  commit_seconds=0), progress=False)
-        again = render(make_job(f"s3://{bucket}/in/m.parquet", out, str(tiny_model), replicas=2), progress=False)
+                                  commit_seconds=0), progress=False, renderer_class=stand_in())
+        again = render(make_job(f"s3://{bucket}/in/m.parquet", out, str(tiny_model), replicas=2), progress=False,
+                       renderer_class=stand_in())
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
 
     assert sum(proxy.faults.values()) >= 10, (proxy.requests, proxy.faults)
