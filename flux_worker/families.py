@@ -2,12 +2,14 @@
 
 Each `Family` holds its diffusers pipeline class, its presets (hub id, default steps, guidance, text length,
 size limits), the published component configs the memory planner counts, the offline builder that makes a
-random-weight copy (a function of flux_worker/model_build.py, named here), and how a prompt becomes the
-embeddings the pipeline takes. presets.py, memory_plan.py, model_build.py, loading.py, the renderer,
-validation (ModelLimits) and `_job.json` (through the preset) all read this table; nothing else lists models.
+random-weight copy, how a prompt becomes the embeddings the pipeline takes, and how a tensor-parallel group
+decodes its latents: each a function the entry holds (flux's `configs` hold their classes the same way).
+presets.py, memory_plan.py, model_build.py, loading.py, the renderer, validation (ModelLimits) and `_job.json`
+(through the preset) all read this table; nothing else lists models.
 
-This module imports neither torch nor diffusers, so the driver and `fluxbatch plan` stay light; the encode
-functions only call methods of the pipeline they are handed.
+This module imports neither torch nor diffusers, so the driver and `fluxbatch plan` stay light: the encode and
+decode functions only call methods of what they are handed, and a builder imports flux_worker/model_build.py
+when it is called.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from flux_worker.latents import decode_flux1, decode_flux2
 from schemas import ModelLimits
 
 
@@ -81,12 +84,12 @@ class Family:
     presets: tuple[ModelPreset, ...]
     configs: dict[str, dict[str, dict[str, Any]]]  # preset name -> component -> published config.json
     encode: Callable[[Any, str, int, str], Encoding]
-    builder: str  # the function of flux_worker/model_build.py that builds a random-weight pipeline
+    build: Callable[[Any, int], Any]  # (size, seed) -> a random-weight pipeline (flux_worker/model_build.py)
     offline: ModelPreset  # defaults of a built copy (name, source and text length are filled in by the builder)
     choose_preset: Callable[[dict[str, Any], dict[str, Any]], ModelPreset] = field(default=None, repr=False)
-    # The function of flux_worker/tensor_parallel_rank.py that decodes a tensor-parallel group's latents on rank 0;
-    # None: the family renders on one GPU per replica only (gpus_per_replica 2+ is refused before anything starts).
-    tp_decode: str | None = None
+    # Decodes a tensor-parallel group's latents on rank 0 (flux_worker/latents.py); None: the family renders on one
+    # GPU per replica only (gpus_per_replica 2+ is refused before anything starts).
+    tp_decode: Callable[..., list[Any]] | None = None
 
     def component_class(self, component: str) -> str:
         """The diffusers class of a component (`transformer`, `vae`): the same for every member of a family."""
@@ -106,6 +109,33 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# -- the offline builders (flux_worker/model_build.py imports diffusers and torch: only a build pays for it) ------
+
+
+def build_flux1(size: Any, seed: int) -> Any:
+    from flux_worker.model_build import build_pipeline
+
+    return build_pipeline(size, seed)
+
+
+def build_flux2(size: Any, seed: int) -> Any:
+    from flux_worker.model_build import build_flux2 as build
+
+    return build(size, seed)
+
+
+def build_flux2_klein(size: Any, seed: int) -> Any:
+    from flux_worker.model_build import build_flux2_klein as build
+
+    return build(size, seed)
+
+
+def build_kontext(size: Any, seed: int) -> Any:
+    from flux_worker.model_build import build_kontext as build
+
+    return build(size, seed)
 
 
 # -- the published configs (config.json of each component in the Hugging Face repos) ---------------
@@ -212,11 +242,11 @@ FLUX1 = Family(
                            "text_encoder_2": T5_XXL, "vae": FLUX1_VAE},
     },
     encode=encode_flux1,
-    builder="build_pipeline",
+    build=build_flux1,
     offline=ModelPreset(name="", source="", steps=4, guidance=3.5, max_sequence_length=0, min_side=64,
                         max_side=1024),
     choose_preset=_flux1_preset,
-    tp_decode="decode_flux1",
+    tp_decode=decode_flux1,
 )
 # Reference images a row may give: FLUX.2 [dev] takes up to 10, [klein] up to 4 (Black Forest Labs' model cards).
 FLUX2_REFERENCES = 10
@@ -231,10 +261,10 @@ FLUX2 = Family(
     ),
     configs={"flux.2-dev": {"transformer": FLUX2_TRANSFORMER, "text_encoder": MISTRAL_SMALL_3_1, "vae": FLUX2_VAE}},
     encode=encode_flux2,
-    builder="build_flux2",
+    build=build_flux2,
     offline=ModelPreset(name="", source="", steps=4, guidance=4.0, max_sequence_length=0, min_side=64,
                         max_side=1024, family="flux.2", max_references=FLUX2_REFERENCES),
-    tp_decode="decode_flux2",
+    tp_decode=decode_flux2,
 )
 FLUX2_KLEIN = Family(
     name="flux.2-klein",
@@ -253,7 +283,7 @@ FLUX2_KLEIN = Family(
         "flux.2-klein-9b": {"transformer": KLEIN_9B_TRANSFORMER, "text_encoder": QWEN3_8B, "vae": FLUX2_VAE},
     },
     encode=encode_flux2,
-    builder="build_flux2_klein",
+    build=build_flux2_klein,
     offline=ModelPreset(name="", source="", steps=4, guidance=1.0, max_sequence_length=0, min_side=64,
                         max_side=1024, family="flux.2-klein", takes_guidance=False, max_references=KLEIN_REFERENCES),
     choose_preset=_klein_preset,
@@ -272,7 +302,7 @@ FLUX1_KONTEXT = Family(
     ),
     configs={"flux.1-kontext-dev": FLUX1.configs["flux.1-dev"]},
     encode=encode_flux1,
-    builder="build_kontext",
+    build=build_kontext,
     offline=ModelPreset(name="", source="", steps=4, guidance=2.5, max_sequence_length=0, min_side=64,
                         max_side=1024, family="flux.1-kontext", min_references=1, max_references=1),
 )

@@ -339,7 +339,7 @@ def build_model(path: str | Path, size: str | OfflineSize = "tiny", seed: int = 
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     entry = FAMILIES[family]
     folder = Path(path).expanduser()
-    pipe: DiffusionPipeline = globals()[entry.builder](size, seed)
+    pipe: DiffusionPipeline = entry.build(size, seed)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     dims = _dims(size)

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from flux_worker.cold_start import ColdStart
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.families import Encoding, Family, family_of
-from flux_worker.latents import unpack_flux1, unpack_flux2, unpatchify_flux2
 from flux_worker.loading import refuse_pickle, torch_dtype
 from flux_worker.presets import ModelPreset, model_revision, resolve_preset
 from flux_worker.renderer import ImageWriter, Rendered, quiet_libraries, render_rows, render_same_shape, run_pipeline
@@ -190,7 +189,7 @@ class RankRenderer:
         self.pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement)
         self.start.model_loaded()
         self.family = family_of(preset)
-        self.decode = globals()[self.family.tp_decode]  # decode_flux1 or decode_flux2, below
+        self.decode = self.family.tp_decode  # flux_worker/latents.py
         self.embed_dtype = self.pipe.transformer.dtype
         self.cache = EmbeddingCache(embedding_cache_bytes)  # filled on the encoder rank only
         self.writer = None
@@ -291,33 +290,3 @@ class RankRenderer:
             raise error
         if int(failed.item()):
             raise TensorParallelError(f"another rank of the tensor-parallel group failed to {stage}")
-
-
-# -- decoding a group's latents on rank 0: each family's `tp_decode` (families.py) -----------------------------
-
-
-def decode_flux1(pipe: Any, vae: Any, latents: torch.Tensor, height: int, width: int) -> list[Any]:
-    """FluxPipeline's own decode step (unpack, unscale, AutoencoderKL), run where the planner put the VAE; the
-    unpacking is ours (flux_worker/latents.py)."""
-    latents = unpack_flux1(latents, height, width, pipe.vae_scale_factor)
-    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
-
-
-def decode_flux2(pipe: Any, vae: Any, latents: torch.Tensor, height: int, width: int) -> list[Any]:
-    """Flux2Pipeline's own decode step, run where the planner put the VAE: the packed tokens scattered back by
-    their position ids, the VAE's batch-norm statistics undone, the 2x2 patches unfolded, AutoencoderKLFlux2.
-
-    Copied from Flux2Pipeline.__call__ (diffusers 0.42.1, after the denoising loop), with our own unpacking
-    (flux_worker/latents.py); with output_type="latent" the pipeline returns the packed latents before these
-    steps. tests/test_flux2_tensor_parallel.py checks that a group's images equal the pipeline's own."""
-    scale = pipe.vae_scale_factor * 2
-    # The position ids depend on the latent grid's shape only (Flux2Pipeline.prepare_latents: row-major).
-    latents = unpack_flux2(latents, height // scale, width // scale)
-    bn_mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    bn_std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
-                                                                                               latents.dtype)
-    latents = unpatchify_flux2(latents * bn_std + bn_mean)
-    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
