@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -50,13 +51,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def stand_in_renderer():
-    """Every render in this module (the Python API and `fluxbatch` commands run in-process) uses the stand-in
-    renderer of tests/stand_in.py: no torch, a replica up in about a second. For tests of the driver (lease,
-    ledger, ownership, versions, verify, report), not of the model; a module opts in with
-    `pytestmark = pytest.mark.usefixtures("stand_in_renderer")`, and its module-scoped fixtures that render
-    ask for it by name. Tensor-parallel stages are left as they are."""
+@contextlib.contextmanager
+def _stand_in_installed():
     from pipeline import render_stage
     from tests.stand_in import stand_in
 
@@ -64,6 +60,24 @@ def stand_in_renderer():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(render_stage, "in_actor",
                       lambda target: renderer if target == render_stage.RENDERER else real(target))
+        yield renderer
+
+
+@pytest.fixture(scope="module")
+def stand_in_renderer():
+    """Every render in this module (the Python API and `fluxbatch` commands run in-process) uses the stand-in
+    renderer of tests/stand_in.py: no torch, a replica up in about a second. For tests of the driver (lease,
+    ledger, ownership, versions, verify, report), not of the model; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("stand_in_renderer")`, and its module-scoped fixtures that render
+    ask for it by name. Tensor-parallel stages are left as they are."""
+    with _stand_in_installed() as renderer:
+        yield renderer
+
+
+@pytest.fixture
+def stand_in_for_this_test():
+    """`stand_in_renderer` for one test of a module whose other tests render with the real pipeline."""
+    with _stand_in_installed() as renderer:
         yield renderer
 
 

@@ -31,9 +31,9 @@ class OwnRay:
         return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RAY_TMPDIR": self.temp_dir,
                 "FLUXBATCH_WORKER_LOGS": "1", **extra}
 
-    def start(self, args: list[str], **env: str) -> subprocess.Popen:
-        """Start `python -m jobs.cli ARGS` in a new session, output captured."""
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env=self.env(**env),
+    def start(self, args: list[str], module: str = "jobs.cli", **env: str) -> subprocess.Popen:
+        """Start `python -m MODULE ARGS` (`fluxbatch`, or tests.stand_in_cli) in a new session, output captured."""
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=self.env(**env),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.sessions.add(proc.pid)
         return proc

@@ -23,8 +23,8 @@ from flux_worker.image_writer import ImageWriter, Rendered
 
 
 class StandInRenderer:
-    """Renders noise drawn from (prompt, seed, size, steps, guidance); one image per planned row, taking
-    `seconds_per_image` (0: at once; a test that must act while a run is under way sets a few tenths)."""
+    """Renders noise drawn from (prompt, seed, size, steps, guidance, reference images); one image per planned row,
+    taking `seconds_per_image` (0: at once; a test that must act while a run is under way sets a few tenths)."""
 
     seconds_per_image = 0.0
 
@@ -55,7 +55,9 @@ class StandInRenderer:
 
         started_at = datetime.now(timezone.utc)
         time.sleep(self.seconds_per_image)
-        what = f"{row['prompt']}|{row['seed']}|{row['width']}x{row['height']}|{row['steps']}|{row['guidance']}"
+        references = ",".join(ref["sha256"] for ref in row.get("reference_images") or ())  # as a Kontext model's
+        what = (f"{row['prompt']}|{row['seed']}|{row['width']}x{row['height']}|{row['steps']}|{row['guidance']}|"
+                f"{references}")
         # Noise, as random weights render: it does not compress, so an image costs disk as a real one does.
         noise = random.Random(hashlib.sha256(what.encode()).digest()).randbytes(row["width"] * row["height"] * 3)
         return Rendered(row, Image.frombytes("RGB", (row["width"], row["height"]), noise), 0.0, started_at)

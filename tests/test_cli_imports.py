@@ -18,9 +18,10 @@ def modules_loaded_by(*args: str) -> set[str]:
     return run_cli(*args)[0]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[set[str], str]:
-    """Run `fluxbatch ARGS` in a fresh interpreter: the heavy modules it imported, and what it printed."""
-    code = ("import sys\nfrom jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+def run_cli(*args: str, env: dict[str, str] | None = None, cli: str = "jobs.cli") -> tuple[set[str], str]:
+    """Run `fluxbatch ARGS` in a fresh interpreter: the heavy modules it imported, and what it printed. `cli`:
+    tests.stand_in_cli renders with the stand-in renderer (what the driver imports does not depend on it)."""
+    code = (f"import sys\nfrom {cli} import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                             cwd=REPO, env=env)
@@ -39,7 +40,7 @@ def test_a_render_driver_imports_no_torch_diffusers_or_transformers(tmp_path, ti
 
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "cup", "prompt": "a cup", "width": 64, "height": 64}])
     loaded, printed = run_cli("render", str(manifest), str(tmp_path / "out"), "--model", str(tiny_model),
-                              "--no-progress", env=session_cluster_env(ray_cluster))
+                              "--no-progress", env=session_cluster_env(ray_cluster), cli="tests.stand_in_cli")
     assert "1 rendered" in printed
     assert loaded == {"ray"}
     assert metadata(str(tmp_path / "out")).num_rows == 1

@@ -158,7 +158,8 @@ class EndpointWatcher:
             time.sleep(0.2)
 
 
-def render_on_own_cluster(tmp_path, tiny_model, *extra: str) -> tuple[subprocess.CompletedProcess, EndpointWatcher]:
+def render_on_own_cluster(tmp_path, tiny_model, *extra: str,
+                          module: str = "jobs.cli") -> tuple[subprocess.CompletedProcess, EndpointWatcher]:
     """`fluxbatch render` with a local cluster of its own; its metrics endpoint watched from its start line on."""
     ray = OwnRay()
     out = tmp_path / "out"
@@ -166,7 +167,7 @@ def render_on_own_cluster(tmp_path, tiny_model, *extra: str) -> tuple[subprocess
     try:
         # FLUXBATCH_WORKER_LOGS empty: the default (worker output only with -v), whatever OwnRay forces
         proc = ray.start(["render", str(tiny_manifest(tmp_path)), str(out), "--model", str(tiny_model), *extra],
-                         FLUXBATCH_WORKER_LOGS="")
+                         module=module, FLUXBATCH_WORKER_LOGS="")
         err_lines: list[str] = []
         for line in proc.stderr:  # stream: the endpoint must be watched while the run is alive
             err_lines.append(line)
@@ -220,7 +221,8 @@ def test_the_last_metric_values_reach_the_endpoint_before_the_local_cluster_stop
 
 @pytest.mark.slow
 def test_verbose_shows_what_ray_and_ray_data_print(tmp_path, tiny_model):
-    result, _ = render_on_own_cluster(tmp_path, tiny_model, "-v")
+    # What Ray prints does not depend on the model: the stand-in renderer (tests/stand_in_cli.py)
+    result, _ = render_on_own_cluster(tmp_path, tiny_model, "-v", module="tests.stand_in_cli")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Started a local Ray instance" in result.stderr  # Ray's own logger
     assert "core_worker.cc" in result.stderr  # Ray's C++ core: "constructor arguments in the object store"

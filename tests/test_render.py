@@ -126,6 +126,7 @@ def test_rerun_with_other_render_parameters_is_refused_with_the_difference(first
         render(other, progress=False)
 
 
+@pytest.mark.usefixtures("stand_in_for_this_test")  # the storage path, not the model
 def test_manifest_on_s3_renders_to_s3(tmp_path, tiny_model, s3_env, bucket):
     import s3fs
 
@@ -146,6 +147,7 @@ def test_manifest_on_s3_renders_to_s3(tmp_path, tiny_model, s3_env, bucket):
                   progress=False).images_rendered == 0
 
 
+@pytest.mark.usefixtures("stand_in_for_this_test")  # the storage path, not the model
 def test_storage_options_reach_the_workers_without_environment_variables(tmp_path, tiny_model, s3_server, bucket,
                                                                           monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
