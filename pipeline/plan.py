@@ -44,6 +44,16 @@ def reference_suffixes(requests: pa.Table) -> list[str] | None:
     return [_references_suffix([ref["sha256"] for ref in refs or ()]) for refs in column.to_pylist()]
 
 
+def expected_keys(manifest: Manifest) -> set[str]:
+    """The keys of every image the manifest asks for; only these are packed, whatever else OUTPUT holds."""
+    requests = manifest.requests  # columns, so a manifest of millions of rows builds no model per row
+    return {image_key(request_id, variant, [ref["sha256"] for ref in references or ()])
+            for request_id, count, references in zip(requests.column("request_id").to_pylist(),
+                                                     requests.column("num_images").to_pylist(),
+                                                     requests.column("reference_images").to_pylist())
+            for variant in range(count)}
+
+
 def derived_seed(key: str) -> int:
     """A 63-bit seed from the key, for rows that give none (63 bits: friendly to every consumer)."""
     digest = hashlib.blake2b(f"seed\x1f{key}".encode(), digest_size=8).digest()

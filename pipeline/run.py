@@ -35,10 +35,10 @@ from pipeline.cluster.ray_private import DroppedBatchErrors
 from pipeline.cluster.ray_session import RaySession, connect, quiet_ray_data, verbose
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
-from pipeline.plan import plan_images, split_blocks
+from pipeline.plan import expected_keys, plan_images, split_blocks
 from pipeline.render_stage import render_stage
 from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
-from pipeline.store.pack import expected_keys, pack_images
+from pipeline.store.pack import pack_images
 from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.errors import FluxbatchError
 from schemas.layout import FAILURES, JOB_FILE, VERSIONS, is_part_of_run

@@ -89,17 +89,21 @@ def test_webdataset_of_mixed_formats_is_refused_and_leaves_the_output_as_it_was(
 
 @pytest.mark.slow
 def test_webdataset_shards_load_whole_with_load_dataset_of_the_path_alone(wds, tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-    loaded = datasets.load_dataset(str(wds / "webdataset"), split="train")
+    loaded = load_offline(wds / "webdataset", tmp_path, monkeypatch)
 
     rows = by_key(wds)
     assert sorted(loaded["__key__"]) == sorted(rows)
     for item in loaded:
         assert item["jpg"] is not None and item["jpg"].size == SIZES[rows[item["__key__"]]["request_id"]]
+
+
+def load_offline(folder: Path, tmp_path: Path, monkeypatch) -> object:
+    """`datasets.load_dataset(folder)` at its defaults, with no hub and a cache of the test's own."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    return datasets.load_dataset(str(folder), split="train")
 
 
 def by_key(output: Path) -> dict[str, dict]:
@@ -110,10 +114,7 @@ def by_key(output: Path) -> dict[str, dict]:
 def test_hf_parquet_folder_loads_with_load_dataset_of_the_path_alone(out, tmp_path, monkeypatch):
     import datasets
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-    loaded = datasets.load_dataset(str(out / "hf"), split="train")
+    loaded = load_offline(out / "hf", tmp_path, monkeypatch)
 
     rows = by_key(out)
     assert isinstance(loaded.features["image"], datasets.Image)

@@ -30,8 +30,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage, filesystem
-from pipeline.manifest import Manifest
-from pipeline.plan import image_key
 from pipeline.store import ledger
 from pipeline.store.writers import HFParquetWriter, ShardWriter, WebDatasetWriter
 from schemas import JobSpec
@@ -57,16 +55,6 @@ class PackResult:
     written: int
     unchanged: int
     images: int
-
-
-def expected_keys(manifest: Manifest) -> set[str]:
-    """The keys of every image the manifest asks for; only these are packed, whatever else OUTPUT holds."""
-    requests = manifest.requests  # columns, so a manifest of millions of rows builds no model per row
-    return {image_key(request_id, variant, [ref["sha256"] for ref in references or ()])
-            for request_id, count, references in zip(requests.column("request_id").to_pylist(),
-                                                     requests.column("num_images").to_pylist(),
-                                                     requests.column("reference_images").to_pylist())
-            for variant in range(count)}
 
 
 def shard_name(index: int, suffix: str) -> str:
