@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import url_to_fs
 
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.layout import TMP_MARK
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,13 @@ class StorageError(FluxbatchError):
     write) and what to do. Made from the library's error by `storage_error`, the one place that translates them."""
 
 
+class StoreFailingError(StorageError):
+    """A storage operation still failed after every retry (500s, dropped connections): one line, not the library's
+    traceback. Exit code 1: not a mistake in the command, and a run may have been under way."""
+
+    exit_code = 1
+
+
 # Local errors a user fixes by choosing another path or changing permissions; their strerror says which.
 _LOCAL_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 
@@ -204,7 +211,11 @@ def _with_retries(action: Callable[[], T], what: str, tries: int, base_delay: fl
                 translated = storage_error(error, what)
                 if translated is not None:
                     raise translated from error
-                raise
+                if refused:
+                    raise
+                raise StoreFailingError(
+                    f"{what} failed {tries} times ({first_line(error, typed=True)}): the store is failing or "
+                    "overloaded; run again once it answers (what was committed is kept)") from error
             delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
             log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(error).__name__, error,
                         attempt, tries - 1, delay)

@@ -77,3 +77,17 @@ def test_catalog_rerun_on_s3_retries_a_fault_on_the_published_images(tmp_path, t
     assert proxy.faults["internal"] >= 2, proxy.faults  # the index, the live image
     assert first.skus_new == ["LAMP-1"]
     assert (summary.images_rendered, again.skus_unchanged, again.skus_new, again.skus_changed) == (0, 1, [], [])
+
+
+def test_a_store_that_keeps_failing_is_one_line_naming_the_url_not_a_traceback(s3_env, bucket):
+    from flux_worker.storage import StoreFailingError
+
+    with FaultProxy(s3_env, failure_rate=1.0, faults=("internal",)) as proxy:
+        fs, root = filesystem(f"s3://{bucket}/run", {**ONE_TRY, "client_kwargs": {"endpoint_url": proxy.url}})
+        store = Storage(fs.fs, tries=2)
+        with pytest.raises(StoreFailingError) as failed:
+            store.read_bytes(f"{root}/_job.json")
+
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(f"read s3://{bucket}/run/_job.json failed 2 times")
+    assert failed.value.exit_code == 1
