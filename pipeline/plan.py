@@ -142,8 +142,8 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
         differs = fields != 0
         if differs.any() and not rerender_changed:
             raise refusal(table.filter(pa.array(differs)), fields[differs])
-        lost = (index >= 0) & pc.is_in(table.column("key"), value_set=stale if stale is not None
-                                       else pa.array([], pa.string())).to_numpy(zero_copy_only=False)
+        stale = stale if stale is not None else pa.array([], pa.string())
+        lost = (index >= 0) & pc.is_in(table.column("key"), value_set=stale).to_numpy(zero_copy_only=False)
         again = differs | lost
         changed, restored = int(differs.sum()), int((lost & ~differs).sum())
         if again.any():

@@ -96,7 +96,7 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
     except FluxbatchError as error:
         # A refusal (exit 2 before the plan was made) changed nothing: jobs that wrote into OUTPUT before calling
         # render (synthesize, catalog) put their files back on seeing this (jobs/refusal.py).
-        error.refused = not undo.under_way and getattr(error, "exit_code", 2) == 2
+        error.refused = undo.is_refusal(error)
         raise
     finally:
         undo.remove_empty_folders()  # after the leases are gone (a lease file sits in OUTPUT)
@@ -137,21 +137,22 @@ class _Undo:
 
     def check_job(self, job: JobSpec, new_version: bool) -> str:
         """`ledger.check_job`, remembering the `_job.json` it writes (a new OUTPUT's, or a new version's)."""
-        fs, root = self.fs, self.root
-        recorded = fs.exists(f"{root}/{JOB_FILE}")
-        known = {root, *(folder for _, folder in ledger.versions(fs, root))} if recorded else set()
-        folder = ledger.check_job(fs, root, job, new_version=new_version)
-        if folder != root:
+        folder, written = ledger.check_job(self.fs, self.root, job, new_version=new_version)
+        if folder != self.root:
             self.roots.append(folder)
-        if folder not in known:
+        if written:
             self.job_files.append(f"{folder}/{JOB_FILE}")
-            if folder != root and fs.local:
+            if folder != self.root and self.fs.local:
                 self.folders[:0] = [f"{folder}/{FAILURES}", folder]
         return folder
 
+    def is_refusal(self, error: FluxbatchError) -> bool:
+        """An error with exit code 2 (a usage or configuration mistake) raised before the plan was made."""
+        return not self.under_way and getattr(error, "exit_code", 2) == 2
+
     def refused(self, error: FluxbatchError) -> None:
         """Take back what this run wrote, if `error` refused it before its plan was made."""
-        if self.under_way or getattr(error, "exit_code", 2) != 2:
+        if not self.is_refusal(error):
             return
         self.took_back = True
         for held in self.leases:

@@ -54,12 +54,11 @@ def ray_cluster():
 @contextlib.contextmanager
 def _stand_in_installed():
     from pipeline import render_stage
-    from tests.stand_in import stand_in
+    from tests.stand_in import member_classes, stand_in
 
-    real, renderer = render_stage.in_actor, stand_in()
+    renderer = stand_in()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(render_stage, "in_actor",
-                      lambda target: renderer if target == render_stage.RENDERER else real(target))
+        patch.setattr(render_stage, "in_actor", member_classes(renderer, render_stage.in_actor))
         yield renderer
 
 

@@ -63,6 +63,13 @@ class StandInRenderer:
         return Rendered(row, Image.frombytes("RGB", (row["width"], row["height"]), noise), 0.0, started_at)
 
 
+def member_classes(renderer: type, real: Any) -> Any:
+    """`render_stage.in_actor` with the renderer's pool member replaced by `renderer` (tensor-parallel groups kept)."""
+    from pipeline import render_stage
+
+    return lambda target: renderer if target == render_stage.RENDERER else real(target)
+
+
 def stand_in(seconds_per_image: float = 0.0) -> type:
     """The class to pass as `renderer_class`; shipped to the workers by value (tests/ is not on their path)."""
     from ray import cloudpickle

@@ -21,7 +21,7 @@ from jobs.cli import main as fluxbatch
 from pipeline import render_stage
 from pipeline import run as run_module
 from pipeline.store import committed_images, ledger
-from tests.stand_in import stand_in
+from tests.stand_in import member_classes, stand_in
 
 
 def kill_at(owner: Any, name: str, when: Any = lambda *args, **kwargs: True) -> None:
@@ -53,8 +53,7 @@ def main(argv: list[str]) -> int:
         else:
             seconds = float(argv[1])
         argv = argv[2:]
-    real, renderer = render_stage.in_actor, stand_in(seconds)
-    render_stage.in_actor = lambda target: renderer if target == render_stage.RENDERER else real(target)
+    render_stage.in_actor = member_classes(stand_in(seconds), render_stage.in_actor)
     return fluxbatch(argv)
 
 

@@ -91,9 +91,10 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
                       .append_column("index", pa.array(range(table.num_rows), pa.int64())))
     rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
     kept = ledger.latest_row_per_key(rows) if rows is not None else None
-    named: dict[str, int] = {}
-    for key, uri, size in (zip(*(kept.column(c).to_pylist() for c in COLUMNS)) if kept is not None else ()):
-        named[committed_image_path(root, key, uri)] = size
+    named: dict[str, tuple[str, int, str]] = {}  # image path -> (key, bytes, part) of the kept row naming it
+    columns = [*COLUMNS, "part"]
+    for key, uri, size, part in (zip(*(kept.column(c).to_pylist() for c in columns)) if kept is not None else ()):
+        named[committed_image_path(root, key, uri)] = (key, size, part)
 
     old = None  # the rows a key's latest row supersedes
     retired: dict[str, int] = {}  # image path -> bytes its superseded row recorded
@@ -116,16 +117,11 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
             indices = set(old.filter(pc.equal(old.column("part"), part)).column("index").to_pylist())
             settled.rows_retired += ledger.rewrite_part(
                 fs, root, part, lambda table, indices=indices: pa.array([i in indices for i in range(table.num_rows)]))
-    by_path = {committed_image_path(root, key, uri): key
-               for key, uri in (zip(kept.column("key").to_pylist(), kept.column("image_uri").to_pylist())
-                                if kept is not None else ())}
-    part_of = dict(zip(kept.column("key").to_pylist(), kept.column("part").to_pylist())) if kept is not None else {}
-    for path, size in named.items():
+    for path, (key, size, part) in named.items():
         problem = image_problem(path, size, on_disk)
         if problem:
-            key = by_path[path]
             settled.missing[key] = problem
-            if is_part_of_run(part_of[key], run_id):
+            if is_part_of_run(part, run_id):
                 settled.missing_new.add(key)
     if settled.rows_retired or settled.images_removed:
         log.warning("%s: retired %d superseded ledger rows and %d images no row names", fs.uri(root),

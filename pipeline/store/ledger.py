@@ -118,8 +118,9 @@ def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, 
     return (pa.concat_tables(tables, promote_options="permissive") if tables else None), total
 
 
-def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -> str:
-    """The folder this job renders into: OUTPUT or the version whose `_job.json` matches the job.
+def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -> tuple[str, bool]:
+    """The folder this job renders into (OUTPUT or the version whose `_job.json` matches the job), and whether this
+    call wrote its `_job.json`.
 
     A first run writes OUTPUT/_job.json. A job matching no recorded version is refused with what differs,
     or, with `new_version`, gets the next OUTPUT/_versions/<n>/ so no image of another version is touched.
@@ -127,14 +128,14 @@ def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -
     identity = job_identity(job)
     if not fs.exists(f"{root}/{JOB_FILE}"):
         _write_job(fs, root, job, version=1)
-        return root
+        return root, True
     recorded_versions = [(1, root)] + versions(fs, root)
     differences: list[str] = []
     for _, folder in recorded_versions:
         recorded = recorded_identity(fs, folder)
         differences = _differences(recorded, identity)
         if not differences:
-            return folder
+            return folder, False
     latest, folder = recorded_versions[-1]
     if not new_version:
         which = root if latest == 1 else f"{root} (latest version: {folder})"
@@ -147,7 +148,7 @@ def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -
     log.warning("job parameters differ from %s (%s); rendering a new version into %s",
                 root, "; ".join(differences), folder)
     _write_job(fs, folder, job, version=latest + 1)
-    return folder
+    return folder, True
 
 
 class CorruptJobFileError(FluxbatchError, ValueError):
