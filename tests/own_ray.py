@@ -38,8 +38,9 @@ class OwnRay:
         self.sessions.add(proc.pid)
         return proc
 
-    def run(self, args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-        proc = self.start(args, **env)
+    def run(self, args: list[str], timeout: float = 600, module: str = "jobs.cli",
+            **env: str) -> subprocess.CompletedProcess:
+        proc = self.start(args, module, **env)
         try:
             out, err = proc.communicate(timeout=timeout)
         finally:

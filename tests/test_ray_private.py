@@ -4,7 +4,10 @@ what fluxbatch relies on with the installed Ray: a Ray upgrade that moves one fa
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,3 +117,13 @@ def test_restarts_reach_ray_data_through_ray_remote_args_until_map_batches_names
     users = [path.relative_to(REPO) for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
              if "max_task_retries=" in path.read_text()]
     assert users == [Path("pipeline/render_stage.py")]
+
+
+def test_a_cluster_fluxbatch_starts_exports_its_metrics_each_second():
+    """`_system_config` reaches a cluster `ray.init` starts (its own process: Ray starts once per process)."""
+    script = ("import ray; from pipeline.cluster.ray_private import local_cluster_settings as s; "
+              "ray.init(address='local', include_dashboard=False, logging_level='ERROR', **s()); "
+              "print('INTERVAL', ray._config.metrics_report_interval_ms()); ray.shutdown()")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)})
+    assert "INTERVAL 1000" in done.stdout, done.stdout + done.stderr[-3000:]

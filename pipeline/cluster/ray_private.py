@@ -10,6 +10,9 @@ What lives here, and why no public API does it:
 - stop an actor known only by its id: `ray.kill` takes a handle, and Ray Data keeps its pool's handles;
 - re-read Ray's settings after setting RAY_AUTH_MODE (pipeline/cluster/ray_auth.py): Ray reads them once per process;
 - the runtime env of a submitted job's driver: an environment variable named by a private constant;
+- how often a local cluster exports its metrics: `metrics_report_interval_ms` (10 s) is a Ray setting that only
+  `ray.init(_system_config=...)` sets for a cluster it starts; at 10 s, the end of a run on its own cluster waits
+  up to 10 s for the endpoint to show the last values (pipeline/cluster/metrics.py);
 - the error of a batch Ray Data dropped (`max_errored_blocks=-1`): no public hook reports errored blocks (its
   `ExecutionCallback` is internal); Ray Data logs each to the "ray.data" logger with the exception attached.
 """
@@ -62,6 +65,15 @@ def reload_ray_config() -> None:
     from ray._raylet import Config
 
     Config.initialize("")
+
+
+LOCAL_METRICS_EXPORT_MS = 1000  # Ray's floor for its exporter (max(interval, 1000 ms))
+
+
+def local_cluster_settings() -> dict[str, Any]:
+    """`ray.init` arguments for a cluster this process starts: metrics exported each second, so a short run's last
+    values reach its endpoint a second after it ends, not ten (only a cluster that `ray.init` starts takes them)."""
+    return {"_system_config": {"metrics_report_interval_ms": LOCAL_METRICS_EXPORT_MS}}
 
 
 def submitted_job_env() -> dict[str, str]:

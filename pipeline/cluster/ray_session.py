@@ -74,12 +74,14 @@ def connect(address: str, runtime_env: dict, can_grow: bool) -> RaySession:
     started_here = False
     if not ray.is_initialized():
         from pipeline.cluster.ray_auth import starts_local_cluster
+        from pipeline.cluster.ray_private import local_cluster_settings
 
         started_here = starts_local_cluster(address)
         loud = verbose()
+        own = local_cluster_settings() if started_here else {}
         with _backend_log_level(None if loud else "fatal"):
             context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver(),
-                               configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR)
+                               configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR, **own)
         dashboard = context.dashboard_url or None
     return _describe(started_here, can_grow, dashboard)
 
