@@ -1,9 +1,9 @@
 """Fleet simulation: fluxbatch's real driver and Ray Data actor pool, against a stand-in renderer holding no model.
 
-Each stand-in image sleeps `--seconds` (the GPU's time for one image), then a fixed 64x64 image is encoded and
-written like a real one, through the same `ImageWriter` on the same threads, and its result row goes back through
-Ray Data to the driver, which commits it to the ledger. Replicas reserve fake GPUs (one each), so the pool is
-scheduled as on a GPU cluster. What it measures, per (replicas, seconds per image):
+Each stand-in image (tests/stand_in.py) sleeps `--seconds` (the GPU's time for one image), then a 64x64 image
+is encoded and written like a real one, through the same `ImageWriter` on the same threads, and its result row goes
+back through Ray Data to the driver, which commits it to the ledger. Replicas reserve fake GPUs (one each), so the
+pool is scheduled as on a GPU cluster. What it measures, per (replicas, seconds per image):
 
 - images/s committed: images in the ledger over the render stage's wall time (pool start-up included), and
   steady (first image started to last image finished);
@@ -30,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,51 +38,10 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flux_worker.cold_start import ColdStart  # noqa: E402
-from flux_worker.image_writer import ImageWriter, Rendered  # noqa: E402
+from tests.stand_in import stand_in  # noqa: E402  (the tests' stand-in renderer, sleeping --seconds per image)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / ".fluxbatch" / "fleet-model"  # the tiny model: only pre-flight and the planner read it
-
-
-class StandInRenderer:
-    """Takes `Renderer`'s constructor arguments and holds no model: sleeps `seconds_per_image` per image, then
-    writes a fixed image through the real `ImageWriter`. Imports no torch, so a replica starts in about a second."""
-
-    seconds_per_image = 0.7
-
-    def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 jpeg_quality: int = 95, webp_quality: int = 95, run_id: str | None = None, **_: Any):
-        from PIL import Image
-
-        self.start = ColdStart("fake-gpu")
-        self.run_id = run_id
-        self.writer = ImageWriter(output_uri, storage_options, jpeg_quality=jpeg_quality, webp_quality=webp_quality,
-                                  write_threads=4, device="cpu",
-                                  identity={"model_id": "stand-in", "model_revision": "none", "dtype": "bf16"})
-        self.image = Image.new("RGB", (64, 64), (200, 120, 40))
-        self.start.model_loaded()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        result = self.writer.results(batch, (self._render(row) for row in batch.to_pylist()))
-        self.start.after_batch(result, self.writer.fs, self.writer.root, self.run_id)
-        return result
-
-    def _render(self, row: dict[str, Any]) -> Rendered:
-        started_at = datetime.now(timezone.utc)
-        mark = time.perf_counter()
-        with self.start.first_call():
-            time.sleep(self.seconds_per_image)
-        return Rendered(row, self.image, time.perf_counter() - mark, started_at)
-
-
-def stand_in(seconds: float) -> type:
-    """The stand-in class sleeping `seconds` per image (a class: Ray Data builds one per replica)."""
-    from ray import cloudpickle
-
-    # This file is not importable on the workers: ship the classes by value.
-    cloudpickle.register_pickle_by_value(sys.modules[StandInRenderer.__module__])
-    return type("StandInRenderer", (StandInRenderer,), {"seconds_per_image": seconds})
 
 
 def ensure_model() -> Path:

@@ -9,7 +9,7 @@ from PIL import Image
 from schemas import OutputFormat
 
 
-def encode_image(image: Image.Image, fmt: OutputFormat, jpeg_quality: int = 95, webp_quality: int = 95) -> bytes:
+def encode_image(image: Image.Image, fmt: OutputFormat, *, jpeg_quality: int, webp_quality: int) -> bytes:
     """The file bytes of `image` in `fmt`; no timestamps or other varying metadata are embedded."""
     buffer = io.BytesIO()
     if fmt is OutputFormat.png:

@@ -38,7 +38,7 @@ class ModelPreset:
     min_side: int = 256
     max_side: int = 2048
     max_steps: int = 200
-    family: str = "flux.1"  # a FAMILIES name; fluxbatch_preset.json files written before FLUX.2 omit it
+    family: str = "flux.1"  # a FAMILIES name
     takes_guidance: bool = True  # False: a row's guidance is refused (step-distilled models ignore it)
     # How many reference images a row must and may give (its `reference_images`): none for text-only models.
     min_references: int = 0

@@ -23,7 +23,7 @@ import pyarrow as pa
 from flux_worker.encode import encode_image
 from flux_worker.metrics import RendererMetrics
 from flux_worker.storage import filesystem
-from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat
+from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat, RenderOptions
 from schemas.errors import first_line
 from schemas.layout import image_path
 
@@ -52,16 +52,15 @@ class ImageWriter:
 
     Only a single-GPU Renderer and rank 0 of a tensor-parallel group hold one: they alone write and report."""
 
-    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None, *, identity: dict[str, str],
-                 jpeg_quality: int, webp_quality: int, write_threads: int, device: str):
-        self.fs, self.root = filesystem(output_uri, storage_options)
+    def __init__(self, options: RenderOptions, *, identity: dict[str, str], device: str):
+        self.fs, self.root = filesystem(options.output_uri, options.storage_options)
         self.identity = identity  # model_id, model_revision, dtype: the same on every row
-        self.quality = {"jpeg_quality": jpeg_quality, "webp_quality": webp_quality}
+        self.quality = {"jpeg_quality": options.jpeg_quality, "webp_quality": options.webp_quality}
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = device
-        self.metrics = RendererMetrics(identity["model_id"], output_uri)
+        self.metrics = RendererMetrics(identity["model_id"], options.output_uri)
         # Encoding and uploads run here while the next image renders; a batch returns once all are written.
-        self._writes = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="fluxbatch-write")
+        self._writes = ThreadPoolExecutor(max_workers=options.write_threads, thread_name_prefix="fluxbatch-write")
 
     def results(self, batch: pa.Table, outcomes: Iterable[Rendered | dict[str, Any]]) -> pa.Table:
         """Write each image as `outcomes` yields it; once all are written (or failed), the batch's result table."""

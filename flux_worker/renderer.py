@@ -37,7 +37,7 @@ from flux_worker.image_writer import ImageWriter, Rendered, describe, failure_ro
 from flux_worker.loading import load_pipeline
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.references import ReferenceReader
-from schemas import ModelSpec
+from schemas import ModelSpec, RenderOptions
 
 __all__ = ["ImageWriter", "Rendered", "Renderer", "failure_row", "render_rows", "render_same_shape",
            "run_pipeline"]
@@ -130,53 +130,32 @@ def run_pipeline(pipe: Any, first: dict[str, Any], inputs: Encoding, generators:
 class Renderer:
     """A Ray Data callable class holding one loaded Flux pipeline."""
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        output_uri: str,
-        storage_options: dict[str, Any] | None = None,
-        *,
-        batch_invariant: bool = True,
-        threads: int | None = None,
-        max_retries: int = 3,
-        jpeg_quality: int = 95,
-        webp_quality: int = 95,
-        embedding_cache_bytes: int = 256 * 2**20,
-        write_threads: int = 4,
-        pipeline: tuple[FluxPipeline, ModelPreset] | None = None,
-        run_id: str | None = None,
-        compile_cache_options: dict[str, Any] | None = None,
-        reference_storage_options: dict[str, Any] | None = None,
-    ):
-        # `reference_storage_options`: fsspec options for rows' reference images (the manifest's).
-        # `run_id`: where this actor's cold-start record goes (flux_worker/cold_start.py); none, no record.
-        # `compile_cache_options`: storage options for a model.compile_cache on an object store.
+    def __init__(self, model: dict[str, Any], options: RenderOptions,
+                 pipeline: tuple[FluxPipeline, ModelPreset] | None = None):
+        # `pipeline`: a loaded pipeline and its preset, handed in by tests that share one between renderers.
         self.start = ColdStart("cuda" if torch.cuda.is_available() else "cpu")
-        self.run_id = run_id
+        self.run_id = options.run_id
         quiet_libraries()
-        if threads:
-            torch.set_num_threads(cpu_threads(threads))  # Ray sets OMP_NUM_THREADS=num_cpus; match it explicitly
+        if options.threads:
+            torch.set_num_threads(cpu_threads(options.threads))  # Ray sets OMP_NUM_THREADS=num_cpus; match it
         self.spec = ModelSpec.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # A caller may hand in a loaded pipeline (tests share one between renderers).
         self.pipe, self.preset = pipeline or load_pipeline(self.spec, self.device)
         self.start.model_loaded()
         # model.compile: each new shape's first call loads (or saves) the shared compile cache's blob.
         self.compile_cache = compile_cache.for_model(self.spec, self.pipe.transformer, self.device,
-                                                     compile_cache_options)
+                                                     options.compile_cache_options)
         self.model_id = self.preset.name
         self.family = family_of(self.preset)
         self.revision = model_revision(self.preset, self.spec)
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
-        self.batch_invariant = batch_invariant
-        self.max_retries = max_retries
-        self.cache = EmbeddingCache(embedding_cache_bytes)
-        self.writer = ImageWriter(output_uri, storage_options, jpeg_quality=jpeg_quality, webp_quality=webp_quality,
-                                  write_threads=write_threads, device=self.device,
-                                  identity={"model_id": self.model_id, "model_revision": self.revision,
-                                            "dtype": self.dtype})
+        self.batch_invariant = options.batch_invariant
+        self.max_retries = options.max_retries
+        self.cache = EmbeddingCache(options.embedding_cache_bytes)
+        self.writer = ImageWriter(options, device=self.device, identity={
+            "model_id": self.model_id, "model_revision": self.revision, "dtype": self.dtype})
         self._active_adapters: tuple = ()
-        self.references = ReferenceReader(reference_storage_options, self.family.pipeline_class)
+        self.references = ReferenceReader(options.reference_storage_options, self.family.pipeline_class)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         outcomes = render_rows(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,

@@ -6,7 +6,6 @@ it). Storage options may hold credentials: they are passed around, never logged 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
@@ -55,46 +54,6 @@ def credential_options(url: str) -> dict[str, str]:
     options = {"key": key, "secret": secret}
     if os.environ.get("AWS_SESSION_TOKEN"):
         options["token"] = os.environ["AWS_SESSION_TOKEN"]
-    return options
-
-
-def add_storage_option_flag(parser: argparse.ArgumentParser) -> None:
-    """The `--storage-option KEY=VALUE` flag of every command that reads or writes storage."""
-
-    def key_value(text: str) -> str:
-        if "=" not in text:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected key=value, e.g. endpoint_url=http://host:9000")
-        return text
-
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
-                        help="fsspec option for the input and output files, e.g. endpoint_url=http://host:9000 "
-                             "(repeatable)")
-
-
-def apply_storage_options(spec: Any, pairs: list[str]) -> Any:
-    """Merge `--storage-option key=value` flags into a spec's input and output storage options; returns it."""
-    options = parse_storage_options(pairs)
-    if options:
-        spec.storage_options = {**spec.storage_options, **options}
-        spec.output.storage_options = {**spec.output.storage_options, **options}
-    return spec
-
-
-def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
-    """Turn `key=value` flags into fsspec options; `client_kwargs.endpoint_url=...` nests with dots."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--storage-option {pair!r}: expected key=value")
-        key, value = pair.split("=", 1)
-        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
-        node = options
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parsed
-    if "endpoint_url" in options:  # s3fs takes the endpoint inside client_kwargs
-        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
     return options
 
 

@@ -11,8 +11,9 @@
 All ranks get the same batch and run the single-GPU render steps of flux_worker/renderer.py in
 lock-step (`RankRenderer` in flux_worker/tensor_parallel_rank.py, which this module imports only inside
 the rank actors, so the driver and the group's own actor stay light). The pool's stage for a group is
-built beside the single-GPU one, by pipeline/render_stage.py, with `group_options` below. Where the
-text encoders and the VAE live (a GPU, another GPU, or CPU) comes from the memory planner. Which families have
+built beside the single-GPU one, by pipeline/render_stage.py, with the group's shape chosen by
+pipeline/replica_shape.py. Where the text encoders and the VAE live (a GPU, another GPU, or CPU) comes from the
+memory planner. Which families have
 tensor-parallel replicas, and which classes their ranks load, comes from the model table (families.py).
 """
 
@@ -29,10 +30,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flux_worker.families import FAMILIES, Family, family_of
-from flux_worker.memory_plan import PlanError, model_configs, parse_size, placement_of, plan_memory
-from flux_worker.presets import resolve_preset
-from schemas import JobSpec
+from flux_worker.families import FAMILIES, Family
+from flux_worker.memory_plan import MAX_GPUS
+from schemas import RenderOptions
 from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
@@ -51,20 +51,13 @@ def unsupported_family(family: Family) -> str:
             f"tensor-parallel replicas render {able} only: set gpus_per_replica 1")
 
 
-def check_family(job: JobSpec) -> None:
-    """Refuse a tensor-parallel replica of a family that has none, before anything is written or started."""
-    family = family_of(resolve_preset(job.model.name))
-    if family.tp_decode is None:
-        raise TensorParallelError(f"gpus_per_replica {job.gpus_per_replica}: {unsupported_family(family)}")
-
-
 def check_divisible(config: Any, degree: int) -> None:
     """Raise if `degree` does not divide the transformer's attention heads (each rank takes whole heads)."""
     heads = config["num_attention_heads"] if isinstance(config, dict) else config.num_attention_heads
     if heads % degree:
         raise TensorParallelError(
             f"gpus_per_replica={degree} does not divide the transformer's {heads} attention heads; "
-            f"choose one of {[d for d in range(1, heads + 1) if heads % d == 0 and d <= 8]}"
+            f"choose one of {[d for d in range(1, heads + 1) if heads % d == 0 and d <= MAX_GPUS]}"
         )
 
 
@@ -85,23 +78,22 @@ class RankWorker:
             return f"{host}:{sock.getsockname()[1]}"
 
     def start(self, rank: int, world_size: int, address: str, group_gpus: list[str], model: dict[str, Any],
-              output_uri: str, storage_options: dict[str, Any] | None, placement: dict[str, Any],
-              threads: int | None, renderer: dict[str, Any]) -> None:
+              options: RenderOptions, placement: dict[str, Any]) -> None:
         """Join the process group and load this rank's part of the pipeline."""
         import torch
 
         from flux_worker.cpu_threads import cpu_threads
         from flux_worker.tensor_parallel_rank import Placement, RankRenderer, init_group
 
-        if threads:
-            torch.set_num_threads(cpu_threads(threads))
+        if options.threads:
+            torch.set_num_threads(cpu_threads(options.threads))
         if group_gpus:
             # Ray shows each actor only its own GPU; NCCL's peer-to-peer paths need the whole group's,
             # ordered so that rank i uses cuda:i. Set before anything initialises CUDA in this process.
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(group_gpus)
         device = init_group(rank, world_size, address)
-        self.renderer = RankRenderer(model, output_uri, storage_options, rank=rank, world_size=world_size,
-                                     device=device, placement=Placement(**placement), threads=threads, **renderer)
+        self.renderer = RankRenderer(model, options, rank=rank, world_size=world_size, device=device,
+                                     placement=Placement(**placement))
 
     def render(self, batch: pa.Table) -> pa.Table | None:
         """The batch's result rows on rank 0; None on the other ranks, which render in lock-step and write nothing."""
@@ -147,9 +139,8 @@ def form_group(tp_degree: int, cpus_per_rank: int = 1) -> tuple[Any, list[Any]]:
 class TensorParallelReplica:
     """A Ray Data callable class: one member of the actor pool, driving a group of `tp_degree` rank actors."""
 
-    def __init__(self, tp_degree: int, model: dict[str, Any], output_uri: str,
-                 storage_options: dict[str, Any] | None = None, *, placement: dict[str, Any] | None = None,
-                 cpus_per_rank: int = 1, threads: int | None = None, **renderer: Any):
+    def __init__(self, model: dict[str, Any], options: RenderOptions, *, tp_degree: int,
+                 placement: dict[str, Any] | None = None, cpus_per_rank: int = 1):
         if tp_degree < 2:
             raise TensorParallelError(f"a tensor-parallel replica needs 2 or more GPUs, got {tp_degree}")
         self.tp_degree = tp_degree
@@ -158,11 +149,8 @@ class TensorParallelReplica:
                             key=_gpu_sort_key)
         address = ray.get(self.ranks[0].address.remote())
         place = dict(placement or {})
-        ray.get([
-            worker.start.remote(rank, tp_degree, address, group_gpus, model, output_uri, storage_options, place,
-                                threads, renderer)
-            for rank, worker in enumerate(self.ranks)
-        ])
+        ray.get([worker.start.remote(rank, tp_degree, address, group_gpus, model, options, place)
+                 for rank, worker in enumerate(self.ranks)])
         log.info("tensor-parallel group of %d: %s", tp_degree, "; ".join(
             f"rank {rank}: {held}" for rank, held in enumerate(self.holdings())))
 
@@ -178,83 +166,3 @@ class TensorParallelReplica:
 def _gpu_sort_key(gpu: Any) -> tuple:
     text = str(gpu[0] if isinstance(gpu, list) and gpu else gpu)
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
-
-
-# -- choosing the group from a job ------------------------------------------------------------------
-
-
-def gpu_memory() -> int | None:
-    """Memory of one of the cluster's GPUs: FLUXBATCH_GPU_MEMORY if set, else asked of a GPU worker."""
-    if os.environ.get("FLUXBATCH_GPU_MEMORY"):
-        return parse_size(os.environ["FLUXBATCH_GPU_MEMORY"])
-    if not any(name.startswith("accelerator_type:") for name in ray.cluster_resources()):
-        return None  # Ray detected no real GPU model (e.g. GPUs declared by hand): nothing to ask
-
-    @ray.remote(num_gpus=1, num_cpus=0)
-    def probe() -> int | None:
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-    try:
-        return ray.get(probe.remote(), timeout=120)
-    except ray.exceptions.GetTimeoutError:
-        return None
-
-
-def _plan_for(job: JobSpec, degree: int | None):
-    """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
-    preset = resolve_preset(job.model.name)
-    model = job.model.name  # the planner looks it up in the model table: a preset, its hub id, or a folder
-    memory = gpu_memory()
-    if memory is None:
-        return None
-    dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
-    if getattr(job.model, "quantize", None) == "fp8":
-        dtype = "fp8"
-    return plan_memory(model, memory, dtype=dtype, width=job.defaults.width or preset.width,
-                       height=job.defaults.height or preset.height,
-                       batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)
-
-
-def resolve_gpus_per_replica(job: JobSpec) -> float:
-    """The job's GPUs per replica; `auto` asks the memory planner about the cluster's cards (0 without GPUs)."""
-    if job.gpus_per_replica != "auto":
-        if float(job.gpus_per_replica) > 1:
-            check_family(job)
-        return float(job.gpus_per_replica)
-    if not ray.cluster_resources().get("GPU"):
-        return 0.0
-    try:
-        plan = _plan_for(job, None)
-    except PlanError as error:
-        raise TensorParallelError(f"gpus_per_replica auto: {error}; give a number instead") from None
-    if plan is None:
-        raise TensorParallelError(
-            "gpus_per_replica auto: could not read the GPUs' memory (no CUDA on the GPU workers); "
-            "set FLUXBATCH_GPU_MEMORY=24GiB or give a number")
-    if not plan.fits:
-        raise TensorParallelError(f"gpus_per_replica auto: {plan.note}")
-    log.info("memory planner: %d GPU(s) per replica\n%s", plan.tp_degree, plan.describe())
-    return float(plan.tp_degree)
-
-
-def cpus_per_rank(job: JobSpec, degree: int) -> int:
-    """CPU cores each rank actor of a TP-`degree` group reserves: the replica's cores shared out, at least 1."""
-    return max(1, (job.cpus_per_replica or degree) // degree)
-
-
-def group_options(job: JobSpec, degree: int, threads: int | None) -> dict[str, Any]:
-    """`TensorParallelReplica`'s own constructor arguments for a TP-`degree` group of `job` (those it shares with
-    `Renderer` come from pipeline/render_stage.py); `threads` becomes the threads of each rank."""
-    placement: dict[str, Any] = {"encoder_rank": degree - 1}
-    try:
-        configs, _ = model_configs(job.model.name)
-        check_divisible(configs["transformer"], degree)  # fail here, not in N actors
-        plan = _plan_for(job, degree)
-    except PlanError:
-        plan = None  # a hub id the planner has no configs for: the default placement
-    if plan is not None and plan.fits:
-        placement = placement_of(plan)
-    cpus = cpus_per_rank(job, degree)
-    return {"tp_degree": degree, "placement": placement, "cpus_per_rank": cpus, "threads": cpus if threads else None}

@@ -35,7 +35,7 @@ from flux_worker.loading import refuse_pickle, torch_dtype
 from flux_worker.presets import ModelPreset, model_revision, resolve_preset
 from flux_worker.renderer import ImageWriter, Rendered, quiet_libraries, render_rows, render_same_shape, run_pipeline
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
-from schemas import ModelSpec
+from schemas import ModelSpec, RenderOptions
 from schemas.errors import first_line
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=float(os.environ.get("FLUXBATCH_TP_TIMEOUT_SECONDS", "1800")))
@@ -173,31 +173,25 @@ class RankRenderer:
     rank runs `render_rows` on the same batch in lock-step; the prompts are encoded on the encoder rank and
     broadcast; rank 0 decodes, writes (`ImageWriter`) and returns the rows, the other ranks return nothing."""
 
-    def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 rank: int, world_size: int, device: torch.device, placement: Placement,
-                 batch_invariant: bool = True, threads: int | None = None, max_retries: int = 3,
-                 jpeg_quality: int = 95, webp_quality: int = 95, embedding_cache_bytes: int = 256 * 2**20,
-                 write_threads: int = 4, run_id: str | None = None,
-                 compile_cache_options: dict[str, Any] | None = None):
-        # Rank 0 reports the group's cold start (flux_worker/cold_start.py). compile_cache_options: unused, as
-        # the ranks do not compile (model.compile applies to one-GPU replicas).
-        self.start, self.run_id = ColdStart(device.type), run_id
-        quiet_libraries()  # threads: set by RankWorker.start before the group formed
+    def __init__(self, model: dict[str, Any], options: RenderOptions, *, rank: int, world_size: int,
+                 device: torch.device, placement: Placement):
+        # Rank 0 reports the group's cold start (flux_worker/cold_start.py); threads were set by RankWorker.start.
+        self.start, self.run_id = ColdStart(device.type), options.run_id
+        quiet_libraries()
         self.rank, self.placement, self.device = rank, placement, device
-        self.batch_invariant, self.max_retries = batch_invariant, max_retries
+        self.batch_invariant, self.max_retries = options.batch_invariant, options.max_retries
         spec = ModelSpec.model_validate(model)
         self.pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement)
         self.start.model_loaded()
         self.family = family_of(preset)
         self.decode = self.family.tp_decode  # flux_worker/latents.py
         self.embed_dtype = self.pipe.transformer.dtype
-        self.cache = EmbeddingCache(embedding_cache_bytes)  # filled on the encoder rank only
+        self.cache = EmbeddingCache(options.embedding_cache_bytes)  # filled on the encoder rank only
         self.writer = None
         if rank == 0:
-            identity = {"model_id": preset.name, "model_revision": model_revision(preset, spec),
-                        "dtype": str(self.embed_dtype).removeprefix("torch.")}
-            self.writer = ImageWriter(output_uri, storage_options, identity=identity, jpeg_quality=jpeg_quality,
-                                      webp_quality=webp_quality, write_threads=write_threads, device=device.type)
+            self.writer = ImageWriter(options, device=device.type, identity={
+                "model_id": preset.name, "model_revision": model_revision(preset, spec),
+                "dtype": str(self.embed_dtype).removeprefix("torch.")})
 
     def __call__(self, batch: pa.Table) -> pa.Table | None:
         outcomes = render_rows(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,

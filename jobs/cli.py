@@ -78,8 +78,8 @@ def _version() -> str:
 
 def _add_job_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] = ("",)) -> None:
     """--job, --storage-option, and the flags generated from JobSpec (jobs/flags.py) for the fields under `fields`."""
-    from flux_worker.storage import add_storage_option_flag
     from jobs.flags import add_job_flags
+    from jobs.storage_options import add_storage_option_flag
 
     parser.add_argument("--job", metavar="JOB.yaml", help="job spec in YAML; the command line overrides it")
     add_storage_option_flag(parser)
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     # A row's size limits and adapter names come from the model; its reference images must lie in the roots.
     _add_job_flags(validate, ("model.", "reference_roots"))
 
-    from flux_worker.storage import add_storage_option_flag
+    from jobs.storage_options import add_storage_option_flag
 
     verify = sub.add_parser("verify", help="check OUTPUT's ledger against its images; --repair puts it right",
                             description="Check every metadata part is readable, every row's image exists with its "
@@ -178,10 +178,9 @@ def job_from_args(args: argparse.Namespace) -> Any:
 
     Every mistake is one line naming the flag or the job file at fault (schemas/overrides.py).
     """
-    from flux_worker.storage import apply_storage_options
     from jobs.errors import UsageError
     from jobs.flags import flags_as_typed, job_overrides
-    from jobs.storage_options import check_storage_options
+    from jobs.storage_options import apply_storage_options, check_storage_options
     from schemas import JobSpec
     from schemas.overrides import apply_overrides, spec_data, validate_spec
 
@@ -278,9 +277,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from flux_worker.storage import parse_storage_options
     from jobs.errors import UsageError
-    from jobs.storage_options import check_storage_options
+    from jobs.storage_options import check_storage_options, parse_storage_options
     from pipeline.store.verify import verify_output
     from schemas.urls import storage_url
 
@@ -316,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = list(sys.argv[1:] if argv is None else argv)
     words = [word for word in argv if word not in GLOBAL_FLAGS]
-    if words and words[0] == "plan":  # the planner parses its own flags (flux_worker/memory_plan.py)
-        from flux_worker.memory_plan import plan_main
+    if words and words[0] == "plan":  # the planner parses its own flags (jobs/plan_command.py)
+        from jobs.plan_command import plan_main
 
         return plan_main(words[1:])
     parser = build_parser()

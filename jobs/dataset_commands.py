@@ -34,7 +34,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from flux_worker.storage import add_storage_option_flag
+    from jobs.storage_options import add_storage_option_flag
 
     parser.add_argument("--output", help="output folder or s3:// prefix (overrides output.uri)")
     parser.add_argument("--new-version", action="store_true",
@@ -52,8 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
 def load_spec(spec_type: Any, args: argparse.Namespace) -> Any:
     """The synthesis or catalog spec named on the command line, OUTPUT and --storage-option applied (also read by
     `fluxbatch k8s`, which checks the spec before it writes the cluster's manifests)."""
-    from flux_worker.storage import apply_storage_options
-    from jobs.storage_options import check_storage_options
+    from jobs.storage_options import apply_storage_options, check_storage_options
 
     spec = spec_type.from_yaml(args.spec, **{"output.uri": args.output})
     check_storage_options(args.storage_option, [spec.output.uri, getattr(spec, "products", None)])

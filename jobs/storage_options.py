@@ -1,6 +1,6 @@
 """`--storage-option KEY=VALUE` flags, checked before any storage is asked: each mistake is one line naming the flag.
 
-flux_worker/storage.py turns the flags into fsspec options (a dotted KEY nests, `endpoint_url` moves into
+`parse_storage_options` turns the flags into fsspec options (a dotted KEY nests, `endpoint_url` moves into
 `client_kwargs`) for every URL of the job. A key that is empty, or given both a value and nested keys, used to
 end that parsing in a TypeError; on s3:// a name that s3fs, its botocore session or botocore's Config does not
 take, at the first request, in a traceback. Here each is refused before anything is read or written. The other
@@ -10,6 +10,7 @@ URL of a job, its manifest, OUTPUT and reference images alike.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import inspect
 import re
@@ -51,8 +52,6 @@ def _check_s3(typed: dict[str, str]) -> None:
     from aiobotocore.session import AioSession
     from botocore.config import Config
     from s3fs import S3FileSystem
-
-    from flux_worker.storage import parse_storage_options
 
     options = parse_storage_options([flag.removeprefix("--storage-option ") for flag in typed.values()])
     parameters = _parameters(S3FileSystem)
@@ -96,3 +95,43 @@ def _parameters(callable_: Any) -> set[str]:
 def _near(name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def add_storage_option_flag(parser: argparse.ArgumentParser) -> None:
+    """The `--storage-option KEY=VALUE` flag of every command that reads or writes storage."""
+
+    def key_value(text: str) -> str:
+        if "=" not in text:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected key=value, e.g. endpoint_url=http://host:9000")
+        return text
+
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", type=key_value,
+                        help="fsspec option for the input and output files, e.g. endpoint_url=http://host:9000 "
+                             "(repeatable)")
+
+
+def apply_storage_options(spec: Any, pairs: list[str]) -> Any:
+    """Merge `--storage-option key=value` flags into a spec's input and output storage options; returns it."""
+    options = parse_storage_options(pairs)
+    if options:
+        spec.storage_options = {**spec.storage_options, **options}
+        spec.output.storage_options = {**spec.output.storage_options, **options}
+    return spec
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """Turn `key=value` flags into fsspec options; `client_kwargs.endpoint_url=...` nests with dots."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--storage-option {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        node = options
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    if "endpoint_url" in options:  # s3fs takes the endpoint inside client_kwargs
+        options.setdefault("client_kwargs", {})["endpoint_url"] = options.pop("endpoint_url")
+    return options

@@ -19,23 +19,29 @@ import pyarrow as pa
 import ray
 
 from flux_worker.storage import credential_options
-from flux_worker.tensor_parallel import group_options
 from pipeline.cluster.resources import ReplicaAsk
-from schemas import JobSpec, ModelSpec
+from pipeline.replica_shape import group_options
+from schemas import JobSpec, ModelSpec, RenderOptions
 
 
 @dataclass(frozen=True)
 class RenderStage:
-    """One `map_batches` stage: a pool of `replicas` members, each `fn(**fn_constructor_kwargs)`."""
+    """One `map_batches` stage: a pool of `replicas` members, each `member(model, options, **group)`."""
 
-    fn: type  # Renderer, or TensorParallelReplica driving one tensor-parallel group
-    fn_constructor_kwargs: dict[str, Any]
+    member: type  # Renderer, or TensorParallelReplica driving one tensor-parallel group
+    model: dict[str, Any]  # the job's model spec as workers read it (`model_for_workers`)
+    options: RenderOptions  # the same for a one-device renderer and for each rank of a group
+    group: dict[str, Any]  # a group's own arguments (replica_shape.group_options); empty for one device
     num_gpus: float | None  # what each pool member reserves; a group's member holds none, its rank actors do
     num_cpus: float
     replicas: int
     batch_size: int
     max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
     env_vars: dict[str, str]
+
+    @property
+    def fn_constructor_kwargs(self) -> dict[str, Any]:
+        return {"model": self.model, "options": self.options, **self.group}
 
     def run(self, blocks: list[pa.Table], one_batch_per_member: bool = False) -> Iterator[pa.Table]:
         """Each rendered batch's result table, as the pool returns them; `one_batch_per_member` queues no batch
@@ -49,7 +55,7 @@ class RenderStage:
             # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             dataset = ray.data.from_arrow(blocks).map_batches(
-                self.fn,
+                self.member,
                 fn_constructor_kwargs=self.fn_constructor_kwargs,
                 batch_size=self.batch_size,
                 batch_format="pyarrow",
@@ -95,31 +101,27 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
 
     `run_id`: where each actor writes its cold-start record. `renderer_class`: a stand-in for `Renderer` taking
     its arguments (the fleet benchmark's; Python API only)."""
-    on_gpu = ask.gpus > 0
-    renderer: dict[str, Any] = {
-        "model": model_for_workers(job.model),
-        "output_uri": job.output.uri,
-        # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
-        "storage_options": {**credential_options(job.output.uri), **job.output.storage_options},
-        "batch_invariant": job.batch_invariant,
-        "threads": None if on_gpu and not job.cpus_per_replica else ask.threads,
-        "max_retries": job.max_retries,
-        "jpeg_quality": job.output.jpeg_quality,
-        "webp_quality": job.output.webp_quality,
-        "run_id": run_id,
-        "compile_cache_options": compile_cache_options(job),
-        "reference_storage_options": reference_storage_options(job),
-    }
-    fn, kwargs, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), renderer, ask.gpus or None, ask.cpus
+    threads = None if ask.gpus > 0 and not job.cpus_per_replica else ask.threads
+    member, group, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), {}, ask.gpus or None, ask.cpus
     if ask.gpus > 1:
         # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
-        # the group's placement group (flux_worker/tensor_parallel.py).
-        fn, num_gpus, num_cpus = in_actor(TENSOR_PARALLEL_REPLICA), None, 0
-        kwargs = {**renderer, **group_options(job, int(ask.gpus), renderer["threads"])}
-        kwargs.pop("reference_storage_options")  # ranks render no reference images yet (refused before planning)
-    return RenderStage(fn=fn, fn_constructor_kwargs=kwargs, num_gpus=num_gpus, num_cpus=num_cpus,
-                       replicas=job.replicas, batch_size=job.batch_size, max_renderer_deaths=job.max_renderer_deaths,
-                       env_vars=env_vars)
+        # the group's placement group (flux_worker/tensor_parallel.py); each rank runs its share of the cores.
+        member, num_gpus, num_cpus = in_actor(TENSOR_PARALLEL_REPLICA), None, 0
+        group = group_options(job, int(ask.gpus))
+        threads = group["cpus_per_rank"] if threads else None
+    options = RenderOptions.for_job(
+        job,
+        # Environment credentials ride here, not in the runtime_env: Ray logs a runtime_env's variables.
+        storage_options={**credential_options(job.output.uri), **job.output.storage_options},
+        threads=threads,
+        run_id=run_id,
+        # Ranks neither compile nor read reference images (both refused before planning).
+        compile_cache_options=None if group else compile_cache_options(job),
+        reference_storage_options=None if group else reference_storage_options(job),
+    )
+    return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
+                       num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,
+                       max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars)
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:

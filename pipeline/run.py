@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
-from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, resolve_gpus_per_replica
+from flux_worker.tensor_parallel import GROUP_NAME_PREFIX
 from pipeline import preflight, references
 from pipeline.cluster import ray_private, resources
 from pipeline.cluster.metrics import DriverMetrics, FailureCounts
@@ -37,6 +37,7 @@ from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, plan_images, split_blocks
 from pipeline.render_stage import render_stage
+from pipeline.replica_shape import resolve_gpus_per_replica
 from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
 from pipeline.store.pack import pack_images
 from schemas import FailureRecord, JobSpec, RunSummary

@@ -11,6 +11,7 @@ from schemas.records import (
     RESULT_SCHEMA,
     FailureRecord,
 )
+from schemas.render_options import RenderOptions
 from schemas.request import (
     MANIFEST_COLUMNS,
     REQUEST_SCHEMA,
@@ -40,6 +41,7 @@ __all__ = [
     "REQUEST_SCHEMA",
     "RESULT_SCHEMA",
     "RenderDefaults",
+    "RenderOptions",
     "RenderRequest",
     "RowError",
     "RunSummary",

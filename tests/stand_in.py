@@ -1,4 +1,5 @@
-"""A renderer that holds no model, for tests of the driver (lease, ledger, resume, refusals, layouts).
+"""A renderer that holds no model, for tests of the driver (lease, ledger, resume, refusals, layouts) and for the
+fleet benchmark (benchmarks/bench_fleet.py).
 
 It takes `Renderer`'s constructor arguments and writes each image through the real `ImageWriter`, so paths,
 ledger rows and sha256 are the real ones; the picture is noise drawn from the render parameters, so an edited
@@ -20,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from flux_worker.image_writer import ImageWriter, Rendered
+from schemas import RenderOptions
 
 
 class StandInRenderer:
@@ -28,20 +30,17 @@ class StandInRenderer:
 
     seconds_per_image = 0.0
 
-    def __init__(self, model: dict[str, Any], output_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 jpeg_quality: int = 95, webp_quality: int = 95, run_id: str | None = None, **_: Any):
+    def __init__(self, model: dict[str, Any], options: RenderOptions):
         from flux_worker.cold_start import ColdStart
         from flux_worker.presets import model_revision, resolve_preset
         from schemas import ModelSpec
 
-        self.start, self.run_id = ColdStart("cpu"), run_id  # the cold-start record a real renderer writes
+        self.start, self.run_id = ColdStart("cpu"), options.run_id  # the cold-start record a real renderer writes
 
         spec = ModelSpec.model_validate(model)
         preset = resolve_preset(spec.name)  # the metadata names the model as the real renderer does
-        self.writer = ImageWriter(output_uri, storage_options, jpeg_quality=jpeg_quality, webp_quality=webp_quality,
-                                  write_threads=2, device="cpu",
-                                  identity={"model_id": preset.name, "model_revision": model_revision(preset, spec),
-                                            "dtype": "float32"})
+        self.writer = ImageWriter(options, device="cpu", identity={
+            "model_id": preset.name, "model_revision": model_revision(preset, spec), "dtype": "float32"})
         self.start.model_loaded()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -53,14 +52,15 @@ class StandInRenderer:
     def _render(self, row: dict[str, Any]) -> Rendered:
         from PIL import Image
 
-        started_at = datetime.now(timezone.utc)
+        started_at, mark = datetime.now(timezone.utc), time.perf_counter()
         time.sleep(self.seconds_per_image)
         references = ",".join(ref["sha256"] for ref in row.get("reference_images") or ())  # as a Kontext model's
         what = (f"{row['prompt']}|{row['seed']}|{row['width']}x{row['height']}|{row['steps']}|{row['guidance']}|"
                 f"{references}")
         # Noise, as random weights render: it does not compress, so an image costs disk as a real one does.
         noise = random.Random(hashlib.sha256(what.encode()).digest()).randbytes(row["width"] * row["height"] * 3)
-        return Rendered(row, Image.frombytes("RGB", (row["width"], row["height"]), noise), 0.0, started_at)
+        image = Image.frombytes("RGB", (row["width"], row["height"]), noise)
+        return Rendered(row, image, time.perf_counter() - mark, started_at)
 
 
 def member_classes(renderer: type, real: Any) -> Any:

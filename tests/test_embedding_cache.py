@@ -6,6 +6,7 @@ import torch
 
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.renderer import Renderer
+from schemas import RenderOptions
 from tests.test_render_overlap import plan_batch, tiny_pipeline  # noqa: F401 - the fixture is shared
 
 
@@ -43,9 +44,10 @@ def test_an_encoding_larger_than_the_whole_cache_is_not_kept():
 
 def test_images_rendered_from_cached_encodings_equal_uncached_ones(tmp_path, tiny_model, tiny_pipeline):  # noqa: F811
     batch = plan_batch(6, prompts=["a red fox", "a grey heron"])  # three images per prompt
-    cached = Renderer({"name": str(tiny_model)}, str(tmp_path / "cached"), pipeline=tiny_pipeline)
-    uncached = Renderer({"name": str(tiny_model)}, str(tmp_path / "uncached"), pipeline=tiny_pipeline,
-                        embedding_cache_bytes=0)
+    model = {"name": str(tiny_model)}
+    cached = Renderer(model, RenderOptions(output_uri=str(tmp_path / "cached")), pipeline=tiny_pipeline)
+    uncached = Renderer(model, RenderOptions(output_uri=str(tmp_path / "uncached"), embedding_cache_bytes=0),
+                        pipeline=tiny_pipeline)
 
     with_cache = cached(batch).column("sha256").to_pylist()
     without = uncached(batch).column("sha256").to_pylist()

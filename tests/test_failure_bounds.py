@@ -14,7 +14,7 @@ import torch
 from flux_worker.renderer import Renderer
 from pipeline import render
 from pipeline.plan import image_key
-from schemas import PLAN_SCHEMA
+from schemas import PLAN_SCHEMA, RenderOptions
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, failures, make_job
 
@@ -47,7 +47,8 @@ def planned(count: int) -> pa.Table:
 def batched_renderer(tiny_model, tmp_path_factory):
     """A renderer that batches same-shape images through the transformer, as on a GPU."""
     out = tmp_path_factory.mktemp("oom") / "out"
-    renderer = Renderer({"name": str(tiny_model)}, str(out), batch_invariant=False, max_retries=2)
+    renderer = Renderer({"name": str(tiny_model)},
+                        RenderOptions(output_uri=str(out), batch_invariant=False, max_retries=2))
     real = renderer.pipe
     yield renderer
     renderer.pipe = real

@@ -14,7 +14,7 @@ import pytest
 from flux_worker.presets import PRESETS, UnknownModelError, resolve_preset
 from flux_worker.renderer import Renderer
 from pipeline.preflight import check_model
-from schemas import ModelSpec
+from schemas import ModelSpec, RenderOptions
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, failures, metadata
 from tests.test_cli import call_cli
@@ -164,8 +164,9 @@ def test_a_prompt_is_encoded_once_and_cached_encodings_render_the_same_bytes(tmp
     spec = ModelSpec(name=str(built[family]))
     loaded = load_pipeline(spec)
     batch = plan_batch(4, prompts=["a red fox", "a grey heron"])  # two images per prompt
-    cached = Renderer(spec.model_dump(), str(tmp_path / "cached"), pipeline=loaded)
-    uncached = Renderer(spec.model_dump(), str(tmp_path / "uncached"), pipeline=loaded, embedding_cache_bytes=0)
+    cached = Renderer(spec.model_dump(), RenderOptions(output_uri=str(tmp_path / "cached")), pipeline=loaded)
+    uncached = Renderer(spec.model_dump(), RenderOptions(output_uri=str(tmp_path / "uncached"),
+                                                         embedding_cache_bytes=0), pipeline=loaded)
 
     with_cache = cached(batch).column("sha256").to_pylist()
     without = uncached(batch).column("sha256").to_pylist()

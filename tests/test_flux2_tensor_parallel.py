@@ -22,7 +22,7 @@ from flux_worker.model_build import build_model
 from flux_worker.renderer import Renderer
 from pipeline.cluster.resources import replica_ask
 from pipeline.render_stage import render_stage
-from schemas import PLAN_SCHEMA, JobSpec
+from schemas import PLAN_SCHEMA, JobSpec, RenderOptions
 from tests.test_tensor_parallel import FOUR_HEADS, _assert_same_images
 
 # Two shapes (square and wide, so the position ids that unpack FLUX.2's tokens are checked off the diagonal) and a
@@ -50,7 +50,8 @@ def batch() -> pa.Table:
 @pytest.fixture(scope="module")
 def single_device(flux2_model, batch, tmp_path_factory):
     """The reference: the batch rendered by one replica on one device; and its transformer's parameter count."""
-    renderer = Renderer({"name": str(flux2_model), "dtype": "fp32"}, str(tmp_path_factory.mktemp("single")))
+    renderer = Renderer({"name": str(flux2_model), "dtype": "fp32"},
+                        RenderOptions(output_uri=str(tmp_path_factory.mktemp("single"))))
     pixels = _pixels(renderer(batch))
     return pixels, sum(p.numel() for p in renderer.pipe.transformer.parameters())
 
@@ -72,12 +73,12 @@ def _job(model, out, degree: int) -> JobSpec:
 
 def _render_with_group(job: JobSpec, batch: pa.Table):
     """The group Ray Data would start for `job`, fed `batch`: (result table, what each rank holds, its placement)."""
-    from flux_worker.tensor_parallel import resolve_gpus_per_replica
+    from pipeline.replica_shape import resolve_gpus_per_replica
 
     stage = render_stage(job, replica_ask(job, resolve_gpus_per_replica(job), 4), env_vars={})
-    replica = stage.fn(**stage.fn_constructor_kwargs).member  # the TensorParallelReplica a pool member builds
+    replica = stage.member(**stage.fn_constructor_kwargs).member  # the TensorParallelReplica a pool member builds
     try:
-        return replica(batch), replica.holdings(), stage.fn_constructor_kwargs["placement"]
+        return replica(batch), replica.holdings(), stage.group["placement"]
     finally:
         for rank in replica.ranks:
             ray.kill(rank)

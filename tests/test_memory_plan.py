@@ -18,9 +18,9 @@ from flux_worker.memory_plan import (
     PlanError,
     count_component,
     parse_size,
-    plan_main,
     plan_memory,
 )
+from jobs.plan_command import plan_main
 
 D = 3072  # Flux.1: 24 heads x 128
 KNOWN = KNOWN_MODELS  # preset -> (published configs, text length), from the model table
@@ -192,7 +192,7 @@ def test_memory_sizes_parse_in_binary_and_decimal_units():
 
 def test_gpus_per_replica_auto_asks_the_planner_simulated(ray_cluster, monkeypatch):
     """Fake GPUs have no memory to ask about, so FLUXBATCH_GPU_MEMORY stands in for a 24 GB card."""
-    from flux_worker.tensor_parallel import resolve_gpus_per_replica
+    from pipeline.replica_shape import resolve_gpus_per_replica
     from schemas import JobSpec
 
     monkeypatch.setenv("FLUXBATCH_GPU_MEMORY", "24GB")

@@ -496,11 +496,6 @@ def test_corrected_run_renders_and_a_model_path_spelled_otherwise_is_the_same_jo
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_revision"] == local_fingerprint(tiny_model)
 
-    # A _job.json written before fingerprints recorded the path as given: it still reads, and still matches.
-    recorded["identity"]["model"]["name"] = f"./{tiny_model.name}"
-    (out / "_job.json").write_text(json.dumps(recorded))
-    old = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress")
-    assert old.returncode == 0, old.stderr
 
 
 def test_hub_cache_follows_the_environment_at_call_time(monkeypatch, tmp_path):

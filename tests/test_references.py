@@ -21,6 +21,7 @@ from pipeline import render
 from pipeline.manifest import read_manifest
 from pipeline.plan import plan_images
 from pipeline.references import check_manifest
+from schemas import RenderOptions
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, failures, make_job, metadata
 
@@ -211,10 +212,12 @@ def test_a_row_renders_the_same_bytes_alone_and_in_a_batch_of_eight(tmp_path, ko
     check_manifest(manifest, job)
     planned = plan_images(manifest, job, preset, None).table
     pipeline = load_pipeline(ModelSpec(name=str(kontext_model)))
-    renderer = Renderer({"name": str(kontext_model)}, str(tmp_path / "out"), pipeline=pipeline)
+    renderer = Renderer({"name": str(kontext_model)}, RenderOptions(output_uri=str(tmp_path / "out")),
+                        pipeline=pipeline)
     batch = renderer(planned)
     first = planned.filter(pa.compute.equal(planned.column("request_id"), "r3"))
-    alone = Renderer({"name": str(kontext_model)}, str(tmp_path / "alone"), pipeline=pipeline)(first)
+    alone = Renderer({"name": str(kontext_model)}, RenderOptions(output_uri=str(tmp_path / "alone")),
+                     pipeline=pipeline)(first)
     by_key = dict(zip(batch.column("key").to_pylist(), batch.column("sha256").to_pylist()))
     assert batch.column("error").null_count == 8
     assert alone.column("sha256").to_pylist() == [by_key[first.column("key")[0].as_py()]]

@@ -16,7 +16,7 @@ from flux_worker import image_writer
 from flux_worker.loading import load_pipeline
 from flux_worker.presets import resolve_preset
 from flux_worker.renderer import Renderer
-from schemas import PLAN_SCHEMA, ModelSpec
+from schemas import PLAN_SCHEMA, ModelSpec, RenderOptions
 
 
 def plan_batch(count: int, prompts: list[str] | None = None) -> pa.Table:
@@ -39,7 +39,7 @@ def tiny_pipeline(tiny_model):
 
 
 def make_renderer(tiny_model, tiny_pipeline, output: Path, **options) -> Renderer:
-    return Renderer({"name": str(tiny_model)}, str(output), pipeline=tiny_pipeline, **options)
+    return Renderer({"name": str(tiny_model)}, RenderOptions(output_uri=str(output), **options), pipeline=tiny_pipeline)
 
 
 def test_every_returned_row_points_at_a_complete_image(tmp_path, tiny_model, tiny_pipeline):

@@ -72,7 +72,7 @@ def test_job_yaml_is_overridden_by_flags(tmp_path):
 
 
 def test_storage_option_flags_reach_input_and_output_and_the_endpoint_nests_for_s3fs():
-    from flux_worker.storage import apply_storage_options
+    from jobs.storage_options import apply_storage_options
 
     job = JobSpec.model_validate({"manifest": "m", "output": {"uri": "s3://b/o", "storage_options": {"anon": True}}})
     apply_storage_options(job, ["endpoint_url=http://127.0.0.1:9000", "use_ssl=false"])

@@ -19,7 +19,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flux_worker.tensor_parallel import GROUP_NAME_PREFIX, cpus_per_rank
+from flux_worker.tensor_parallel import GROUP_NAME_PREFIX
+from pipeline.replica_shape import cpus_per_rank
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
 

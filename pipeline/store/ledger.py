@@ -160,24 +160,14 @@ def job_identity(job: JobSpec) -> dict[str, Any]:
     fingerprint (presets.local_fingerprint), so `./tiny`, `/abs/tiny` and `/abs/tiny/` are one job, and a
     folder rebuilt with other weights is another."""
     identity = job.identity()
-    identity["model"] = _model_by_content(identity["model"])
+    name = identity["model"]["name"]
+    if name not in PRESETS and Path(name).expanduser().is_dir():
+        identity["model"] = {**identity["model"], "name": local_fingerprint(Path(name).expanduser())}
     return identity
 
 
-def _model_by_content(model: dict[str, Any]) -> dict[str, Any]:
-    """`model` with a local folder's path replaced by the folder's fingerprint; a preset or hub id as it is."""
-    name = model.get("name")
-    if not isinstance(name, str) or name in PRESETS or not Path(name).expanduser().is_dir():
-        return model
-    return {**model, "name": local_fingerprint(Path(name).expanduser())}
-
-
 def recorded_identity(fs: Storage, folder: str) -> dict[str, Any]:
-    """The identity `folder/_job.json` recorded; CorruptJobFileError naming the file when it is not one.
-
-    A file written before fingerprints recorded a local model by its path: that path, if it is still a
-    folder here, compares by its fingerprint now, so those OUTPUTs resume as before.
-    """
+    """The identity `folder/_job.json` recorded; CorruptJobFileError naming the file when it is not one."""
     path = f"{folder}/{JOB_FILE}"
     data = fs.read_bytes(path)
     try:
@@ -187,8 +177,6 @@ def recorded_identity(fs: Storage, folder: str) -> dict[str, Any]:
         reason = f"not JSON: {first_line(error)}" if data.strip() else "empty"
     else:
         if isinstance(identity, dict) and isinstance(identity.get("model", {}), dict):
-            if "model" in identity:
-                identity = {**identity, "model": _model_by_content(identity["model"])}
             return identity
         reason = "not the job record fluxbatch writes"
     raise CorruptJobFileError(
@@ -309,11 +297,15 @@ def rewrite_part(fs: Storage, root: str, part: str,
     return table.num_rows - kept.num_rows
 
 
+COMMIT_ROWS = 512  # a part holds at most this many rows; `commit_seconds` bounds how long rows wait
+
+
 class MetadataWriter:
     """Buffers finished images' rows and commits them as metadata parts, every `rows` rows or `seconds`."""
 
-    def __init__(self, fs: Storage, root: str, run_id: str, extra_fields: list[pa.Field],
-                 rows: int = 512, seconds: float = 30.0, before_commit: Callable[[], None] | None = None):
+    def __init__(self, fs: Storage, root: str, run_id: str, extra_fields: list[pa.Field], rows: int = COMMIT_ROWS,
+                 seconds: float = JobSpec.model_fields["commit_seconds"].default,
+                 before_commit: Callable[[], None] | None = None):
         self.fs, self.root, self.run_id = fs, root, run_id
         self.before_commit = before_commit  # e.g. Lease.check: a driver that lost OUTPUT's lease commits nothing
         self.schema = pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields)

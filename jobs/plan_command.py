@@ -1,0 +1,48 @@
+"""`fluxbatch plan`: what the memory planner (flux_worker/memory_plan.py) says about a model on cards of a size.
+
+The planner itself is read by both sides (the driver's `gpus_per_replica: auto`, the renderers' placement); this is
+only its command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flux_worker.memory_plan import KNOWN_MODELS, WEIGHT_BYTES, PlanError, markdown_table, parse_size, plan_memory
+
+
+def plan_main(argv: list[str]) -> int:
+    """`fluxbatch plan`: print the TP degree, placement and predicted peak per GPU; 1 if it cannot fit."""
+    parser = argparse.ArgumentParser(prog="fluxbatch plan", description=plan_main.__doc__)
+    parser.add_argument("--model", default="flux.1-dev", help="a known model (" + ", ".join(KNOWN_MODELS)
+                        + ") or a local diffusers folder")
+    parser.add_argument("--gpu-memory", help="memory of one card: 24GiB, 80GB, ... (required without --table)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(WEIGHT_BYTES))
+    parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per transformer call")
+    parser.add_argument("--reserve", default="1GiB", help="per-GPU allowance for CUDA context and workspaces")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
+                        "--model may then list several models, comma-separated")
+    args = parser.parse_args(argv)
+    try:
+        if args.table:
+            print(markdown_table(args.model.split(","), [s for s in args.table.split(",") if s], dtype=args.dtype,
+                                 resolution=args.resolution, batch_size=args.batch_size,
+                                 reserve=parse_size(args.reserve)))
+            return 0
+        if not args.gpu_memory:
+            parser.error("--gpu-memory is required (or give --table SIZES)")
+        plan = plan_memory(args.model, parse_size(args.gpu_memory), dtype=args.dtype, width=args.resolution,
+                           batch_size=args.batch_size, reserve=parse_size(args.reserve))
+    except PlanError as error:
+        print(f"error: {error}")
+        return 2
+    if args.json:
+        print(json.dumps({"model": plan.model, "tp_degree": plan.tp_degree, "where": plan.where,
+                          "peak_per_gpu": plan.peak_per_gpu, "cpu_bytes": plan.cpu_bytes, "note": plan.note,
+                          "offload_seconds": plan.offload_seconds}))
+    else:
+        print(plan.describe())
+    return 0 if plan.fits else 1

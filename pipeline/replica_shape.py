@@ -1,0 +1,106 @@
+"""The shape of one replica, decided in the driver from the job and the cluster: how many GPUs (`auto` asks the
+memory planner about the cluster's cards), the CPUs of each rank, and a tensor-parallel group's own arguments.
+
+The group itself (its placement group and rank actors) is flux_worker/tensor_parallel.py, which runs in the pool's
+actors; this module runs before any of them starts, so a job the groups cannot serve is refused in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from flux_worker.families import family_of
+from flux_worker.memory_plan import PlanError, model_configs, parse_size, placement_of, plan_memory
+from flux_worker.presets import resolve_preset
+from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
+from schemas import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def check_family(job: JobSpec) -> None:
+    """Refuse a tensor-parallel replica of a family that has none, before anything is written or started."""
+    family = family_of(resolve_preset(job.model.name))
+    if family.tp_decode is None:
+        raise TensorParallelError(f"gpus_per_replica {job.gpus_per_replica}: {unsupported_family(family)}")
+
+
+
+def gpu_memory() -> int | None:
+    """Memory of one of the cluster's GPUs: FLUXBATCH_GPU_MEMORY if set, else asked of a GPU worker."""
+    if os.environ.get("FLUXBATCH_GPU_MEMORY"):
+        return parse_size(os.environ["FLUXBATCH_GPU_MEMORY"])
+    if not any(name.startswith("accelerator_type:") for name in ray.cluster_resources()):
+        return None  # Ray detected no real GPU model (e.g. GPUs declared by hand): nothing to ask
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def probe() -> int | None:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+    try:
+        return ray.get(probe.remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
+def _plan_for(job: JobSpec, degree: int | None):
+    """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
+    preset = resolve_preset(job.model.name)
+    model = job.model.name  # the planner looks it up in the model table: a preset, its hub id, or a folder
+    memory = gpu_memory()
+    if memory is None:
+        return None
+    dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
+    if getattr(job.model, "quantize", None) == "fp8":
+        dtype = "fp8"
+    return plan_memory(model, memory, dtype=dtype, width=job.defaults.width or preset.width,
+                       height=job.defaults.height or preset.height,
+                       batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)
+
+
+def resolve_gpus_per_replica(job: JobSpec) -> float:
+    """The job's GPUs per replica; `auto` asks the memory planner about the cluster's cards (0 without GPUs)."""
+    if job.gpus_per_replica != "auto":
+        if float(job.gpus_per_replica) > 1:
+            check_family(job)
+        return float(job.gpus_per_replica)
+    if not ray.cluster_resources().get("GPU"):
+        return 0.0
+    try:
+        plan = _plan_for(job, None)
+    except PlanError as error:
+        raise TensorParallelError(f"gpus_per_replica auto: {error}; give a number instead") from None
+    if plan is None:
+        raise TensorParallelError(
+            "gpus_per_replica auto: could not read the GPUs' memory (no CUDA on the GPU workers); "
+            "set FLUXBATCH_GPU_MEMORY=24GiB or give a number")
+    if not plan.fits:
+        raise TensorParallelError(f"gpus_per_replica auto: {plan.note}")
+    log.info("memory planner: %d GPU(s) per replica\n%s", plan.tp_degree, plan.describe())
+    return float(plan.tp_degree)
+
+
+def cpus_per_rank(job: JobSpec, degree: int) -> int:
+    """CPU cores each rank actor of a TP-`degree` group reserves: the replica's cores shared out, at least 1."""
+    return max(1, (job.cpus_per_replica or degree) // degree)
+
+
+def group_options(job: JobSpec, degree: int) -> dict[str, Any]:
+    """`TensorParallelReplica`'s own constructor arguments for a TP-`degree` group of `job` (the model and the
+    `RenderOptions` it shares with `Renderer` come from pipeline/render_stage.py)."""
+    placement: dict[str, Any] = {"encoder_rank": degree - 1}
+    try:
+        configs, _ = model_configs(job.model.name)
+        check_divisible(configs["transformer"], degree)  # fail here, not in N actors
+        plan = _plan_for(job, degree)
+    except PlanError:
+        plan = None  # a hub id the planner has no configs for: the default placement
+    if plan is not None and plan.fits:
+        placement = placement_of(plan)
+    return {"tp_degree": degree, "placement": placement, "cpus_per_rank": cpus_per_rank(job, degree)}

@@ -1,0 +1,51 @@
+"""What every renderer is told besides its model, as one typed value.
+
+The render stage builds it once per run (pipeline/render_stage.py, `RenderOptions.for_job`) and hands the same
+value to a one-device `Renderer` (flux_worker/renderer.py) and to every rank of a tensor-parallel group
+(flux_worker/tensor_parallel_rank.py), as ray.data.llm hands one processor config to its stages. A field is added
+here once; a wrong value or an unknown name fails when the stage is built, in the driver, not in N actors. The
+fields that come from the job take the job's own field (default and bounds), so each default is written once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.job import JobSpec, OutputSpec
+
+_JOB, _OUTPUT = JobSpec.model_fields, OutputSpec.model_fields
+
+
+class RenderOptions(BaseModel):
+    """A renderer's settings: where and how it writes, how it retries, how many threads it runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    output_uri: str
+    # Credentials ride in these options, never in a runtime_env (Ray logs those): kept out of repr and logs.
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    batch_invariant: bool = _JOB["batch_invariant"]
+    max_retries: int = _JOB["max_retries"]
+    jpeg_quality: int = _OUTPUT["jpeg_quality"]
+    webp_quality: int = _OUTPUT["webp_quality"]
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None leaves torch's own")
+    run_id: str | None = Field(default=None, description="where the actor's cold-start record goes; None: nowhere")
+    compile_cache_options: dict[str, Any] | None = Field(
+        default=None, repr=False, description="storage options of a model.compile_cache on an object store")
+    reference_storage_options: dict[str, Any] = Field(
+        default_factory=dict, repr=False, description="storage options for rows' reference images (the manifest's)")
+    embedding_cache_bytes: int = Field(default=256 * 2**20, ge=0, description="prompt encodings kept per actor")
+    write_threads: int = Field(default=4, ge=1, description="images encoded and written while the next renders")
+
+    @classmethod
+    def for_job(cls, job: JobSpec, *, storage_options: dict[str, Any], threads: int | None, run_id: str | None,
+                compile_cache_options: dict[str, Any] | None = None,
+                reference_storage_options: dict[str, Any] | None = None) -> RenderOptions:
+        """The options a renderer of `job` gets; the storage options are resolved by the driver (credentials)."""
+        return cls(output_uri=job.output.uri, storage_options=storage_options, batch_invariant=job.batch_invariant,
+                   max_retries=job.max_retries, jpeg_quality=job.output.jpeg_quality,
+                   webp_quality=job.output.webp_quality, threads=threads, run_id=run_id,
+                   compile_cache_options=compile_cache_options,
+                   reference_storage_options=reference_storage_options or {})
