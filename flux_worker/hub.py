@@ -55,8 +55,9 @@ def cached_ids(cache: Path) -> list[str]:
     return [name.removeprefix("models--").replace("--", "/", 1) for name in names if name.startswith("models--")]
 
 
-def check_hub_model(repo_id: str, revision: str | None = None) -> None:
-    """Return if `repo_id` (at `revision`) is cached or the hub has it; else UnknownModelError saying which."""
+def check_hub_model(repo_id: str, revision: str | None = None, named: str | None = None) -> None:
+    """Return if `repo_id` (at `revision`) is cached or the hub has it; else UnknownModelError saying which.
+    `named`: the preset name the user gave for `repo_id`, which the message names first."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
@@ -68,17 +69,19 @@ def check_hub_model(repo_id: str, revision: str | None = None) -> None:
     if isinstance(found, str):
         return
     at = f" at revision {revision!r}" if revision else ""
-    hint = did_you_mean(repo_id, [*PRESETS, *(p.source for p in PRESETS.values()), *cached_ids(cache)])
+    hint = "" if named else did_you_mean(repo_id, [*PRESETS, *(p.source for p in PRESETS.values()),
+                                                   *cached_ids(cache)])
+    what = f"{named!r} ({repo_id} on the hub)" if named and named != repo_id else repr(repo_id)
     if offline():
         raise HubUnreachableError(
-            f"model {repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, "
+            f"model {what}{at} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, "
             f"so it cannot be downloaded{hint or '; give a local folder, or unset HF_HUB_OFFLINE'}",
             "HF_HUB_OFFLINE is set", hint)
     endpoint = os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     answer = _ask_hub(endpoint, repo_id, revision)
     if answer:
         problem, unreachable = answer
-        message = f"model {repo_id!r}{at} is not in the local Hugging Face cache ({cache}) and {problem}{hint}"
+        message = f"model {what}{at} is not in the local Hugging Face cache ({cache}) and {problem}{hint}"
         if unreachable:
             raise HubUnreachableError(message, problem.split("; ")[0], hint)  # without the advice for a local run
         raise UnknownModelError(message)

@@ -59,6 +59,7 @@ class ImageWriter:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.device = device
         self.metrics = RendererMetrics(identity["model_id"], options.output_uri)
+        self.counter = options.image_counter
         # Encoding and uploads run here while the next image renders; a batch returns once all are written.
         self._writes = ThreadPoolExecutor(max_workers=options.write_threads, thread_name_prefix="fluxbatch-write")
 
@@ -87,6 +88,8 @@ class ImageWriter:
         data = encode_image(item.image, fmt, **self.quality)
         path = image_path(self.root, row["key"], fmt.extension, row.get("revision"))
         self.fs.write_bytes(path, data)
+        if self.counter is not None:  # the driver's bar moves per image (pipeline/progress.py); no reply awaited
+            self.counter.add.remote(1)
         return {
             **row,
             **self.identity,

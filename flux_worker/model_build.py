@@ -327,7 +327,7 @@ def build_full_model(path: str | Path, variant: str = "dev", device: str | None 
     folder = Path(path).expanduser()
     pipe = full_pipeline(device, guidance=variant == "dev", seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    _save(pipe, folder)
     real = next(p for p in FAMILIES["flux.1"].presets if p.name == f"flux.1-{variant}")
     write_preset(folder, replace(real, name=f"offline-full-{variant}", source=str(folder)))
     return folder
@@ -341,10 +341,24 @@ def build_model(path: str | Path, size: str | OfflineSize = "tiny", seed: int = 
     folder = Path(path).expanduser()
     pipe: DiffusionPipeline = entry.build(size, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    _save(pipe, folder)
     dims = _dims(size)
     # FLUX.2's chat templates spend tokens on role markers, and this tokenizer spends one per character.
     text = dims.max_sequence_length * (1 if family == "flux.1" else 2)
     write_preset(folder, replace(entry.offline, name=f"offline-{size if isinstance(size, str) else 'custom'}",
                                  source=str(folder), max_sequence_length=text, width=dims.side, height=dims.side))
     return folder
+
+
+def _save(pipe: DiffusionPipeline, folder: Path) -> None:
+    """`save_pretrained`, safetensors only, without transformers' "Writing model shards" bars (a build prints
+    one line of its own; `fluxbatch -v` leaves the libraries' output as it is)."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()

@@ -88,8 +88,9 @@ def _hub_preset(repo_id: str) -> ModelPreset:
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    """"; did you mean 'X'?" for the candidate closest to a mistyped `name` (case aside), or "" if none is close."""
-    by_lower = {candidate.lower(): candidate for candidate in candidates}
+    """"; did you mean 'X'?" for the candidate closest to a mistyped `name` (case aside), or "" if none is close;
+    never `name` itself."""
+    by_lower = {candidate.lower(): candidate for candidate in candidates if candidate.lower() != name.lower()}
     close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.8)
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 

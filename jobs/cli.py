@@ -1,4 +1,4 @@
-"""The `fluxbatch` command line: demo, render, validate, verify, model build, plan.
+"""The `fluxbatch` command line: demo, render, validate, verify, failures, model build, plan.
 
 Every subcommand fills a `JobSpec` (from --job YAML, then flags) and calls the same Python API.
 User errors print one line saying what to fix and exit 2; no traceback.
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   fluxbatch model build ./models/tiny --size tiny
   fluxbatch validate prompts.parquet --model flux.1-dev
   fluxbatch render prompts.parquet s3://bucket/run1 --model flux.1-dev --replicas 8 --gpus-per-replica 1
+  fluxbatch failures s3://bucket/run1
   AWS_ENDPOINT_URL=http://127.0.0.1:9000 fluxbatch render s3://in/m.parquet s3://out/run1 --model ./models/tiny
 """
 
@@ -140,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop duplicate rows and rows without their image (those keys render again next run)")
     add_storage_option_flag(verify)
 
+    failures = sub.add_parser("failures", help="list the failure rows of OUTPUT's last run",
+                              description="List the failure rows of OUTPUT's last run (bad manifest rows, images that "
+                              "failed to render or write, committed images found missing): source file, row, id, "
+                              "field and reason, most recent run only.")
+    failures.add_argument("output", help="output folder or s3:// prefix")
+    failures.add_argument("--limit", type=_positive, default=50, help="rows to show (default 50)")
+    failures.add_argument("--json", action="store_true", help="a JSON array of the rows instead of a table")
+    add_storage_option_flag(failures)
+
     model = sub.add_parser("model", help="model tools", description="Model tools.")
     model_sub = model.add_commands("model_command", "SUBCOMMAND")
     build = model_sub.add_parser("build", help="write a random-weight Flux pipeline (diffusers folder format)",
@@ -219,6 +229,15 @@ def check_model_defaults(args: argparse.Namespace, job: Any) -> Any:
     return preset
 
 
+def named_fields(args: argparse.Namespace) -> dict[str, str]:
+    """How the user gave the job's resource fields, for a refusal to name: the flag as typed, else the job file."""
+    from jobs.flags import flags_as_typed
+
+    from_file = {field: f"{field} in {args.job}" for field in ("gpus_per_replica", "cpus_per_replica")} \
+        if args.job else {}
+    return {**from_file, **{field: typed.split()[0] for field, typed in flags_as_typed(args).items()}}
+
+
 def _output_uri(data: dict[str, Any]) -> Any:
     output = data.get("output")
     return output.get("uri") if isinstance(output, dict) else output
@@ -259,21 +278,55 @@ def _print_failure(failure: Any) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from jobs.terminal import summary_lines
     from pipeline import render
-    from schemas.layout import FAILURES
 
     job = job_from_args(args)
     check_model_defaults(args, job)  # the pre-flight checks them again, naming no flag (the Python API's)
     summary = render(job, new_version=args.new_version, allow_non_empty_output=args.allow_non_empty_output,
-                     rerender_changed=args.rerender_changed, progress=not args.no_progress)
-    print(f"{summary.images_rendered} rendered, {summary.images_already_done} already done, "
-          f"{summary.images_failed} failed, {summary.invalid_rows} bad rows; "
-          f"{summary.images_total_done}/{summary.images_expected} images in {job.output.uri}")
-    if summary.failures_by_reason:
-        print(f"failures (see {job.output.uri.rstrip('/')}/{FAILURES}/): {summary.failures_by_reason}")
-    if not summary.images_expected:
-        print("no valid row in the manifest: nothing to render", file=sys.stderr)
+                     rerender_changed=args.rerender_changed, progress=not args.no_progress, named=named_fields(args))
+    print("\n".join(summary_lines(summary)))  # jobs/terminal.py
     return 0 if summary.succeeded else 1  # README, "Exit codes"
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of 1 or more")
+    return int(text)
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    """`fluxbatch failures OUTPUT`: the failure rows of OUTPUT's last run, as a table or JSON."""
+    import json
+
+    from flux_worker.storage import filesystem
+    from jobs.errors import UsageError
+    from jobs.storage_options import check_storage_options, parse_storage_options
+    from jobs.terminal import failure_table
+    from pipeline.store import ledger
+    from schemas.layout import JOB_FILE
+    from schemas.urls import storage_url
+
+    try:
+        storage_url(args.output)
+    except ValueError as error:
+        raise UsageError(f"OUTPUT {args.output}: {error}") from None
+    check_storage_options(args.storage_option, [args.output])
+    fs, root = filesystem(args.output, parse_storage_options(args.storage_option))
+    if not fs.exists(f"{root}/{JOB_FILE}"):
+        raise UsageError(f"OUTPUT {args.output}: no {JOB_FILE} there, so no fluxbatch run wrote it")
+    table, total = ledger.first_failures(fs, root, args.limit)
+    rows = [{"source": r.get("source"), "row": r.get("row"), "id": r.get("request_id"), "key": r.get("key"),
+             "stage": r.get("stage"), "field": r.get("field"), "reason": r.get("reason")}
+            for r in (table.to_pylist() if table is not None else [])]
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+    elif rows:
+        print(failure_table(rows))
+    shown = f"{len(rows)} of {total}" if len(rows) < total else f"{total}"
+    more = f"; --limit {total} shows them all" if len(rows) < total else ""
+    print(f"{shown} failure rows in {fs.uri(root)}{more}", file=sys.stderr)
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -339,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "failures":
+            return cmd_failures(args)
         if args.command == "model":
             return cmd_model_build(args)
         if args.command in ("submit", "schedule"):

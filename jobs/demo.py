@@ -7,6 +7,7 @@ coloured noise, but every other part (Ray, planning, writing, the ledger) is the
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -58,7 +59,7 @@ def ensure_demo_model(size: str = "tiny") -> Path:
 
     folder = DEMO_HOME / "models" / f"offline-{size}"
     if not (folder / PRESET_FILE).is_file():
-        print(f"building the offline {size} model in {folder} ...")
+        print(f"fluxbatch: building the offline {size} model in {folder} ...", file=sys.stderr, flush=True)
         build_model(folder, size)
     return folder
 
@@ -82,7 +83,7 @@ def run_demo(output: str) -> int:
     print(f"  manifest   {manifest.resolve()}")
     print(f"  images     {out / 'images'}")
     print(f"  metadata   {out / 'metadata'}  (one row per image)")
-    print(f"  failures   {out / 'failures'}  (one row per refused row, with its reason)")
+    print(f"  failures   {out / 'failures'}  (one row per refused row; `fluxbatch failures {output}` lists them)")
     print(f"  summary    {out / 'summary.json'}")
     print(f"  report     {out / 'report.html'}  (contact sheet; open it in a browser)")
     return 0 if summary.complete else 1

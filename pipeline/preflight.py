@@ -22,7 +22,7 @@ import random
 from pathlib import Path
 
 from flux_worker.hub import check_hub_model
-from flux_worker.presets import ModelPreset, resolve_preset
+from flux_worker.presets import PRESETS, ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline.manifest import list_manifest_files
@@ -47,7 +47,7 @@ def check_model(model: ModelSpec) -> ModelPreset:
     if Path(preset.source).expanduser().is_dir():
         check_model_folder(preset.source)
     else:
-        check_hub_model(preset.source, model.revision)
+        check_hub_model(preset.source, model.revision, named=model.name if model.name in PRESETS else None)
     for name, path in model.adapters.items():
         check_adapter(name, path)
     return preset

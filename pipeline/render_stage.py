@@ -96,11 +96,12 @@ TENSOR_PARALLEL_REPLICA = "flux_worker.tensor_parallel:TensorParallelReplica"
 
 
 def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,
-                 renderer_class: type | None = None) -> RenderStage:
+                 renderer_class: type | None = None, image_counter: Any = None) -> RenderStage:
     """The stage rendering `job` with replicas of `ask` ("auto" GPUs already resolved by the memory planner).
 
     `run_id`: where each actor writes its cold-start record. `renderer_class`: a stand-in for `Renderer` taking
-    its arguments (the fleet benchmark's; Python API only)."""
+    its arguments (the fleet benchmark's; Python API only). `image_counter`: where renderers count each image
+    they write, for the bar (pipeline/progress.py)."""
     threads = None if ask.gpus > 0 and not job.cpus_per_replica else ask.threads
     member, group, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), {}, ask.gpus or None, ask.cpus
     if ask.gpus > 1:
@@ -118,6 +119,7 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
         # Ranks neither compile nor read reference images (both refused before planning).
         compile_cache_options=None if group else compile_cache_options(job),
         reference_storage_options=None if group else reference_storage_options(job),
+        image_counter=image_counter,
     )
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
                        num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,

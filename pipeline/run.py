@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 import uuid
 from collections import Counter
@@ -22,7 +21,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
 
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
@@ -36,6 +34,7 @@ from pipeline.cluster.ray_session import RaySession, connect, quiet_ray_data, ve
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, plan_images, split_blocks
+from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
 from pipeline.replica_shape import resolve_gpus_per_replica
 from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
@@ -49,7 +48,8 @@ DISK_FULL = f"write: {NoSpaceLeftError.__name__}: "  # how a renderer reports an
 
 
 def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: bool = False,
-           rerender_changed: bool = False, progress: bool = True, renderer_class: type | None = None) -> RunSummary:
+           rerender_changed: bool = False, progress: bool = True, renderer_class: type | None = None,
+           named: dict[str, str] | None = None) -> RunSummary:
     """Render every image of `job.manifest` not yet in `job.output`; returns what this run did.
 
     `renderer_class` (Python API only, never a flag or job field): what each pool member runs instead of
@@ -57,12 +57,25 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
 
     An OUTPUT holding files fluxbatch did not write is refused unless `allow_non_empty_output` (store/ownership.py).
     Rows edited since their images were committed are refused unless `rerender_changed` (store/changed_rows.py).
+    `named`: how the caller gave each job field, for messages (the CLI: the flag as typed, or the job file's field).
     """
     started = time.monotonic()
     fs, root = filesystem(job.output.uri, job.output.storage_options)
     job = writing_to(job, fs.uri(root))  # absolute: see render_stage.model_for_workers
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     undo = _Undo(fs, root, run_id)
+    shown = RunProgress(bar=progress)  # phase lines on stderr (pipeline/progress.py), and the bar if `progress`
+    try:
+        return _render(job, fs, root, run_id, undo, shown, started, new_version, allow_non_empty_output,
+                       rerender_changed, renderer_class, named)
+    finally:
+        shown.close()
+
+
+def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: RunProgress, started: float,
+            new_version: bool, allow_non_empty_output: bool, rerender_changed: bool, renderer_class: type | None,
+            named: dict[str, str] | None) -> RunSummary:
+    """`render`, its phases shown by `shown`."""
     try:
         # Model, adapters, manifest files, OUTPUT reachable, ours and writable: a mistake is one line, before
         # anything is written (no _job.json recording a job that never ran) and before Ray starts (preflight.py).
@@ -72,9 +85,9 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
         # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
         # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.
-        session = _ensure_ray(job)
+        session = _ensure_ray(job, shown, named)
         ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
-        resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow)
+        resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow, named=named)
         with ExitStack() as leases:
             try:
                 # One driver per OUTPUT (store/lease.py): held before anything is written, so a second driver is
@@ -89,7 +102,7 @@ def render(job: JobSpec, *, new_version: bool = False, allow_non_empty_output: b
                     undo.output_lease, held = held, leases.enter_context(
                         lease.hold(fs, root, run_id, job.lease_seconds))
                     undo.leases.append(held)
-                return _render_held(job, preset, fs, root, summary, held, progress, started, session, ask,
+                return _render_held(job, preset, fs, root, summary, held, shown, started, session, ask,
                                     rerender_changed, renderer_class, undo)
             except FluxbatchError as error:
                 undo.refused(error)  # still under the leases, which then put back what they found on release
@@ -178,10 +191,12 @@ class _Undo:
 
 
 def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary: RunSummary, held: lease.Lease,
-                 progress: bool, started: float, session: RaySession, ask: resources.ReplicaAsk,
+                 shown: RunProgress, started: float, session: RaySession, ask: resources.ReplicaAsk,
                  rerender_changed: bool, renderer_class: type | None, undo: _Undo) -> RunSummary:
     """The rest of `render`, run while this driver holds the lease on `root` (OUTPUT or its version folder)."""
-    run_id, seconds = summary.run_id, {}
+    # "start": the checks before anything is written, Ray's start (or joining it) and the lease; apart from reading.
+    run_id, seconds = summary.run_id, {"start": time.monotonic() - started}
+    mark = time.monotonic()
     # The cheap half of `fluxbatch verify`, before this run deletes or writes anything: an unreadable part
     # stops the run in one line naming it (CorruptLedgerError), with the failures of the last run still there.
     committed = changed_rows.read_committed(fs, root)
@@ -201,7 +216,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # Every reference image read once, inside the job's roots, before anything renders (pipeline/references.py).
     references.check_manifest(manifest, job, sink=validate_failures.add, tensor_parallel=ask.gpus > 1)
     validate_failures.flush()
-    seconds["read"] = time.monotonic() - started
+    seconds["read"] = time.monotonic() - mark
 
     mark = time.monotonic()
     # A refusal (changed rows, mixed formats for WebDataset) takes back this run's failure parts (_Undo).
@@ -226,10 +241,10 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     if plan.table.num_rows:
         writer = ledger.MetadataWriter(fs, root, run_id, manifest.extra_fields, seconds=job.commit_seconds,
                                        before_commit=held.check)
-        print(session.start_line(), file=sys.stderr)  # where to watch the run: dashboard and metrics
+        shown.say(session.start_line().removeprefix("fluxbatch: "))  # where to watch the run: dashboard, metrics
         metrics = DriverMetrics(job.output.uri)
         metrics.count_reasons(manifest.failures.by_reason)
-        render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, progress, metrics, ask,
+        render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, shown, metrics, ask,
                                        session.can_grow, renderer_class)
         rendered = writer.written  # _render_plan flushed the last rows, whatever happened
         failures_by_reason.update(render_failures.by_reason)
@@ -238,6 +253,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # committed image present with its size (one listing). What is still missing is said, never claimed done.
     mark = time.monotonic()
     held.check()
+    shown.say("checking the committed images in OUTPUT ...", phase="checking OUTPUT")
     settled = committed_images.settle(fs, root, run_id)
     if settled.missing:
         missing = ledger.FailureWriter(fs, root, run_id, "check")
@@ -253,6 +269,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     if job.output.layout != "files":
         # Shards are packed from the finished image files and the ledger, so resume never depends on them.
         mark = time.monotonic()
+        shown.say(f"packing the {job.output.layout} shards ...", phase="packing")
         pack_images(job, expected_keys(manifest))
         seconds["pack"] = time.monotonic() - mark
 
@@ -277,6 +294,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # This run's failure parts are all written: they replace the previous run's (a run that stopped earlier
     # left those in place, beside its own).
     ledger.remove_failures_of_other_runs(fs, root, run_id)
+    shown.say("writing summary.json and report.html ...", phase="writing the report")
     run_records.write(fs, root, summary)
     if session.started_here and plan.table.num_rows:
         # This process's cluster stops with it: its metrics endpoint must show the run's last values first.
@@ -296,20 +314,22 @@ def _lost_during_run(settled: committed_images.Settled, manifest: Any, plan: Any
 
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,
-                 progress: bool, metrics: DriverMetrics, ask: resources.ReplicaAsk, can_grow: bool,
+                 shown: RunProgress, metrics: DriverMetrics, ask: resources.ReplicaAsk, can_grow: bool,
                  renderer_class: type | None = None) -> FailureCounts:
     """Stream the plan through the actor pool (Ray already started); commit finished images, stream failed ones
     to the failure parts; returns their counts."""
-    stage = render_stage(job, ask, worker_env(), run_id, renderer_class)
+    count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
+    stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
     failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
-    bar = tqdm(total=plan.num_rows, unit="img", desc="render", disable=not progress, dynamic_ncols=True)
+    blocks = split_blocks(plan, job.replicas, job.batch_size)
+    quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
+    bar = quiet.enter_context(shown.rendering(plan.num_rows, min(job.replicas, len(blocks)), count))
     results = _Results(plan, writer, failures, metrics, bar)
     dropped = DroppedBatchErrors.install()
-    quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
     quiet.enter_context(quiet_ray_data())
     notice = quiet.enter_context(resources.PendingNotice(ask)) if can_grow else None
     try:
-        for batch in stage.run(split_blocks(plan, job.replicas, job.batch_size)):
+        for batch in stage.run(blocks):
             if notice:
                 notice.started()
             results.add(batch)
@@ -324,7 +344,6 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     finally:
         quiet.close()
         dropped.remove()
-        bar.close()
         try:
             writer.flush()  # commits the images written so far, also when the run stops early
         finally:
@@ -339,7 +358,7 @@ class _Results:
     """Where the pool's result tables go: finished images to the ledger, failed ones to the failure parts."""
 
     def __init__(self, plan: pa.Table, writer: ledger.MetadataWriter, failures: ledger.FailureWriter,
-                 metrics: DriverMetrics, bar: tqdm):
+                 metrics: DriverMetrics, bar: RenderBar):
         self.plan, self.writer, self.failures, self.metrics, self.bar = plan, writer, failures, metrics, bar
         self.counts = FailureCounts()
         self.seen: set[str] = set()
@@ -363,8 +382,7 @@ class _Results:
             self.fail(failure)
         self.metrics.count_failures(failed)
         self.metrics.set_pending(self.plan.num_rows - len(self.seen))
-        self.bar.update(batch.num_rows)
-        self.bar.set_postfix(failed=self.counts.total, refresh=False)
+        self.bar.done(len(self.seen))
         full = next((f.reason for f in failed if f.reason.startswith(DISK_FULL)), None)
         if full:  # every later image would fail the same way: stop in one line (exit 1), not one by one
             raise NoSpaceLeftError(full.removeprefix(DISK_FULL))
@@ -420,7 +438,7 @@ def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name not in job_env}
 
 
-def _ensure_ray(job: JobSpec) -> RaySession:
+def _ensure_ray(job: JobSpec, shown: RunProgress, named: dict[str, str] | None = None) -> RaySession:
     """Join the job's Ray cluster, or start a local one, quietly (pipeline/cluster/ray_session.py); storage settings
     travel to every worker.
 
@@ -431,7 +449,11 @@ def _ensure_ray(job: JobSpec) -> RaySession:
     """
     address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if not ray.is_initialized():
+        if starts_local_cluster(address):
+            resources.check_this_machine_has_gpus(job, named)  # in a second, not after Ray's start
         keep_token_auth(address)
+        shown.say("starting a local Ray cluster ..." if starts_local_cluster(address) else
+                  f"joining the Ray cluster at {address} ...", phase="starting Ray")
     return connect(address, {"env_vars": env_not_set_by_job(worker_env())},
                    can_grow=not starts_local_cluster(address))
 

@@ -38,14 +38,16 @@ class RenderOptions(BaseModel):
         default_factory=dict, repr=False, description="storage options for rows' reference images (the manifest's)")
     embedding_cache_bytes: int = Field(default=256 * 2**20, ge=0, description="prompt encodings kept per actor")
     write_threads: int = Field(default=4, ge=1, description="images encoded and written while the next renders")
+    image_counter: Any = Field(default=None, repr=False,
+                               description="a Ray actor handle counting written images (pipeline/progress.py)")
 
     @classmethod
     def for_job(cls, job: JobSpec, *, storage_options: dict[str, Any], threads: int | None, run_id: str | None,
                 compile_cache_options: dict[str, Any] | None = None,
-                reference_storage_options: dict[str, Any] | None = None) -> RenderOptions:
+                reference_storage_options: dict[str, Any] | None = None, image_counter: Any = None) -> RenderOptions:
         """The options a renderer of `job` gets; the storage options are resolved by the driver (credentials)."""
         return cls(output_uri=job.output.uri, storage_options=storage_options, batch_invariant=job.batch_invariant,
                    max_retries=job.max_retries, jpeg_quality=job.output.jpeg_quality,
                    webp_quality=job.output.webp_quality, threads=threads, run_id=run_id,
                    compile_cache_options=compile_cache_options,
-                   reference_storage_options=reference_storage_options or {})
+                   reference_storage_options=reference_storage_options or {}, image_counter=image_counter)

@@ -69,3 +69,15 @@ class RunSummary(BaseModel):
         """`fluxbatch render` exits 0 (README, "Exit codes"): some row was valid, no row was invalid, and
         every valid row's images exist. A run that refused rows or rendered nothing is not a success."""
         return self.complete and self.invalid_rows == 0 and self.images_expected > 0
+
+    def outcome(self) -> str:
+        """The exit code and what it means, in one line: the end of `fluxbatch render` and the report's headline."""
+        if self.succeeded:
+            return "exit 0: every image the manifest asks for is in OUTPUT"
+        if not self.images_expected:
+            return "exit 1: no valid row in the manifest, so nothing was rendered"
+        missing = self.images_expected - self.images_total_done
+        why = [f"{missing} of {self.images_expected} images are not in OUTPUT" if missing else "",
+               f"{self.invalid_rows} rows were refused" if self.invalid_rows else "",
+               f"{self.images_missing} committed images are missing or altered" if self.images_missing else ""]
+        return f"exit 1: {'; '.join(w for w in why if w)} (a re-run renders what failed)"

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +32,12 @@ class OwnRay:
         return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local", "RAY_TMPDIR": self.temp_dir,
                 "FLUXBATCH_WORKER_LOGS": "1", **extra}
 
-    def start(self, args: list[str], module: str = "jobs.cli", **env: str) -> subprocess.Popen:
-        """Start `python -m MODULE ARGS` (`fluxbatch`, or tests.stand_in_cli) in a new session, output captured."""
+    def start(self, args: list[str], module: str = "jobs.cli", stderr: Any = subprocess.PIPE,
+              **env: str) -> subprocess.Popen:
+        """Start `python -m MODULE ARGS` (`fluxbatch`, or tests.stand_in_cli) in a new session, output captured
+        (`stderr`: a pipe, or a pseudo-terminal's file descriptor)."""
         proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=self.env(**env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         self.sessions.add(proc.pid)
         return proc
 

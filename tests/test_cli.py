@@ -102,6 +102,7 @@ def test_pickle_weights_are_refused_with_a_message(tmp_path, tiny_model):
         load_pipeline(ModelSpec(name=str(tiny_model), adapters={"style": str(tmp_path / "style.pt")}))
 
 
+@pytest.mark.usefixtures("stand_in_for_this_test")  # the command around the driver, not the model
 def test_render_command_renders_and_a_second_run_renders_nothing(tmp_path, tiny_model, ray_cluster, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat", "width": 64, "height": 64}])
     out = tmp_path / "out"

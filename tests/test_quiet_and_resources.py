@@ -5,11 +5,11 @@ the local cluster it started stops."""
 
 from __future__ import annotations
 
-import json
+import os
+import pty
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -59,46 +59,30 @@ def test_more_per_replica_than_the_local_cluster_has_is_refused_at_once_in_one_l
     assert not out.exists() or not any(out.iterdir())
 
 
-TWO_NODES = textwrap.dedent("""
-    import json
-    import ray
-    from ray.cluster_utils import Cluster
+# Two nodes of 2 (fake) GPUs and 2 CPUs, as `alive_nodes()` reads them from `ray.nodes()`.
+TWO_NODES = [{"CPU": 2.0, "GPU": 2.0, "memory": 8e9, "object_store_memory": 2e9, f"node:10.0.0.{i}": 1.0}
+             for i in (1, 2)]
+
+
+def test_a_tensor_parallel_group_larger_than_every_node_is_refused_though_the_cluster_has_enough_gpus():
+    """A TP-2 group fits; a TP-4 group would have to span the nodes and is refused, although the cluster holds 4
+    GPUs in all. (Groups on a live two-node cluster: tests/test_tensor_parallel.py.)"""
     from pipeline.cluster import resources
     from schemas import JobSpec
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
-    cluster.add_node(num_cpus=2, num_gpus=2)
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-    cluster.wait_for_nodes()
-    nodes = resources.alive_nodes()
-    out = {"total_gpus": ray.cluster_resources().get("GPU")}
-    for degree in (2, 4):
+    def check(degree: int) -> str:
         job = JobSpec(manifest="m.parquet", output={"uri": "out"}, gpus_per_replica=degree)
-        ask = resources.replica_ask(job, float(degree), 4)
         try:
-            resources.check_fits(ask, nodes, can_grow=False)
-            out[degree] = "fits"
+            resources.check_fits(resources.replica_ask(job, float(degree), 4), TWO_NODES, can_grow=False,
+                                 named={"gpus_per_replica": "--gpus-per-replica"})
         except resources.ClusterTooSmallError as error:
-            out[degree] = str(error)
-    print("RESULT" + json.dumps(out))
-    ray.shutdown()
-    cluster.shutdown()
-""")
+            return str(error)
+        return "fits"
 
-
-@pytest.mark.slow
-def test_a_tensor_parallel_group_larger_than_every_node_is_refused_though_the_cluster_has_enough_gpus():
-    """Two nodes of 2 (fake) GPUs: a TP-2 group fits; a TP-4 group would have to span them and is refused,
-    although the cluster holds 4 GPUs in all. Own process: Ray is initialised once per process."""
-    done = subprocess.run([sys.executable, "-c", TWO_NODES], capture_output=True, text=True, timeout=300, cwd=REPO)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT")]
-    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
-    result = json.loads(lines[0].removeprefix("RESULT"))
-    assert result["total_gpus"] == 4
-    assert result["2"] == "fits"
-    assert result["4"] == ("--gpus-per-replica asks for 4 GPUs and 4 CPUs per replica, but no node has that: the "
-                           "cluster has 2 nodes, each with at most 2 GPUs and 2 CPUs (a replica never spans nodes); "
-                           "lower --gpus-per-replica, or join a larger cluster with --ray-address")
+    assert check(2) == "fits"
+    assert check(4) == ("--gpus-per-replica asks for 4 GPUs and 4 CPUs per replica, but no node has that: the "
+                        "cluster has 2 nodes, each with at most 2 GPUs and 2 CPUs (a replica never spans nodes); "
+                        "lower gpus_per_replica, or join a larger cluster with --ray-address")
 
 
 # --- a cluster that may grow: say what is pending ----------------------------------------------------------
@@ -160,24 +144,42 @@ class EndpointWatcher:
 
 def render_on_own_cluster(tmp_path, tiny_model, *extra: str,
                           module: str = "jobs.cli") -> tuple[subprocess.CompletedProcess, EndpointWatcher]:
-    """`fluxbatch render` with a local cluster of its own; its metrics endpoint watched from its start line on."""
+    """`fluxbatch render` with a local cluster of its own, its stderr a pseudo-terminal as in a user's shell; its
+    metrics endpoint watched from its start line on. The result's `gaps`: seconds between what stderr showed,
+    from the start of the process to its end."""
     ray = OwnRay()
     out = tmp_path / "out"
     watcher = EndpointWatcher(str(out))
+    master, slave = pty.openpty()
+    chunks: list[str] = []
     try:
         # FLUXBATCH_WORKER_LOGS empty: the default (worker output only with -v), whatever OwnRay forces
+        began = time.monotonic()
         proc = ray.start(["render", str(tiny_manifest(tmp_path)), str(out), "--model", str(tiny_model), *extra],
-                         module=module, FLUXBATCH_WORKER_LOGS="")
-        err_lines: list[str] = []
-        for line in proc.stderr:  # stream: the endpoint must be watched while the run is alive
-            err_lines.append(line)
-            if (found := START_LINE.match(line.strip())) and watcher.url is None:
-                watcher.start(found["metrics"])
+                         module=module, stderr=slave, FLUXBATCH_WORKER_LOGS="")
+        os.close(slave)
+        shown = [began]
+        while True:  # stream: the endpoint must be watched while the run is alive
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the process and its children closed the terminal
+                break
+            if not data:
+                break
+            shown.append(time.monotonic())
+            chunks.append(data.decode(errors="replace"))
+            for line in lines_of("".join(chunks)):
+                if (found := START_LINE.match(line)) and watcher.url is None:
+                    watcher.start(found["metrics"])
         stdout = proc.stdout.read()
         proc.wait(timeout=600)
+        shown.append(time.monotonic())
     finally:
+        os.close(master)
         ray.cleanup()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(err_lines)), watcher
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "".join(chunks).replace("\r\n", "\n"))
+    result.gaps = [later - earlier for earlier, later in zip(shown, shown[1:])]
+    return result, watcher
 
 
 @pytest.fixture(scope="module")
@@ -191,20 +193,41 @@ def lines_of(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_render_prints_its_start_line_progress_and_summary_and_nothing_from_ray_or_libraries(quiet_run):
+def test_a_render_prints_its_phases_progress_and_summary_and_nothing_from_ray_or_libraries(quiet_run):
     result, _ = quiet_run
     assert result.returncode == 0, result.stderr[-3000:]
+    out = result.args[-3]
     assert result.stdout.strip().splitlines() == [
-        f"2 rendered, 0 already done, 0 failed, 0 bad rows; 2/2 images in {result.args[-3]}"]
+        f"2 rendered, 0 already done, 0 failed, 0 bad rows; 2/2 images in {out}",
+        f"report: {out}/report.html",
+        "exit 0: every image the manifest asks for is in OUTPUT"]
     err = lines_of(result.stderr)
-    assert START_LINE.match(err[0]), err
-    assert all(PROGRESS.match(line) for line in err[1:]), err  # no Ray, Ray Data or transformers line
+    phases = [line.removeprefix("fluxbatch: ") for line in err if line.startswith("fluxbatch: ")]
+    still = re.compile(r".* \.\.\.(: .*)? \(\d+ s\)$")  # "starting Ray ... (8 s)": a phase still under way
+    assert [p for p in phases if not p.startswith(("local Ray cluster", "actors ready")) and not still.match(p)] == [
+        "starting a local Ray cluster ...", "loading the model on 1 actor ...", "rendering",
+        "checking the committed images in OUTPUT ...", "writing summary.json and report.html ..."], err
+    # Said as the watcher sees each actor come up (polled each second: the tiny model may render before it looks).
+    assert all(re.search(r"actors ready [01]/1\b", p) for p in phases if "actors ready" in p), err
+    assert any(START_LINE.match(line) for line in err), err
+    others = [line for line in err if not line.startswith("fluxbatch: ") and not PROGRESS.match(line)]
+    assert not others, others  # no Ray, Ray Data or transformers line
+    assert any(PROGRESS.match(line) and "2/2" in line for line in err), err  # the bar reached 100%
+
+
+@pytest.mark.slow
+def test_a_render_in_a_terminal_is_never_silent_for_10_seconds(quiet_run):
+    """From the process's start to its end, stderr shows something new at least every 10 s: Ray starting, the
+    model loading, the bar, the checks at the end (the tiny model; a big one loads longer, and says so)."""
+    result, _ = quiet_run
+    assert result.returncode == 0
+    assert max(result.gaps) < 10, [round(gap, 1) for gap in result.gaps]
 
 
 @pytest.mark.slow
 def test_the_start_line_names_the_dashboard_and_the_metrics_endpoint(quiet_run):
     result, watcher = quiet_run
-    found = START_LINE.match(lines_of(result.stderr)[0])
+    found = next(START_LINE.match(line) for line in lines_of(result.stderr) if START_LINE.match(line))
     assert found and found["dashboard"].startswith("http://"), result.stderr[:500]
     assert watcher.url == found["metrics"]
     assert watcher.last is not None, "the printed metrics endpoint never answered"

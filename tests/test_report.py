@@ -76,6 +76,40 @@ def test_report_html_is_a_contact_sheet_of_every_image_with_its_prompt_and_the_f
 
 
 @pytest.mark.slow
+def test_report_headline_agrees_with_the_exit_code_and_it_plots_the_run_and_links_each_thumbnail(run):
+    out, summary = run
+    document = (out / "report.html").read_text()
+    assert summary.succeeded is False  # the refused row: exit 1
+    assert "<p class='outcome bad'><b>exit 1: 1 rows were refused (a re-run renders what failed)</b></p>" in document
+    assert "complete" not in re.sub(r"<[^>]+>", " ", document).split("counts")[0]  # no contrary word on top
+    for plot in ("images per second over the run", "busy and idle time per actor", "failures by reason"):
+        assert f"aria-label='{plot}'" in document, plot
+    links = re.findall(r"<a href='([^']+)'><img src='data:image/jpeg;base64,[^']+' alt='([0-9a-f]+)'>", document)
+    assert len(links) == 3 and all((out / href).is_file() and Path(href).stem == key for href, key in links)
+    order = [request for request in re.findall(r"<span class='note'>(\w+) #\d", document)]
+    assert sorted(order) == ["lamp", "lamp", "mug"] and order == sorted(order, key=order.index)  # side by side
+
+
+@pytest.mark.slow
+def test_report_opens_in_headless_chromium_with_its_plots_and_headline(run, tmp_path):
+    """A browser's reading, not ours: Chromium's DOM of the file holds the plots and the headline. Chromium is an
+    apt package (`apt install chromium`); without it this test is skipped and says so."""
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(name)), None)
+    if browser is None:
+        pytest.skip("chromium is not installed here (apt install chromium): the report was not opened in a browser")
+    out, _ = run
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                           "--dump-dom", (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("<svg") >= 3 and "busy and idle time per actor" in done.stdout
+    assert "exit 1: 1 rows were refused" in done.stdout
+
+
+@pytest.mark.slow
 def test_report_reads_its_thumbnails_from_s3(tmp_path, tiny_model, ray_cluster, s3_env, bucket):
     manifest = write_manifest(tmp_path / "m.parquet", ROWS[:2])
     out = f"s3://{bucket}/run"
@@ -99,4 +133,5 @@ def test_report_says_how_many_failures_it_leaves_out_and_marks_unreadable_images
     assert "30 row(s), first 10 shown" in document
     assert "boom 9" in document and "boom 10" not in document
     assert "<div class='missing'>no preview</div>" in document
-    assert "<b>incomplete</b>" in document
+    assert "<p class='outcome bad'><b>exit 1: 1 of 1 images are not in OUTPUT (a re-run renders what failed)</b></p>" \
+        in document

@@ -98,6 +98,9 @@ def _describe(started_here: bool, can_grow: bool, dashboard: str | None) -> RayS
                       nodes=len(nodes), cpus=totals.get("CPU", 0.0), gpus=totals.get("GPU", 0.0))
 
 
+HELD_STDERR: int | None = None  # the terminal's stderr while `_backend_log_level` holds fd 2 in a file
+
+
 @contextmanager
 def _backend_log_level(level: str | None) -> Iterator[None]:
     """RAY_BACKEND_LOG_LEVEL=`level` while `ray.init` starts the driver's C++ core, unless the user set it (or
@@ -110,14 +113,17 @@ def _backend_log_level(level: str | None) -> Iterator[None]:
     if level is None or BACKEND_LOG_LEVEL_ENV in os.environ:
         yield
         return
+    global HELD_STDERR
     os.environ[BACKEND_LOG_LEVEL_ENV] = level
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
+        HELD_STDERR = saved
         try:
             yield
         finally:
+            HELD_STDERR = None
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)

@@ -91,27 +91,48 @@ def shortfall(ask: ReplicaAsk, nodes: list[dict[str, float]]) -> str:
     return f"the cluster has {len(nodes)} nodes, each with at most {amounts(largest)} (a replica never spans nodes)"
 
 
-def check_fits(ask: ReplicaAsk, nodes: list[dict[str, float]], can_grow: bool) -> None:
+def check_fits(ask: ReplicaAsk, nodes: list[dict[str, float]], can_grow: bool,
+               named: dict[str, str] | None = None) -> None:
     """Raise `ClusterTooSmallError` when no node of a cluster that cannot grow holds one replica.
 
     Fewer nodes than `replicas` replicas still render, with the replicas that fit: that is said in one line.
+    `named`: how the user gave each job field (`--gpus-per-replica`, or "gpus_per_replica in job.yaml").
     """
     fit = replicas_that_fit(ask, nodes)
     if fit >= ask.replicas or can_grow:
         return
     if fit == 0:
-        flag = _flag_at_fault(ask, nodes)
+        field = "gpus_per_replica" if ask.gpus and not any(n.get("GPU", 0.0) >= ask.gpus for n in nodes) \
+            else "cpus_per_replica"
+        flag = (named or {}).get(field) or field
         raise ClusterTooSmallError(
             f"{flag} asks for {ask.describe()}, but no node has that: {shortfall(ask, nodes)}; "
-            f"lower {flag}, or join a larger cluster with --ray-address")
+            f"lower {field}, or join a larger cluster with --ray-address")
     log.warning("only %d of %d replicas fit on this cluster (%s; %s); rendering with %d",
                 fit, ask.replicas, ask.describe(), shortfall(ask, nodes), fit)
 
 
-def _flag_at_fault(ask: ReplicaAsk, nodes: list[dict[str, float]]) -> str:
-    if ask.gpus and not any(node.get("GPU", 0.0) >= ask.gpus for node in nodes):
-        return "--gpus-per-replica"
-    return "--cpus-per-replica"
+def check_this_machine_has_gpus(job: JobSpec, named: dict[str, str] | None = None) -> None:
+    """Before a local cluster starts (Ray takes seconds): a job asking for GPUs on a machine without any is
+    refused at once, as `check_fits` would refuse it once Ray had started."""
+    if job.gpus_per_replica == "auto" or not float(job.gpus_per_replica) or machine_gpus():
+        return
+    flag = (named or {}).get("gpus_per_replica") or "gpus_per_replica"
+    raise ClusterTooSmallError(
+        f"{flag} asks for {_count(float(job.gpus_per_replica), 'GPU')} per replica, but this machine has no GPU "
+        "(a run without --ray-address starts its Ray cluster here); set gpus_per_replica 0 to render on CPU, or "
+        "join a cluster with GPUs with --ray-address")
+
+
+def machine_gpus() -> int:
+    """The NVIDIA GPUs a Ray cluster started here would see: CUDA_VISIBLE_DEVICES when set, else the device files
+    (what Ray's own detection finds, without importing torch or NVML)."""
+    import glob
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1" and d != "NoDevFiles"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _count(value: float, name: str) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
+from pipeline.store.report_plots import TIMING_COLUMNS, actors_svg, reasons_svg, throughput_svg
 from schemas import RunSummary
 from schemas.layout import METADATA, REPORT_FILE, committed_image_path
 
@@ -38,11 +39,11 @@ def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int
     """
     path = f"{root}/{REPORT_FILE}"
     try:
-        images = sheet_rows(fs, root, summary.run_id, thumbnails)
+        images, timings = sheet_rows(fs, root, summary.run_id, thumbnails)
         # The first rows only: a run may have written millions (ledger.FailureWriter), a report shows a few.
         failures, failure_total = ledger.first_failures(fs, root, failure_rows)
         document = render_report(summary, images, failures, fs, root, failure_rows=failure_rows,
-                                 failure_total=failure_total)
+                                 failure_total=failure_total, timings=timings)
         fs.write_bytes(path, document.encode())
     except Exception as error:  # noqa: BLE001
         log.warning("%s not written: %s", path, error)
@@ -50,20 +51,29 @@ def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int
     return path
 
 
-def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` metadata rows for the contact sheet, read part by part so a huge output stays cheap."""
+def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> tuple[list[dict[str, Any]], pa.Table]:
+    """Up to `limit` metadata rows for the contact sheet, grouped by manifest row, and this run's timing columns
+    for the plots (report_plots.py), read part by part so a huge output stays cheap."""
     folder = f"{root}/{METADATA}"
     found = fs.find(folder) if fs.exists(folder) else []
     parts = sorted(p for p in found if p.endswith(".parquet"))
     ours = [p for p in parts if f"part-{run_id}-" in p]
     rows: list[dict[str, Any]] = []
+    timings: list[pa.Table] = []
     for part in ours or list(reversed(parts)):
         table = pq.read_table(pa.BufferReader(fs.read_bytes(part)))
-        present = [c for c in SHEET_COLUMNS if c in table.column_names]
-        rows += table.select(present).slice(0, limit - len(rows)).to_pylist()
-        if len(rows) >= limit:
+        if ours and all(c in table.column_names for c in TIMING_COLUMNS):
+            timings.append(table.select(TIMING_COLUMNS))
+        elif len(rows) >= limit:
             break
-    return rows
+        present = [c for c in SHEET_COLUMNS if c in table.column_names]
+        rows += table.select(present).slice(0, max(0, limit - len(rows))).to_pylist()
+    first = {}  # each manifest row's images side by side, rows in the order their first image finished
+    for row in rows:
+        first.setdefault(row.get("request_id"), len(first))
+    rows.sort(key=lambda r: (first[r.get("request_id")], r.get("variant") or 0))
+    empty = pa.table({c: pa.array([], pa.string()) for c in TIMING_COLUMNS})
+    return rows, (pa.concat_tables(timings, promote_options="permissive") if timings else empty)
 
 
 def thumbnail(fs: Storage, image_uri: str) -> str | None:
@@ -82,8 +92,10 @@ def thumbnail(fs: Storage, image_uri: str) -> str | None:
 
 
 def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: pa.Table | None,
-                  fs: Storage, root: str, *, failure_rows: int = 500, failure_total: int | None = None) -> str:
-    """The report as one HTML string (templates/report.html): summary tables, contact sheet, failures."""
+                  fs: Storage, root: str, *, failure_rows: int = 500, failure_total: int | None = None,
+                  timings: pa.Table | None = None) -> str:
+    """The report as one HTML string (templates/report.html): its outcome, summary tables and plots, the contact
+    sheet (thumbnails grouped by manifest row, each linking to its image), failures."""
     counts = [
         ("manifest files", summary.manifest_files), ("manifest rows", summary.manifest_rows),
         ("invalid rows", summary.invalid_rows), ("images expected", summary.images_expected),
@@ -98,18 +110,29 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
     present = [c for c in FAILURE_COLUMNS if failures is not None and c in failures.column_names]
     rows = ([[r.get(c) for c in present] for r in failures.select(present).slice(0, shown).to_pylist()]
             if failures is not None and total else [])
+    reasons = sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1])
+    timings = timings if timings is not None and timings.num_rows else None
     return TEMPLATES.get_template("report.html").render(
-        summary=summary, style=STYLE, counts=counts,
+        summary=summary, style=STYLE, counts=counts, outcome=summary.outcome(),
+        plots=[(title, svg) for title, svg in (
+            ("images per second", throughput_svg(timings, summary.started_at) if timings else ""),
+            ("busy and idle time per actor", actors_svg(timings) if timings else ""),
+            ("failures by reason", reasons_svg(reasons))) if svg],
         stages=[(k, f"{v:.2f}") for k, v in summary.seconds.items()],
-        reasons=sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]) or [("none", 0)],
+        reasons=reasons or [("none", 0)],
         actor_header=["actor", "device", "process start", "model load", "compile / warm-up", "first image",
                       "compile cache"],
         actors=cold_start_rows(summary),
         # Where this OUTPUT holds each image: a copied or moved OUTPUT's rows name the old URL.
-        images=[{**row, "src": thumbnail(fs, committed_image_path(root, row["key"], row["image_uri"]))}
-                for row in images],
+        images=[{**row, "src": thumbnail(fs, path), "href": _link(root, path)}
+                for row in images for path in [committed_image_path(root, row["key"], row["image_uri"])]],
         failure_total=total, failure_shown=shown, failure_header=present, failure_rows=rows,
     ) + "\n"
+
+
+def _link(root: str, path: str) -> str:
+    """The image's address from report.html, which sits at OUTPUT's top: relative, so a copied OUTPUT's links work."""
+    return path.removeprefix(root.rstrip("/") + "/")
 
 
 def cold_start_rows(summary: RunSummary) -> list[tuple]:
@@ -143,4 +166,6 @@ figure{margin:0;background:#fff;border:1px solid #ddd;padding:4px}
 figure img,.missing{display:block;width:192px;height:192px;object-fit:contain;margin:auto;background:#eee}
 .missing{line-height:192px;text-align:center;color:#999}
 figcaption{display:flex;flex-direction:column;gap:2px;padding-top:4px}.prompt{font-size:13px}
+.ok{color:#1d7a3a}.bad{color:#b3261e}.outcome{font-size:16px;margin:8px 0}
+.plots{display:flex;gap:28px;flex-wrap:wrap}.plot text{font:11px system-ui,sans-serif;fill:#444}
 """
