@@ -438,7 +438,7 @@ def env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in env.items() if name not in job_env}
 
 
-def _ensure_ray(job: JobSpec, shown: RunProgress, named: dict[str, str] | None = None) -> RaySession:
+def _ensure_ray(job: JobSpec, shown: RunProgress | None = None, named: dict[str, str] | None = None) -> RaySession:
     """Join the job's Ray cluster, or start a local one, quietly (pipeline/cluster/ray_session.py); storage settings
     travel to every worker.
 
@@ -452,8 +452,9 @@ def _ensure_ray(job: JobSpec, shown: RunProgress, named: dict[str, str] | None =
         if starts_local_cluster(address):
             resources.check_this_machine_has_gpus(job, named)  # in a second, not after Ray's start
         keep_token_auth(address)
-        shown.say("starting a local Ray cluster ..." if starts_local_cluster(address) else
-                  f"joining the Ray cluster at {address} ...", phase="starting Ray")
+        if shown is not None:
+            shown.say("starting a local Ray cluster ..." if starts_local_cluster(address) else
+                      f"joining the Ray cluster at {address} ...", phase="starting Ray")
     return connect(address, {"env_vars": env_not_set_by_job(worker_env())},
                    can_grow=not starts_local_cluster(address))
 

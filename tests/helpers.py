@@ -55,3 +55,8 @@ def assert_images_match_metadata(output: str, storage_options: dict | None = Non
         recorded.add(path)
     assert files == recorded, f"images without metadata: {sorted(files - recorded)[:3]}"
     return table
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr less a run's phase lines (`fluxbatch: ...`, pipeline/progress.py): what a refusal says."""
+    return [line for line in stderr.strip().splitlines() if line.strip() and not line.startswith("fluxbatch: ")]

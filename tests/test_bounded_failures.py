@@ -124,7 +124,7 @@ def test_render_of_an_empty_manifest_exits_1(tmp_path, tiny_model, capsys):
                       "--no-progress")
 
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "no valid row in the manifest" in result.stderr
+    assert "exit 1: no valid row in the manifest, so nothing was rendered" in result.stdout
 
 
 @pytest.mark.slow

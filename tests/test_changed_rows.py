@@ -20,7 +20,7 @@ from pipeline import render
 from pipeline.store.changed_rows import RENDER_FIELDS, compare
 from schemas.records import ADAPTERS_TYPE
 from tests.conftest import write_manifest
-from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env
+from tests.helpers import assert_images_match_metadata, error_lines, make_job, metadata, session_cluster_env
 from tests.own_ray import REPO
 
 pytestmark = pytest.mark.usefixtures("stand_in_renderer")  # the driver's behaviour; the model does not matter
@@ -73,7 +73,7 @@ def runs(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer):
 def test_rerun_with_edited_rows_is_refused_in_one_line_naming_each_row_and_the_flag(runs):
     out, _, before, refused, after, _, _ = runs
     assert refused.returncode == 2, refused.stdout + refused.stderr[-3000:]
-    lines = refused.stderr.strip().splitlines()
+    lines = error_lines(refused.stderr)  # one line, after the run's phase lines
     assert len(lines) == 1, refused.stderr
     line = lines[0]
     assert "3 rows changed" in line

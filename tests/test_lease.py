@@ -28,7 +28,7 @@ from pipeline.store import ledger
 from schemas import IMAGE_RECORD_SCHEMA
 from schemas.errors import FluxbatchError
 from tests.conftest import write_manifest
-from tests.helpers import assert_images_match_metadata, make_job, metadata, session_cluster_env
+from tests.helpers import assert_images_match_metadata, error_lines, make_job, metadata, session_cluster_env
 from tests.own_ray import REPO
 
 ROWS = [{"id": f"lamp-{i}", "prompt": f"a lamp number {i}", "width": 64, "height": 64} for i in range(3)]
@@ -72,7 +72,8 @@ def assert_one_renders_and_the_other_is_refused(output: str, drivers: list[subpr
     runs = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/runs")]
     assert len(runs) == 1, f"the refused driver left a run record: {runs}"  # it wrote nothing
     assert refused_out == ""
-    line, = refused_err.strip().splitlines()
+    # Its phase lines (Ray joined) came first; the refusal itself is one line.
+    line, = error_lines(refused_err)
     assert line.startswith("error: ") and "another fluxbatch driver" in line
     for holder_field in (f"run {runs[0]}", f"pid {winner_pid}", "started 20", "goes stale at"):
         assert holder_field in line, line

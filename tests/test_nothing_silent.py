@@ -144,7 +144,8 @@ def test_a_committed_image_missing_whose_row_left_the_manifest_makes_the_run_exi
     record = json.loads((out / "summary.json").read_text())  # the first run's said "complete": rewritten
     assert record["images_missing"] == 1 and record["complete"] is False
     assert list(record["failures_by_reason"]) == ["committed image missing"]
-    assert "<b>incomplete</b>" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "<p class='outcome bad'><b>exit 1: 1 committed images are missing or altered" in report
     rows = failures(str(out)).to_pylist()
     assert [(r["stage"], r["key"]) for r in rows] == [("check", gone["key"])]
     assert gone["image_uri"] in rows[0]["reason"]

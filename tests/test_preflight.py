@@ -80,7 +80,7 @@ def test_hub_id_not_cached_with_hf_hub_offline_is_refused_without_asking_the_hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "out"
     line = refused(capsys, str(manifest), str(out), "--model", "flux.1-dev")  # a preset: its hub id is not cached
-    assert "'black-forest-labs/FLUX.1-dev'" in line and "HF_HUB_OFFLINE is set" in line
+    assert "'flux.1-dev' (black-forest-labs/FLUX.1-dev on the hub)" in line and "HF_HUB_OFFLINE is set" in line
     assert str(tmp_path / "hf-cache") in line
     assert no_job_file(out)
 

@@ -5,11 +5,14 @@ the local cluster it started stops."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -22,7 +25,8 @@ from tests.own_ray import REPO, OwnRay
 from tests.test_cli import call_cli
 
 START_LINE = re.compile(r"^fluxbatch: local Ray cluster \(1 node, \d+ CPUs, \d+ GPUs\); "
-                        r"dashboard (?P<dashboard>\S+); metrics (?P<metrics>http://\S+:\d+/metrics)$")
+                        r"dashboard (?P<dashboard>\S+)(?P<token> \(its token: `ray get-auth-token`\))?; "
+                        r"metrics (?P<metrics>http://\S+:\d+/metrics)$")
 # Progress bar frames (tqdm redraws the line with \r): fluxbatch's own, "render: 50%|..."
 PROGRESS = re.compile(r"^render: +\d+%\|")
 
@@ -151,6 +155,7 @@ def render_on_own_cluster(tmp_path, tiny_model, *extra: str,
     out = tmp_path / "out"
     watcher = EndpointWatcher(str(out))
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns, as a terminal has
     chunks: list[str] = []
     try:
         # FLUXBATCH_WORKER_LOGS empty: the default (worker output only with -v), whatever OwnRay forces
@@ -229,6 +234,7 @@ def test_the_start_line_names_the_dashboard_and_the_metrics_endpoint(quiet_run):
     result, watcher = quiet_run
     found = next(START_LINE.match(line) for line in lines_of(result.stderr) if START_LINE.match(line))
     assert found and found["dashboard"].startswith("http://"), result.stderr[:500]
+    assert found["token"], "the dashboard asks for the token: the start line says where it is"
     assert watcher.url == found["metrics"]
     assert watcher.last is not None, "the printed metrics endpoint never answered"
 

@@ -60,6 +60,8 @@ class RaySession:
         kind = "local Ray cluster" if self.started_here else "Ray cluster"
         size = f"{self.nodes} node{'s' if self.nodes != 1 else ''}, {self.cpus:g} CPUs, {self.gpus:g} GPUs"
         dashboard = f"http://{self.dashboard_url}" if self.dashboard_url else "none"
+        if self.dashboard_url and self.started_here:  # token auth is on (ray_auth.py): the page asks for it
+            dashboard += " (its token: `ray get-auth-token`)"
         metrics = self.metrics_url or "none"
         if self.metrics_url and self.nodes > 1:
             metrics += " (this node; each node serves its own)"
