@@ -1,7 +1,7 @@
 """Whether a hub id can be had, asked on the driver before any actor loads it: the local cache, else the hub.
 
 Renderers load a hub id with diffusers' `from_pretrained`, which reads the local Hugging Face cache and, unless
-HF_HUB_OFFLINE is set, downloads. A mistyped id used to fail there, in every actor, as pages of tracebacks.
+HF_HUB_OFFLINE is set, downloads: a mistyped id would fail there, in every actor, as pages of tracebacks.
 The driver asks first: the revision's `model_index.json` in the cache is enough; otherwise, unless offline,
 the hub must say within a few seconds that the model exists.
 """

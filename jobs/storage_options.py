@@ -1,9 +1,9 @@
 """`--storage-option KEY=VALUE` flags, checked before any storage is asked: each mistake is one line naming the flag.
 
 `parse_storage_options` turns the flags into fsspec options (a dotted KEY nests, `endpoint_url` moves into
-`client_kwargs`) for every URL of the job. A key that is empty, or given both a value and nested keys, used to
-end that parsing in a TypeError; on s3:// a name that s3fs, its botocore session or botocore's Config does not
-take, at the first request, in a traceback. Here each is refused before anything is read or written. The other
+`client_kwargs`) for every URL of the job. A key that is empty, or given both a value and nested keys, would end
+that parsing in a TypeError; on s3:// a name that s3fs, its botocore session or botocore's Config does not take
+would fail at the first request, in a traceback. Here each is refused before anything is read or written. The other
 file systems (local disk, http) take any option and ignore those that are not theirs: the options reach every
 URL of a job, its manifest, OUTPUT and reference images alike.
 """

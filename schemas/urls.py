@@ -1,7 +1,7 @@
 """What a URL in a spec must be before any storage is asked: a protocol fsspec knows and can load, a bucket or
 host after `://`, and (a manifest) a glob that fsspec can read.
 
-Each mistake here used to surface as fsspec's traceback at the first request; as a validator of the spec's
+Each mistake here would surface as fsspec's traceback at the first request; as a validator of the spec's
 field it is one line naming the flag or the file and the field (schemas/overrides.py), before anything is
 written, wherever the spec is loaded (`render`, `validate`, `fluxbatch k8s`, the Python API). Nothing is
 asked of the storage itself: that is the pre-flight's (pipeline/preflight.py).
