@@ -15,6 +15,7 @@ is never accepted on the command line, where other users of the machine could re
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -144,6 +145,11 @@ def connect(address: str, token: str | None) -> Any:
     """A JobSubmissionClient for `address` that sends the token; fails with what to do when it cannot."""
     from ray.job_submission import JobSubmissionClient
 
+    from pipeline.cluster.ray_session import verbose
+
+    if not verbose():  # Ray's loggers print INFO lines of their own ("Uploading package ..."); -v shows them
+        for handler in logging.getLogger("ray").handlers:  # its job SDK modules set their loggers to INFO themselves
+            handler.setLevel(logging.WARNING)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)

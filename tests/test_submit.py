@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -124,6 +125,7 @@ def test_submit_runs_a_render_job_on_a_ray_cluster_and_reports_its_success(tmp_p
 
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     assert "SUCCEEDED" in result.stderr
+    assert not re.search(r"\bINFO \S+\.py:\d+ --", result.stderr), result.stderr  # no Ray INFO lines without -v
     assert "3 rendered, 0 already done, 0 failed, 0 bad rows; 3/3 images" in result.stdout  # the job's own log
     assert pq.read_table(out / "metadata").num_rows == 3
     assert len(list((out / "images").rglob("*.png"))) == 3
