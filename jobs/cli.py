@@ -301,18 +301,11 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
     from flux_worker.storage import filesystem
     from jobs.errors import UsageError
-    from jobs.storage_options import check_storage_options, parse_storage_options
     from jobs.terminal import failure_table
     from pipeline.store import ledger
     from schemas.layout import JOB_FILE
-    from schemas.urls import storage_url
 
-    try:
-        storage_url(args.output)
-    except ValueError as error:
-        raise UsageError(f"OUTPUT {args.output}: {error}") from None
-    check_storage_options(args.storage_option, [args.output])
-    fs, root = filesystem(args.output, parse_storage_options(args.storage_option))
+    fs, root = filesystem(args.output, _output_storage_options(args))
     if not fs.exists(f"{root}/{JOB_FILE}"):
         raise UsageError(f"OUTPUT {args.output}: no {JOB_FILE} there, so no fluxbatch run wrote it")
     table, total = ledger.first_failures(fs, root, args.limit)
@@ -329,10 +322,11 @@ def cmd_failures(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _output_storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fsspec options for a command's OUTPUT (`verify`, `failures`), once OUTPUT and every --storage-option are
+    known to be well formed: a mistake in either is one line naming it, before any storage is asked."""
     from jobs.errors import UsageError
     from jobs.storage_options import check_storage_options, parse_storage_options
-    from pipeline.store.verify import verify_output
     from schemas.urls import storage_url
 
     try:
@@ -340,7 +334,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"OUTPUT {args.output}: {error}") from None
     check_storage_options(args.storage_option, [args.output])
-    result = verify_output(args.output, parse_storage_options(args.storage_option), repair=args.repair)
+    return parse_storage_options(args.storage_option)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.store.verify import verify_output
+
+    result = verify_output(args.output, _output_storage_options(args), repair=args.repair)
     print(result.report())
     return 1 if result.problems and not args.repair else 0
 

@@ -61,13 +61,18 @@ def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> tuple[list[di
     rows: list[dict[str, Any]] = []
     timings: list[pa.Table] = []
     for part in ours or list(reversed(parts)):
-        table = pq.read_table(pa.BufferReader(fs.read_bytes(part)))
-        if ours and all(c in table.column_names for c in TIMING_COLUMNS):
-            timings.append(table.select(TIMING_COLUMNS))
-        elif len(rows) >= limit:
+        if len(rows) >= limit and not ours:
             break
-        present = [c for c in SHEET_COLUMNS if c in table.column_names]
-        rows += table.select(present).slice(0, max(0, limit - len(rows))).to_pylist()
+        file = pq.ParquetFile(pa.BufferReader(fs.read_bytes(part)))
+        names = set(file.schema_arrow.names)
+        timed = bool(ours) and set(TIMING_COLUMNS) <= names
+        wanted = [c for c in SHEET_COLUMNS if c in names] if len(rows) < limit else []
+        # Once the sheet is full, only the timing columns of this run's later parts are read.
+        table = file.read(columns=list(dict.fromkeys(wanted + (TIMING_COLUMNS if timed else []))))
+        if timed:
+            timings.append(table.select(TIMING_COLUMNS))
+        if wanted:
+            rows += table.select(wanted).slice(0, limit - len(rows)).to_pylist()
     first = {}  # each manifest row's images side by side, rows in the order their first image finished
     for row in rows:
         first.setdefault(row.get("request_id"), len(first))

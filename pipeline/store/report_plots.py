@@ -22,15 +22,17 @@ def throughput_svg(timings: pa.Table, started_at: datetime) -> str:
         return ""
     start = pa.scalar(started_at, pa.timestamp("us", tz="UTC"))
     finished = pc.cast(timings.column("finished_at"), pa.timestamp("us", tz="UTC"))
-    offsets = pc.divide(pc.cast(pc.subtract(finished, start), pa.int64()), 1e6).to_pylist()
-    offsets = [max(0.0, s) for s in offsets if s is not None]
-    if not offsets:
+    offsets = pc.drop_null(pc.max_element_wise(
+        pc.divide(pc.cast(pc.cast(pc.subtract(finished, start), pa.int64()), pa.float64()), 1e6), 0.0))
+    if not len(offsets):
         return ""
-    span = max(max(offsets), 1e-3)
+    span = max(pc.max(offsets).as_py(), 1e-3)
     width = span / BINS
+    # Binned in Arrow: a run of millions of images draws as fast as one of ten.
+    bins = pc.min_element_wise(pc.cast(pc.floor(pc.divide(offsets, width)), pa.int64()), BINS - 1)
     counts = [0] * BINS
-    for seconds in offsets:
-        counts[min(BINS - 1, int(seconds / width))] += 1
+    for found in pc.value_counts(bins).to_pylist():
+        counts[found["values"]] = found["counts"]
     rates = [count / width for count in counts]
     top = max(rates) or 1.0
     height, bar = 140, (WIDTH - 60) / BINS

@@ -50,10 +50,12 @@ def record_json(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Shard:
-    """A local temporary file that becomes `dest` in one piece when published."""
+    """A local temporary file that becomes `dest` in one piece when published, and the counts of what it holds."""
 
     def __init__(self, fs: Storage, dest: str):
         self.fs, self.dest = fs, dest
+        self.count, self.image_bytes = 0, 0
+        self.formats: Counter[str] = Counter()
         self.local = fs.local
         if self.local:
             # Beside the destination, so the final rename stays on one filesystem.
@@ -63,7 +65,13 @@ class _Shard:
             handle, self.path = tempfile.mkstemp(prefix="fluxbatch-shard-")
             os.close(handle)
 
-    def publish(self) -> int:
+    def added(self, ext: str, image_bytes: int) -> None:
+        self.count += 1
+        self.image_bytes += image_bytes
+        self.formats[ext] += 1
+
+    def publish(self) -> dict[str, Any]:
+        """Put the shard in place; its stats (pack.py writes them beside it)."""
         size = os.path.getsize(self.path)
         if self.local:
             os.replace(self.path, self.dest)
@@ -72,7 +80,8 @@ class _Shard:
                 self.fs.put_file(self.path, self.dest)
             finally:
                 os.unlink(self.path)
-        return size
+        return {"count": self.count, "image_bytes": self.image_bytes, "shard_bytes": size,
+                "formats": dict(self.formats)}
 
     def discard(self) -> None:
         if os.path.exists(self.path):
@@ -85,8 +94,6 @@ class WebDatasetWriter:
     def __init__(self, fs: Storage, dest: str):
         self._shard = _Shard(fs, dest)
         self._tar = tarfile.open(self._shard.path, "w", format=tarfile.USTAR_FORMAT)
-        self._count, self._image_bytes = 0, 0
-        self._formats: Counter[str] = Counter()
 
     def write(self, record: dict[str, Any], image_bytes: bytes) -> None:
         key = record["key"]
@@ -99,15 +106,11 @@ class WebDatasetWriter:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
             self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        self._image_bytes += len(image_bytes)
-        self._formats[ext] += 1
+        self._shard.added(ext, len(image_bytes))
 
     def close(self) -> dict[str, Any]:
         self._tar.close()
-        size = self._shard.publish()
-        return {"count": self._count, "image_bytes": self._image_bytes, "shard_bytes": size,
-                "formats": dict(self._formats)}
+        return self._shard.publish()
 
     def abort(self) -> None:
         self._tar.close()
@@ -126,15 +129,11 @@ class HFParquetWriter:
         self.schema = pa.schema(fields, metadata={HF_FEATURES_KEY: json.dumps(features).encode()})
         self._writer = pq.ParquetWriter(self._shard.path, self.schema, compression="zstd")
         self._rows: list[dict[str, Any]] = []
-        self._count, self._image_bytes = 0, 0
-        self._formats: Counter[str] = Counter()
 
     def write(self, record: dict[str, Any], image_bytes: bytes) -> None:
         ext = image_extension(record)
         self._rows.append({**record, "image": {"bytes": image_bytes, "path": f"{record['key']}.{ext}"}})
-        self._count += 1
-        self._image_bytes += len(image_bytes)
-        self._formats[ext] += 1
+        self._shard.added(ext, len(image_bytes))
         if len(self._rows) >= self.ROWS_PER_GROUP:
             self._flush()
 
@@ -146,9 +145,7 @@ class HFParquetWriter:
     def close(self) -> dict[str, Any]:
         self._flush()
         self._writer.close()
-        size = self._shard.publish()
-        return {"count": self._count, "image_bytes": self._image_bytes, "shard_bytes": size,
-                "formats": dict(self._formats)}
+        return self._shard.publish()
 
     def abort(self) -> None:
         self._writer.close()
