@@ -139,13 +139,14 @@ class RenderBar:
             images = min(images, self.total)
             if images <= self.done_images:
                 return
+            if not self.done_images:
+                self.progress.say("rendering", phase="rendering")
             self.done_images = images
             if not self.progress.show_bar:
                 return
             if self.bar is None:
                 # Rate and ETA count from the first finished image: the start-up above had its own lines.
                 self.bar = tqdm(total=self.total, unit="img", desc="render", dynamic_ncols=True, file=sys.stderr)
-                self.progress.say("rendering", phase="rendering")
             self.bar.update(images - self.bar.n)
             self.progress.last_output = time.monotonic()
 
