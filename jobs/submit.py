@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from pipeline.cluster.ray_session import job_name
 from schemas.errors import FluxbatchError, first_line
 from schemas.overrides import read_spec_file
 
@@ -42,11 +43,13 @@ class SubmitError(FluxbatchError, RuntimeError):
 
 @dataclass
 class Submission:
-    """What was sent: the id Ray knows the job by, its entrypoint and its runtime environment."""
+    """What was sent: the id Ray knows the job by, its entrypoint, its runtime environment and the name the
+    dashboard's Jobs page shows."""
 
     submission_id: str
     entrypoint: str
     runtime_env: dict[str, Any]
+    name: str
 
 
 def command_for(spec: dict[str, Any]) -> list[str]:
@@ -61,12 +64,18 @@ def command_for(spec: dict[str, Any]) -> list[str]:
                       "or `templates` (synthesize) field; pass --command")
 
 
+def output_of(spec: dict[str, Any]) -> str | None:
+    """The spec's `output` (a URI, or a mapping with `uri`), as written."""
+    output = spec.get("output")
+    uri = output.get("uri") if isinstance(output, dict) else output
+    return uri if isinstance(uri, str) and uri else None
+
+
 def entrypoint_args(spec_path: str, spec: dict[str, Any], command: list[str], python: str) -> list[str]:
     """The command line the cluster runs, as a list; `spec_path` is relative to the working directory."""
     args = [python, "-m", "jobs.cli", *command]
     if command == ["render"]:
-        output = spec.get("output", {})
-        output_uri = output.get("uri") if isinstance(output, dict) else output
+        output_uri = output_of(spec)
         if not output_uri:
             raise SubmitError(f"{spec_path}: field 'output.uri' is missing; a render job needs an output")
         return [*args, str(spec["manifest"]), str(output_uri), "--job", spec_path, "--no-progress"]
@@ -125,14 +134,14 @@ def prepare(spec_file: str | Path, *, working_dir: str | Path | None = None, com
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in spec_path.stem)[:40]
     submission_id = submission_id or f"fluxbatch-{command[0]}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-" \
                                      f"{uuid.uuid4().hex[:6]}"
-    return Submission(submission_id, shlex.join(args), runtime_env)
+    name = job_name(" ".join(command), output_of(spec) or relative)
+    return Submission(submission_id, shlex.join(args), runtime_env, name)
 
 
 def _local_output_excludes(spec: dict[str, Any], root: Path) -> list[str]:
     """A local output folder inside the working directory holds images: never upload it back."""
-    output = spec.get("output")
-    uri = output.get("uri") if isinstance(output, dict) else output
-    if not isinstance(uri, str) or "://" in uri:
+    uri = output_of(spec)
+    if uri is None or "://" in uri:
         return []
     path = (root / uri).resolve()
     try:
@@ -180,7 +189,7 @@ def submit(spec_file: str | Path, address: str, *, token_file: str | None = None
     try:
         job_id = client.submit_job(entrypoint=submission.entrypoint, runtime_env=submission.runtime_env,
                                    submission_id=submission.submission_id,
-                                   metadata={"fluxbatch_spec": Path(spec_file).name})
+                                   metadata={"fluxbatch_spec": Path(spec_file).name, "job_name": submission.name})
     except Exception as error:  # noqa: BLE001
         raise explain(error, address, token) from error
     print(f"submitted {job_id} to {address}: {submission.entrypoint}", file=sys.stderr)

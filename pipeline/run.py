@@ -30,7 +30,7 @@ from pipeline.cluster import ray_private, resources
 from pipeline.cluster.metrics import DriverMetrics, FailureCounts
 from pipeline.cluster.ray_auth import keep_token_auth, starts_local_cluster
 from pipeline.cluster.ray_private import DroppedBatchErrors
-from pipeline.cluster.ray_session import RaySession, connect, quiet_ray_data, verbose
+from pipeline.cluster.ray_session import RaySession, connect, job_name, quiet_ray_data, verbose
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, plan_images, split_blocks
@@ -456,5 +456,5 @@ def _ensure_ray(job: JobSpec, shown: RunProgress | None = None, named: dict[str,
             shown.say("starting a local Ray cluster ..." if starts_local_cluster(address) else
                       f"joining the Ray cluster at {address} ...", phase="starting Ray")
     return connect(address, {"env_vars": env_not_set_by_job(worker_env())},
-                   can_grow=not starts_local_cluster(address))
+                   can_grow=not starts_local_cluster(address), name=job_name("render", job.output.uri))
 

@@ -93,7 +93,8 @@ def test_a_tensor_parallel_group_larger_than_every_node_is_refused_though_the_cl
 
 
 @pytest.mark.slow
-def test_a_joined_cluster_is_not_refused_and_the_run_says_what_it_waits_for(tmp_path, tiny_model, ray_cluster):
+def test_a_joined_cluster_is_not_refused_the_run_says_what_it_waits_for_and_names_its_job(
+        tmp_path, tiny_model, ray_cluster):
     """Joining the session's cluster (as RAY_ADDRESS does), more CPUs per replica than it has: the run waits
     (an autoscaler could add a node) and says so once; the notice comes after FLUXBATCH_PENDING_NOTICE_SECONDS."""
     env = {**session_cluster_env(ray_cluster), "FLUXBATCH_PENDING_NOTICE_SECONDS": "3"}
@@ -115,6 +116,10 @@ def test_a_joined_cluster_is_not_refused_and_the_run_says_what_it_waits_for(tmp_
     finally:
         proc.kill()
         proc.communicate()
+    names = [dict(info.config.metadata).get("job_name") for info in
+             ray_cluster._private.worker.global_worker.gcs_client.get_all_job_info().values()
+             if info.driver_pid == proc.pid]
+    assert names == [f"fluxbatch render {tmp_path / 'out'}"]  # the dashboard's Jobs page shows it, not "-"
     waiting = [line for line in lines if "waiting for" in line]
     assert waiting == [
         "WARNING pipeline.cluster.resources: waiting for 64 CPUs per replica x 1 replica; the cluster has 4 GPUs and "

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.submit import SHIPPED_ENV, SubmitError, prepare, read_token
+from jobs.submit import SHIPPED_ENV, SubmitError, connect, prepare, read_token
 from tests.conftest import free_port, write_manifest
 from tests.own_ray import REPO
 
@@ -129,6 +129,9 @@ def test_submit_runs_a_render_job_on_a_ray_cluster_and_reports_its_success(tmp_p
     assert "3 rendered, 0 already done, 0 failed, 0 bad rows; 3/3 images" in result.stdout  # the job's own log
     assert pq.read_table(out / "metadata").num_rows == 3
     assert len(list((out / "images").rglob("*.png"))) == 3
+    job_id = re.search(r"submitted (\S+) to", result.stderr)[1]  # the dashboard's Jobs page names it so
+    assert connect(ray_head.address, ray_head.token).get_job_info(job_id).metadata["job_name"] == \
+        f"fluxbatch render {out}"
 
 
 @pytest.mark.slow

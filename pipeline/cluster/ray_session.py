@@ -68,9 +68,17 @@ class RaySession:
         return f"fluxbatch: {kind} ({size}); dashboard {dashboard}; metrics {metrics}"
 
 
-def connect(address: str, runtime_env: dict, can_grow: bool) -> RaySession:
-    """`ray.init(address)` with the quiet settings above, unless Ray is already initialized in this process."""
+def job_name(command: str, output: str) -> str:
+    """The name the Ray dashboard's Jobs page shows for a run (its `job_name` metadata), e.g. `fluxbatch render
+    s3://b/run`; without it a driver's row there says "-"."""
+    return f"fluxbatch {command} {output}"
+
+
+def connect(address: str, runtime_env: dict, can_grow: bool, name: str | None = None) -> RaySession:
+    """`ray.init(address)` with the quiet settings above, unless Ray is already initialized in this process; the
+    job is called `name` on the dashboard (a submitted job keeps the name its submission gave it)."""
     import ray
+    from ray.job_config import JobConfig
 
     dashboard = None
     started_here = False
@@ -83,7 +91,8 @@ def connect(address: str, runtime_env: dict, can_grow: bool) -> RaySession:
         own = local_cluster_settings() if started_here else {}
         with _backend_log_level(None if loud else "fatal"):
             context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver(),
-                               configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR, **own)
+                               configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR,
+                               job_config=JobConfig(metadata={"job_name": name} if name else None), **own)
         dashboard = context.dashboard_url or None
     return _describe(started_here, can_grow, dashboard)
 
