@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine, see "Running on GPUs" in the README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean image
+.PHONY: setup demo test lint clean image screenshots
 
 # `make image`: the GPU image (renderers) and the CPU image (the head), deploy/Dockerfile. The pins come from
 # pyproject.toml and TORCH_SPEC above, so the images cannot disagree with them (tests/test_k8s.py).
@@ -32,6 +32,10 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# docs/terminal.png and docs/report.png from a fresh `fluxbatch demo` (needs Chromium: apt install chromium)
+screenshots: setup
+	$(PY) docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

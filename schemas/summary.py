@@ -80,4 +80,6 @@ class RunSummary(BaseModel):
         why = [f"{missing} of {self.images_expected} images are not in OUTPUT" if missing else "",
                f"{self.invalid_rows} rows were refused" if self.invalid_rows else "",
                f"{self.images_missing} committed images are missing or altered" if self.images_missing else ""]
-        return f"exit 1: {'; '.join(w for w in why if w)} (a re-run renders what failed)"
+        # A re-run renders what failed or went missing; a refused row waits for its fix in the manifest.
+        fix = "a re-run renders what failed" if missing or self.images_missing else "fix them in the manifest"
+        return f"exit 1: {'; '.join(w for w in why if w)} ({fix})"

@@ -126,4 +126,5 @@ def test_demo_renders_images_that_match_the_metadata_one_for_one(tmp_path):
     failures = pq.read_table(out / "failures").to_pylist()
     assert {(f["field"], f["reason"]) for f in failures} == {
         ("width", "width must be a multiple of 16, got 250"), ("prompt", "prompt is empty")}
-    assert "rendered 13 images" in result.stdout
+    assert "13 rendered, 0 already done, 0 failed, 2 bad rows; 13/13 images" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("exit 0: the demo's 2 bad rows are refused on purpose")

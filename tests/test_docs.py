@@ -4,7 +4,8 @@ Each fenced block in those files follows a marker, `<!-- docs-test: KIND -->` on
 what this test does with it:
 
 - `run`: every line runs, in order, in one sandbox folder shared by the whole module (README.md first, then
-  docs/ by name), so a block may use what an earlier one made (`prompts.parquet`, `models/tiny`, `out/`). A
+  docs/ by name), so a block may use what an earlier one made (`prompts.parquet`, `models/tiny`, `out/`; a test
+  run alone runs the earlier `run` and spec blocks first). A
   `fluxbatch` line runs in this process (`jobs.cli.main`, the stand-in renderer, the session's Ray cluster; the
   model and a cold Ray start are tested elsewhere), with `> FILE` written as the shell would; any other line runs
   in bash with this interpreter's folder first on PATH. Python blocks run as a script. Each must exit 0.
@@ -99,9 +100,23 @@ def fluxbatch_argv(line: str) -> tuple[list[str], str | None] | None:
     return words[1:], None
 
 
+class Sandbox:
+    """The folder the blocks run in, and which of the blocks that make things (`run`, specs) have run there: a
+    block's test first runs those before it, so any one test runs alone (`-k`, or on another xdist worker)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.done: set[str] = set()
+
+    def up_to(self, block: Block, capsys) -> None:
+        for earlier in BLOCKS[:BLOCKS.index(block)]:
+            if earlier.where not in self.done and earlier.kind not in ("parse", "leave out", "output"):
+                try_block(earlier, self, capsys)
+
+
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, ray_cluster) -> Path:
-    return tmp_path_factory.mktemp("docs-sandbox")
+def sandbox(tmp_path_factory, ray_cluster) -> Sandbox:
+    return Sandbox(tmp_path_factory.mktemp("docs-sandbox"))
 
 
 def run_block(block: Block, sandbox: Path, capsys) -> None:
@@ -152,15 +167,32 @@ def load_spec(block: Block, sandbox: Path) -> None:
     loader[block.kind].from_yaml(path)
 
 
-@pytest.mark.parametrize("block", TRIED, ids=[block.where for block in TRIED])
-def test_a_docs_block_runs_as_written(block, sandbox, monkeypatch, capsys):
-    monkeypatch.chdir(sandbox)
+def try_block(block: Block, sandbox: Sandbox, capsys) -> None:
+    sandbox.done.add(block.where)
     if block.kind == "run":
-        run_block(block, sandbox, capsys)
+        run_block(block, sandbox.folder, capsys)
     elif block.kind == "parse":
         parse_block(block)
         pytest.skip(f"left out: {block.arg} (its fluxbatch lines parse)")
     elif block.kind == "leave out":
         pytest.skip(f"left out: {block.arg}")
     else:
-        load_spec(block, sandbox)
+        load_spec(block, sandbox.folder)
+
+
+@pytest.mark.parametrize("block", TRIED, ids=[block.where for block in TRIED])
+def test_a_docs_block_runs_as_written(block, sandbox, monkeypatch, capsys):
+    monkeypatch.chdir(sandbox.folder)
+    sandbox.up_to(block, capsys)
+    try_block(block, sandbox, capsys)
+
+
+def test_the_terminal_screenshot_shows_the_screen_a_terminal_would():
+    """docs/screenshots.py rebuilds the last screen of `fluxbatch demo` from what it printed (`make screenshots`)."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from screenshots import screen_lines
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    printed = "fluxbatch: rendering\r\n\rrender:   0%|  | 0/2\rrender: 100%|##| 2/2\r\n\x1b[0msummary\r\n\r\n"
+    assert screen_lines(printed) == ["fluxbatch: rendering", "render: 100%|##| 2/2", "summary"]

@@ -45,7 +45,7 @@ def test_a_run_ends_with_failures_by_reason_as_lines_the_report_and_what_the_exi
         "        1  validate:prompt",
         "        1  validate:width",
         f"report: {out}/report.html",
-        "exit 1: 2 rows were refused (a re-run renders what failed)"]
+        "exit 1: 2 rows were refused (fix them in the manifest)"]
     assert "{" not in result.stdout  # no Python dict
 
 

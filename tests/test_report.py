@@ -80,7 +80,7 @@ def test_report_headline_agrees_with_the_exit_code_and_it_plots_the_run_and_link
     out, summary = run
     document = (out / "report.html").read_text()
     assert summary.succeeded is False  # the refused row: exit 1
-    assert "<p class='outcome bad'><b>exit 1: 1 rows were refused (a re-run renders what failed)</b></p>" in document
+    assert "<p class='outcome bad'><b>exit 1: 1 rows were refused (fix them in the manifest)</b></p>" in document
     assert "complete" not in re.sub(r"<[^>]+>", " ", document).split("counts")[0]  # no contrary word on top
     for plot in ("images per second over the run", "busy and idle time per actor", "failures by reason"):
         assert f"aria-label='{plot}'" in document, plot
