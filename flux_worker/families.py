@@ -14,10 +14,8 @@ when it is called.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from flux_worker.latents import decode_flux1, decode_flux2
@@ -95,17 +93,18 @@ class Family:
         """The diffusers class of a component (`transformer`, `vae`): the same for every member of a family."""
         return next(iter(self.configs.values()))[component]["_class_name"]
 
-    def preset_for_folder(self, folder: Path) -> ModelPreset:
-        """The preset whose defaults suit a local diffusers folder of this family, pointed at the folder."""
-        index = _read_json(folder / "model_index.json")
-        transformer = _read_json(folder / "transformer" / "config.json")
+    def preset_for_folder(self, folder: Any) -> ModelPreset:
+        """The preset whose defaults suit a diffusers folder of this family (a ModelFolder: local or a URL),
+        pointed at the folder."""
+        index = _read_json(folder, "model_index.json")
+        transformer = _read_json(folder, "transformer/config.json")
         base = self.choose_preset(index, transformer) if self.choose_preset else self.presets[0]
         return replace(base, name=str(folder), source=str(folder))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(folder: Any, rel: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = folder.read_json(rel)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

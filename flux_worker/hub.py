@@ -93,14 +93,17 @@ def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> tuple[str, bo
 
     Asked in a daemon thread joined for at most PROBE_SECONDS: a name lookup that hangs must not hang the run.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     answer: dict[str, BaseException | None] = {}
+    token = get_token()  # what renderers get from this driver (pipeline/render_stage.py, hub_token)
 
     def ask() -> None:
         try:
-            HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, timeout=PROBE_SECONDS)
+            api = HfApi(endpoint=endpoint, token=token)
+            api.model_info(repo_id, revision=revision, timeout=PROBE_SECONDS)
+            api.auth_check(repo_id)  # a gated model: may this token read its files?
             answer["error"] = None
         except BaseException as error:  # noqa: BLE001 - every failure is reported in words below
             answer["error"] = error
@@ -113,6 +116,12 @@ def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> tuple[str, bo
     error = answer["error"]
     if error is None:
         return None
+    if isinstance(error, GatedRepoError):
+        if token:
+            return (f"the hub at {endpoint} says it is gated and the token here cannot read it: accept its licence "
+                    "on the hub with the account of that token (HF_TOKEN, or `hf auth login`)"), False
+        return (f"the hub at {endpoint} says it is gated: accept its licence there and set HF_TOKEN (or run `hf auth "
+                "login`) where you run fluxbatch; renderers get this machine's token"), False
     if isinstance(error, RevisionNotFoundError):
         return f"the hub at {endpoint} has no revision {revision!r} of it", False
     if isinstance(error, RepositoryNotFoundError):

@@ -92,17 +92,15 @@ def model_configs(model: str) -> tuple[dict[str, dict[str, Any]], int]:
     found = published_configs(model)
     if found:
         return found
-    folder = Path(model).expanduser()
-    if not (folder / "model_index.json").is_file():
-        known = ", ".join(KNOWN_MODELS)
-        raise PlanError(f"{model!r} is neither a known model ({known}) nor a diffusers folder with model_index.json")
-    configs = {}
-    for name in ("transformer", *TEXT_ENCODERS, "vae"):
-        path = folder / name / "config.json"
-        if path.is_file():
-            configs[name] = json.loads(path.read_text())
+    from flux_worker.model_folder import ModelFolder
     from flux_worker.presets import resolve_preset
 
+    folder = ModelFolder(model if "://" in model else Path(model).expanduser())  # a local folder or a model URL
+    if "model_index.json" not in folder.files:
+        known = ", ".join(KNOWN_MODELS)
+        raise PlanError(f"{model!r} is neither a known model ({known}) nor a diffusers folder with model_index.json")
+    configs = {name: folder.read_json(f"{name}/config.json") for name in ("transformer", *TEXT_ENCODERS, "vae")
+               if f"{name}/config.json" in folder.files}
     return configs, resolve_preset(str(folder)).max_sequence_length
 
 

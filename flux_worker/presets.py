@@ -8,7 +8,6 @@ without loading a model.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, fields, replace
@@ -22,6 +21,7 @@ from flux_worker.families import (
     family_for_class,
     preset_for_hub_id,
 )
+from flux_worker.model_folder import ModelFolder, is_model_url
 from schemas import ModelSpec
 from schemas.errors import FluxbatchError
 
@@ -33,13 +33,16 @@ class UnknownModelError(FluxbatchError, ValueError):
     """The model is neither a preset, nor a local folder of a known pipeline class, nor a hub id."""
 
 
-def resolve_preset(name_or_path: str) -> ModelPreset:
-    """Find the preset for a preset name, a local diffusers folder, or a hub id."""
+def resolve_preset(name_or_path: str, storage_options: dict | None = None) -> ModelPreset:
+    """Find the preset for a preset name, a local diffusers folder, a model URL (its small JSON files read with
+    `storage_options`, no weights), or a hub id."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
+    if is_model_url(name_or_path):
+        return replace(_folder_preset(ModelFolder(name_or_path, storage_options)), source=name_or_path)
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        return _folder_preset(folder)
+        return _folder_preset(ModelFolder(folder))
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return replace(_hub_preset(name_or_path), name=name_or_path, source=name_or_path)
     raise UnknownModelError(
@@ -48,21 +51,20 @@ def resolve_preset(name_or_path: str) -> ModelPreset:
     )
 
 
-def _folder_preset(folder: Path) -> ModelPreset:
+def _folder_preset(folder: ModelFolder) -> ModelPreset:
     """A built model's own preset file, else the family its model_index.json names, with that family's defaults."""
-    own = folder / PRESET_FILE
-    if own.is_file():
-        data = json.loads(own.read_text())
+    if PRESET_FILE in folder.files:
+        data = folder.read_json(PRESET_FILE)
         known = {f.name for f in fields(ModelPreset)}
         return replace(ModelPreset(**{k: v for k, v in data.items() if k in known}), source=str(folder))
-    index = folder / "model_index.json"
-    if not index.is_file():
+    index = f"{folder}/model_index.json"
+    if "model_index.json" not in folder.files:
         raise UnknownModelError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json); "
             "build one with `fluxbatch model build PATH` or give a preset name"
         )
     try:
-        class_name = json.loads(index.read_text()).get("_class_name")
+        class_name = folder.read_json("model_index.json").get("_class_name")
     except (OSError, ValueError, AttributeError):
         class_name = None
     family = family_for_class(class_name)
@@ -100,20 +102,21 @@ def write_preset(folder: Path, preset: ModelPreset) -> None:
     (folder / PRESET_FILE).write_text(json.dumps(asdict(preset), indent=2) + "\n")
 
 
-def model_revision(preset: ModelPreset, spec: ModelSpec) -> str:
-    """The hub revision asked for, or for a local folder a fingerprint of its configs and weight sizes."""
-    folder = Path(preset.source)
-    if not folder.is_dir():
+def model_revision(preset: ModelPreset, spec: ModelSpec, storage_options: dict | None = None) -> str:
+    """The hub revision asked for, or for a folder (local, at a model URL, or a URL's node-cache copy) a fingerprint
+    of its configs and weight sizes (ModelFolder.fingerprint: one value for a folder and every copy of it)."""
+    if is_model_url(preset.source):
+        return ModelFolder(preset.source, storage_options).fingerprint()
+    if not Path(preset.source).is_dir():
         return spec.revision or "unpinned"
-    return local_fingerprint(folder)
+    return ModelFolder(preset.source).fingerprint()
 
 
-def local_fingerprint(folder: Path) -> str:
-    """`local-<16 hex>` from a model folder's configs and weight sizes: the same model wherever it is copied,
-    however its path is spelled, and a different one once its configs or weights change size."""
-    digest = hashlib.sha256()
-    for item in sorted(folder.rglob("*")):
-        if item.is_file() and item.suffix in {".json", ".safetensors"}:
-            digest.update(str(item.relative_to(folder)).encode())
-            digest.update(item.read_bytes() if item.suffix == ".json" else str(item.stat().st_size).encode())
-    return "local-" + digest.hexdigest()[:16]
+def model_source(preset: ModelPreset, spec: ModelSpec) -> str:
+    """Where a run loads the weights from, as its summary records it: the model URL, the local folder, or the hub
+    id and revision."""
+    if is_model_url(preset.source):
+        return preset.source
+    if Path(preset.source).expanduser().is_dir():
+        return str(Path(preset.source).expanduser().resolve())
+    return f"hub:{preset.source}" + (f"@{spec.revision}" if spec.revision else "")

@@ -140,7 +140,7 @@ class Renderer:
             torch.set_num_threads(cpu_threads(options.threads))  # Ray sets OMP_NUM_THREADS=num_cpus; match it
         self.spec = ModelSpec.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe, self.preset = pipeline or load_pipeline(self.spec, self.device)
+        self.pipe, self.preset = pipeline or load_pipeline(self.spec, self.device, options)
         self.start.model_loaded()
         # model.compile: each new shape's first call loads (or saves) the shared compile cache's blob.
         self.compile_cache = compile_cache.for_model(self.spec, self.pipe.transformer, self.device,

@@ -20,7 +20,6 @@ import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -31,8 +30,8 @@ import torch.distributed as dist
 from flux_worker.cold_start import ColdStart
 from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.families import Encoding, Family, family_of
-from flux_worker.loading import refuse_pickle, torch_dtype
-from flux_worker.presets import ModelPreset, model_revision, resolve_preset
+from flux_worker.loading import hub_options, local_preset, torch_dtype
+from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.renderer import ImageWriter, Rendered, quiet_libraries, render_rows, render_same_shape, run_pipeline
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
 from schemas import ModelSpec, RenderOptions
@@ -95,10 +94,11 @@ def shard_transformer(transformer: torch.nn.Module, mesh: Any) -> None:
 
 
 def load_transformer(family: Family, source: str, dtype: torch.dtype, mesh: Any, device: torch.device,
-                     revision: str | None = None) -> torch.nn.Module:
-    """This rank's shard of the family's transformer: shard-on-load on GPUs, load-then-shard on CPU."""
+                     hub: dict[str, Any] | None = None) -> torch.nn.Module:
+    """This rank's shard of the family's transformer: shard-on-load on GPUs, load-then-shard on CPU. `hub`:
+    loading.hub_options (revision, token)."""
     transformer_class = getattr(diffusers, family.component_class("transformer"))
-    common = {"subfolder": "transformer", "revision": revision, "dtype": dtype, "use_safetensors": True}
+    common = {"subfolder": "transformer", **(hub or {}), "dtype": dtype, "use_safetensors": True}
     if device.type == "cuda":
         # Each rank reads only its own slice of every planned weight from the safetensors files.
         return transformer_class.from_pretrained(
@@ -116,7 +116,7 @@ def text_components(pipeline_class: type) -> list[str]:
 
 
 def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torch.device, placement: Placement,
-                       ) -> tuple[Any, Any | None, Any | None, ModelPreset]:
+                       options: RenderOptions | None = None) -> tuple[Any, Any | None, Any | None, ModelPreset]:
     """Load what this rank holds: (denoising pipeline, text-encoding pipeline or None, VAE or None, preset)."""
     if spec.adapters:
         raise TensorParallelError(
@@ -128,18 +128,17 @@ def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torc
             f"model.quantize={spec.quantize!r} cannot be combined with a tensor-parallel replica: quantized weights "
             "cannot be split into DTensor shards (diffusers refuses it too); use bf16 shards or one GPU per replica"
         )
-    preset = resolve_preset(spec.name)
+    preset = local_preset(spec, options)  # a model URL: fetched once per node, the ranks of a node wait for it
     family = family_of(preset)
     if family.tp_decode is None:
         raise TensorParallelError(unsupported_family(family))
-    if Path(preset.source).is_dir():
-        refuse_pickle(preset.source)
     dtype = torch_dtype(spec.dtype, device.type)
     mesh = device_mesh(world_size)
-    transformer = load_transformer(family, preset.source, dtype, mesh, device, spec.revision)
+    hub = hub_options(spec, options)
+    transformer = load_transformer(family, preset.source, dtype, mesh, device, hub)
     pipeline_class = getattr(diffusers, family.pipeline_class)
     vae_class = getattr(diffusers, family.component_class("vae"))
-    common = {"revision": spec.revision, "dtype": dtype, "use_safetensors": True}
+    common = {**hub, "dtype": dtype, "use_safetensors": True}
     # Components passed as None are not read at all, so a rank loads only what it holds.
     no_text = dict.fromkeys(text_components(pipeline_class))
     pipe = pipeline_class.from_pretrained(preset.source, transformer=transformer, vae=None, **no_text, **common)
@@ -152,7 +151,7 @@ def load_rank_pipeline(spec: ModelSpec, rank: int, world_size: int, device: torc
         vae.to(device if placement.vae_device == "gpu" else "cpu")
         vae_config = vae.config
     else:
-        vae_config = vae_class.load_config(preset.source, subfolder="vae", revision=spec.revision)
+        vae_config = vae_class.load_config(preset.source, subfolder="vae", **hub)
     # Without a VAE the pipeline would guess the latent scale factor; every rank must agree on it.
     _use_vae_scale(pipe, len(vae_config["block_out_channels"]))
     pipe.set_progress_bar_config(disable=True)
@@ -181,7 +180,8 @@ class RankRenderer:
         self.rank, self.placement, self.device = rank, placement, device
         self.batch_invariant, self.max_retries = options.batch_invariant, options.max_retries
         spec = ModelSpec.model_validate(model)
-        self.pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement)
+        self.pipe, self.encoder, self.vae, preset = load_rank_pipeline(spec, rank, world_size, device, placement,
+                                                                        options)
         self.start.model_loaded()
         self.family = family_of(preset)
         self.decode = self.family.tp_decode  # flux_worker/latents.py

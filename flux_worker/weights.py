@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 
 from flux_worker.families import PIPELINE_CLASSES  # the model table's classes, which loading.py loads
+from flux_worker.model_folder import ModelFolder
 from schemas.errors import FluxbatchError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -37,29 +38,35 @@ class AdapterNotFoundError(FluxbatchError, FileNotFoundError):
     """An adapter named in the job has no file at its path."""
 
 
-def refuse_pickle(path: str | Path) -> None:
-    """Raise if a local model folder or adapter file holds pickle weights without safetensors beside them."""
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    pickled = [p for p in files if p.suffix in PICKLE_SUFFIXES]
-    safe = {p.parent for p in files if p.suffix == ".safetensors"}
-    unsafe = [p for p in pickled if p.parent not in safe]
+def refuse_pickle(path: str | Path | ModelFolder) -> None:
+    """Raise if an adapter file, or a model folder (local or at a URL), holds pickle weights without safetensors
+    beside them."""
+    if not isinstance(path, ModelFolder) and Path(path).is_file():
+        files, where = [Path(path).name], Path(path).parent
+    else:
+        folder = path if isinstance(path, ModelFolder) else ModelFolder(path)
+        files, where = list(folder.files), folder
+    parent = lambda rel: rel.rpartition("/")[0]  # noqa: E731
+    safe = {parent(rel) for rel in files if rel.endswith(".safetensors")}
+    unsafe = [rel for rel in files if rel.endswith(PICKLE_SUFFIXES) and parent(rel) not in safe]
     if unsafe:
         raise UnsafeWeightsError(
-            f"{unsafe[0]} is a pickle-format checkpoint; fluxbatch loads safetensors only. "
+            f"{where}/{unsafe[0]} is a pickle-format checkpoint; fluxbatch loads safetensors only. "
             "Convert it (e.g. `safetensors.torch.save_file(torch.load(..., weights_only=True), ...)`)"
         )
 
 
-def check_model_folder(folder: str | Path) -> None:
-    """Raise unless `folder` holds a diffusers pipeline of a supported class with safetensors weights."""
-    folder = Path(folder)
-    index = folder / "model_index.json"
-    if not index.is_file():
+def check_model_folder(folder: str | Path | ModelFolder) -> None:
+    """Raise unless `folder` (local, or a URL's ModelFolder) holds a diffusers pipeline of a supported class with
+    safetensors weights; only its listing and model_index.json are read."""
+    folder = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
+    files = folder.files
+    index = f"{folder}/model_index.json"
+    if "model_index.json" not in files:
         raise UnloadableModelError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
                                    "build one with `fluxbatch model build PATH` or give a preset name")
     try:
-        components = json.loads(index.read_text())
+        components = folder.read_json("model_index.json")
     except (OSError, ValueError) as error:
         raise UnloadableModelError(f"{index} is not readable JSON ({error}); the folder is not a loadable "
                                    "pipeline") from None
@@ -71,12 +78,14 @@ def check_model_folder(folder: str | Path) -> None:
     for name, entry in components.items():
         if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
             continue  # "_class_name", "_diffusers_version"; [null, null] is an optional component left out
-        part = folder / name
-        if not part.is_dir():
-            raise UnloadableModelError(f"{index} lists the component {name!r}, but there is no folder {part}")
+        inside = [rel.removeprefix(f"{name}/") for rel in files if rel.startswith(f"{name}/")]
+        if not inside:
+            raise UnloadableModelError(f"{index} lists the component {name!r}, but there is no folder "
+                                       f"{folder}/{name}")
         # A model component (it has a config.json; schedulers and tokenizers do not) needs its weights.
-        if (part / "config.json").is_file() and not any(part.glob("*.safetensors")):
-            raise UnloadableModelError(f"{part} holds no .safetensors weights; fluxbatch loads safetensors only")
+        if "config.json" in inside and not any("/" not in rel and rel.endswith(".safetensors") for rel in inside):
+            raise UnloadableModelError(f"{folder}/{name} holds no .safetensors weights; fluxbatch loads "
+                                       "safetensors only")
 
 
 def check_adapter(name: str, path: str) -> Path:

@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Write a random-weight Flux pipeline, loadable with "
                                  "FluxPipeline.from_pretrained(PATH), built offline.")
     build.add_argument("path", help="folder to write")
+    mirror = model_sub.add_parser(
+        "mirror", help="copy a model (preset, hub id, folder or URL) to a storage URL, with a checksum file",
+        description="Copy a diffusers pipeline (a preset or hub id at --revision, a local folder, or a model URL) "
+        "to DEST (any fsspec URL or a folder), safetensors only, with fluxbatch-checksums.json written last. "
+        "Renders then take DEST as --model; each node fetches it once. Run again to resume a mirror cut short.")
+    mirror.add_argument("source", metavar="SOURCE", help="preset, hub id, local folder or model URL")
+    mirror.add_argument("dest", metavar="DEST", help="where to copy it: s3://bucket/models/NAME, or a folder")
+    mirror.add_argument("--revision", help="the hub revision (commit, branch or tag) of a preset or hub id SOURCE")
+    add_storage_option_flag(mirror)
     build.add_argument("--size", choices=["tiny", "bench", "full"], default="tiny",
                        help="tiny: milliseconds per image, for tests; bench: ~0.2-0.5 s per image on 2 CPU cores; "
                             "full: the real FLUX.1 architecture (~34 GB, made on a GPU if there is one), for GPU "
@@ -305,7 +314,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
     from pipeline.store import ledger
     from schemas.layout import JOB_FILE
 
-    fs, root = filesystem(args.output, _output_storage_options(args))
+    fs, root = filesystem(args.output, _url_storage_options(args, {"OUTPUT": args.output}))
     if not fs.exists(f"{root}/{JOB_FILE}"):
         raise UsageError(f"OUTPUT {args.output}: no {JOB_FILE} there, so no fluxbatch run wrote it")
     table, total = ledger.first_failures(fs, root, args.limit)
@@ -322,25 +331,27 @@ def cmd_failures(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The fsspec options for a command's OUTPUT (`verify`, `failures`), once OUTPUT and every --storage-option are
-    known to be well formed: a mistake in either is one line naming it, before any storage is asked."""
+def _url_storage_options(args: argparse.Namespace, urls: dict[str, str]) -> dict[str, Any]:
+    """The fsspec options for a command's URLs (`urls`: OUTPUT of `verify` and `failures`, SOURCE and DEST of
+    `model mirror`), once each URL and every --storage-option are known to be well formed: a mistake in either
+    is one line naming it, before any storage is asked."""
     from jobs.errors import UsageError
     from jobs.storage_options import check_storage_options, parse_storage_options
     from schemas.urls import storage_url
 
-    try:
-        storage_url(args.output)
-    except ValueError as error:
-        raise UsageError(f"OUTPUT {args.output}: {error}") from None
-    check_storage_options(args.storage_option, [args.output])
+    for label, url in urls.items():
+        try:
+            storage_url(url)
+        except ValueError as error:
+            raise UsageError(f"{label} {url}: {error}") from None
+    check_storage_options(args.storage_option, list(urls.values()))
     return parse_storage_options(args.storage_option)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.store.verify import verify_output
 
-    result = verify_output(args.output, _output_storage_options(args), repair=args.repair)
+    result = verify_output(args.output, _url_storage_options(args, {"OUTPUT": args.output}), repair=args.repair)
     print(result.report())
     return 1 if result.problems and not args.repair else 0
 
@@ -357,6 +368,18 @@ def cmd_model_build(args: argparse.Namespace) -> int:
         return 0
     folder = build_model(args.path, args.size, args.seed, family=args.family)
     print(f"wrote a random-weight {args.size} {args.family} pipeline to {folder}")
+    return 0
+
+
+def cmd_model_mirror(args: argparse.Namespace) -> int:
+    from flux_worker.model_folder import is_model_url
+    from flux_worker.model_mirror import mirror
+
+    urls = {"DEST": args.dest, **({"SOURCE": args.source} if is_model_url(args.source) else {})}
+    done = mirror(args.source, args.dest, revision=args.revision, storage_options=_url_storage_options(args, urls))
+    print(f"mirrored {args.source} to {args.dest}: {done.files} files, {done.bytes / 2**30:.2f} GiB "
+          f"({done.copied} copied, {done.files - done.copied} already there) in {done.seconds:.1f} s; "
+          f"render with --model {args.dest}")
     return 0
 
 
@@ -394,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "failures":
             return cmd_failures(args)
+        if args.command == "model" and args.model_command == "mirror":
+            return cmd_model_mirror(args)
         if args.command == "model":
             return cmd_model_build(args)
         if args.command in ("submit", "schedule"):

@@ -24,8 +24,8 @@ from schemas import JobSpec
 NOT_FLAGS = {"manifest", "output.uri", "storage_options", "output.storage_options"}
 # Flag names older than this module, kept so command lines and scripts keep working.
 NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter",
-         "reference_roots": "--reference-root"}
-METAVARS = {"model.name": "PRESET|HUB_ID|PATH", "model.adapters": "NAME=PATH", "gpus_per_replica": "N|auto",
+         "reference_roots": "--reference-root", "model.cache_dir": "--model-cache-dir"}
+METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH", "gpus_per_replica": "N|auto",
             "reference_roots": "URL"}
 
 

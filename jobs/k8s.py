@@ -37,6 +37,7 @@ CPU_IMAGE = f"fluxbatch:{FLUXBATCH_VERSION}-cpu"
 RAY_UID, RAY_GID = 1000, 100  # the `ray` user of Ray's images (deploy/Dockerfile runs as it)
 SPEC_MOUNT = "/home/ray/fluxbatch-specs"
 CACHE_ROOT = "/home/ray/cache"  # deploy/Dockerfile: HF_HOME and the compile caches live under it
+MODEL_CACHE_MOUNT = "/home/ray/model-cache"  # --model-cache-host-path: where GPU pods see the node's model cache
 # KubeRay v1.7.0, ray-operator/controllers/ray/utils/constant.go: a RayJob's name leaves room for the cluster's
 # suffix, a RayCronJob's for the RayJob's.
 MAX_RAYJOB_NAME, MAX_RAYCRONJOB_NAME = 47, 36
@@ -66,6 +67,9 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--worker-memory", dict(help="memory of one worker pod (default: 64Gi per GPU, 16Gi for CPU)")),
     ("--aws-secret", dict(default="fluxbatch-aws", help="Secret whose keys become AWS_* variables")),
     ("--hf-secret", dict(default="fluxbatch-hf", help="Secret holding HF_TOKEN")),
+    ("--model-cache-host-path", dict(metavar="PATH", help="a folder on each GPU node (writable by uid 1000) that "
+                                     "keeps a model URL's files across pods and runs; default: the pod's own cache "
+                                     "volume, fetched again by each new pod")),
     ("--env", dict(action="append", default=[], metavar="NAME=VALUE",
                          help="a variable for the job (e.g. AWS_ENDPOINT_URL=http://minio:9000; repeatable); "
                          "never a credential")),
@@ -203,11 +207,23 @@ def _preflight(job: Any, source: str | None, flags: dict[str, str]) -> None:
     from pathlib import Path
 
     from flux_worker.hub import HubUnreachableError, check_hub_model
+    from flux_worker.model_folder import is_model_url
     from flux_worker.presets import PRESETS, resolve_preset
+    from flux_worker.storage import probe_options
     from flux_worker.weights import check_model_folder
+    from schemas.errors import FluxbatchError, first_line
     from schemas.job import check_defaults
 
     name = job.model.name
+    if is_model_url(name):
+        try:  # its small JSON files, from here; the pods fetch the weights
+            preset = resolve_preset(name, probe_options(name, job.storage_options))
+        except (FluxbatchError, OSError) as error:
+            print(f"note: model {name} could not be read from here ({first_line(error)}), so it is not checked; "
+                  "the cluster's pods fetch it when the job starts", file=sys.stderr)
+            return
+        check_defaults(job, preset.limits, source=source, flags=flags)
+        return
     if name.startswith("/") and not Path(name).exists():
         print(f"note: model {name!r} is not a folder on this machine; the cluster's pods must mount it there",
               file=sys.stderr)
@@ -372,6 +388,10 @@ def _pod(container: str, image: str, args: argparse.Namespace, resources: dict[s
     gpu = "nvidia.com/gpu" in resources
     mounts = [{"name": "cache", "mountPath": CACHE_ROOT}]
     volumes: list[dict[str, Any]] = [{"name": "cache", "emptyDir": {}}]
+    if gpu and args.model_cache_host_path:  # a model URL's node cache (flux_worker/model_cache.py), kept by the node
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
+        volumes.append({"name": "model-cache", "hostPath": {"path": args.model_cache_host_path,
+                                                             "type": "DirectoryOrCreate"}})
     if gpu:  # NCCL between the ranks of a tensor-parallel group goes through /dev/shm; the default is 64 MiB
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}})
@@ -388,6 +408,8 @@ def _pod(container: str, image: str, args: argparse.Namespace, resources: dict[s
             "name": container, "image": image, "ports": ports,
             "envFrom": [{"secretRef": {"name": args.aws_secret, "optional": True}},
                         {"secretRef": {"name": args.hf_secret, "optional": True}}],
+            **({"env": [{"name": "FLUXBATCH_MODEL_CACHE", "value": MODEL_CACHE_MOUNT}]}
+               if gpu and args.model_cache_host_path else {}),
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "volumeMounts": mounts,
         }],

@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 
 from flux_worker.hub import check_hub_model
+from flux_worker.model_folder import ModelFolder, is_model_url
 from flux_worker.presets import PRESETS, ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
@@ -34,17 +35,22 @@ from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
 
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     """Raise the first mistake found in `job` as one FluxbatchError; returns the model's preset."""
-    preset = check_model(job.model)
+    preset = check_model(job.model, job.storage_options)
     check_defaults(job, preset.limits)  # each default by the rule of a row's value, with this model's limits
     list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
     check_output(job, allow_non_empty_output)
     return preset
 
 
-def check_model(model: ModelSpec) -> ModelPreset:
-    """The model's preset, once its weights are known to be loadable from where the workers will look."""
-    preset = resolve_preset(model.name)  # an unknown preset name: "did you mean" (presets.did_you_mean)
-    if Path(preset.source).expanduser().is_dir():
+def check_model(model: ModelSpec, storage_options: dict | None = None) -> ModelPreset:
+    """The model's preset, once its weights are known to be loadable from where the workers will look: a folder or
+    a model URL (listed and its model_index.json read with the job's `storage_options`, no weights fetched) holds
+    a pipeline of a supported class in safetensors; a hub id is cached or on the hub."""
+    probe = probe_options(model.name, storage_options) if is_model_url(model.name) else None
+    preset = resolve_preset(model.name, probe)  # an unknown preset name: "did you mean"
+    if is_model_url(model.name):
+        check_model_folder(ModelFolder(model.name, probe))
+    elif Path(preset.source).expanduser().is_dir():
         check_model_folder(preset.source)
     else:
         check_hub_model(preset.source, model.revision, named=model.name if model.name in PRESETS else None)

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from flux_worker.model_folder import is_model_url
 from flux_worker.storage import credential_options
 from pipeline.cluster.resources import ReplicaAsk
 from pipeline.replica_shape import group_options
@@ -119,6 +120,8 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
         # Ranks neither compile nor read reference images (both refused before planning).
         compile_cache_options=None if group else compile_cache_options(job),
         reference_storage_options=None if group else reference_storage_options(job),
+        model_storage_options=model_storage_options(job),
+        hub_token=hub_token(job),
         image_counter=image_counter,
     )
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
@@ -142,6 +145,25 @@ def reference_storage_options(job: JobSpec) -> dict[str, Any]:
     return {**credential_options(on_s3), **job.storage_options}
 
 
+def model_storage_options(job: JobSpec) -> dict[str, Any]:
+    """Storage options for fetching a model URL on workers: the manifest's, with the driver's environment
+    credentials for the URL (as the output's travel: in the constructor arguments, never the runtime_env)."""
+    if not is_model_url(job.model.name):
+        return {}
+    return {**credential_options(job.model.name), **job.storage_options}
+
+
+def hub_token(job: JobSpec) -> str | None:
+    """The driver's Hugging Face token (HF_TOKEN, or the file `hf auth login` writes) for a hub model: a worker on
+    another node has neither. It travels like storage credentials, never in the runtime_env, a log or OUTPUT."""
+    name = job.model.name
+    if is_model_url(name) or Path(name).expanduser().is_dir():
+        return None
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
 def model_for_workers(model: ModelSpec) -> dict[str, Any]:
     """The model spec as renderers get it, local paths made absolute: a worker of a cluster this driver joined
     runs in that cluster's directory, not the driver's, where a relative path points elsewhere or nowhere."""
@@ -155,4 +177,6 @@ def model_for_workers(model: ModelSpec) -> dict[str, Any]:
     data["adapters"] = {name: absolute(path) for name, path in model.adapters.items()}
     if model.compile_cache and "://" not in model.compile_cache:  # a folder that may not exist yet
         data["compile_cache"] = str(Path(model.compile_cache).expanduser().resolve())
+    if model.cache_dir and not model.cache_dir.startswith("~"):  # "~": each node's own home
+        data["cache_dir"] = str(Path(model.cache_dir).resolve())
     return data

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from flux_worker.presets import ModelPreset, model_revision
+from flux_worker.presets import ModelPreset, model_revision, model_source
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX
 from pipeline import preflight, references
@@ -81,7 +81,8 @@ def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: R
         # anything is written (no _job.json recording a job that never ran) and before Ray starts (preflight.py).
         preset = preflight.check(job, allow_non_empty_output)
         summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
-                             model_revision=model_revision(preset, job.model), started_at=datetime.now(timezone.utc))
+                             model_revision=model_revision(preset, job.model, job.storage_options),
+                             model_source=model_source(preset, job.model), started_at=datetime.now(timezone.utc))
         # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
         # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.

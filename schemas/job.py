@@ -19,11 +19,13 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 class ModelSpec(BaseModel):
-    """Which pipeline to load: a preset name, a hub id or a local folder, plus adapters by name."""
+    """Which pipeline to load: a preset name, a hub id, a local folder or a storage URL of one, plus adapters by
+    name."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(default="flux.1-schnell", description="preset name, hub id or local path")
+    name: str = Field(default="flux.1-schnell", description="preset name, hub id, local folder, or the fsspec URL "
+                      "of a diffusers folder (s3://...; fetched once per node into model.cache_dir)")
     revision: str | None = Field(default=None, description="hub revision (commit) to pin")
     dtype: Dtype = Field(default="auto", description="auto: bf16 on GPUs, fp32 on CPU")
     # Rows refer to adapters by these names, so a manifest can never point the workers at a file.
@@ -45,10 +47,20 @@ class ModelSpec(BaseModel):
         default=None, description="fsspec URL sharing model.compile's kernels between actors and nodes "
         "(default: ~/.cache/fluxbatch/compile-cache on each machine)")
 
+    # Where each node keeps a model URL's files (flux_worker/model_cache.py); not part of an image's identity.
+    cache_dir: str | None = Field(
+        default=None, description="local folder where each node keeps a model URL's files (default: "
+        "$FLUXBATCH_MODEL_CACHE, else ~/.cache/fluxbatch/models)")  # ~/.cache: $XDG_CACHE_HOME where set
+
     @field_validator("compile_cache")
     @classmethod
     def _compile_cache(cls, value: str | None) -> str | None:
         return value if value is None else storage_url(value)
+
+    @field_validator("name")
+    @classmethod
+    def _model_url(cls, value: str) -> str:
+        return storage_url(value) if "://" in value else value  # a URL's protocol and bucket, checked as any URL's
 
     @model_validator(mode="after")
     def _fast_path_with_adapters(self) -> ModelSpec:
@@ -198,7 +210,7 @@ class JobSpec(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""
         return {
-            "model": self.model.model_dump(mode="json", exclude={"compile_cache"}),
+            "model": self.model.model_dump(mode="json", exclude={"compile_cache", "cache_dir"}),
             "defaults": self.defaults.model_dump(mode="json"),
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),

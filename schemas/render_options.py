@@ -36,6 +36,10 @@ class RenderOptions(BaseModel):
         default=None, repr=False, description="storage options of a model.compile_cache on an object store")
     reference_storage_options: dict[str, Any] = Field(
         default_factory=dict, repr=False, description="storage options for rows' reference images (the manifest's)")
+    model_storage_options: dict[str, Any] = Field(
+        default_factory=dict, repr=False, description="storage options for a model URL (the manifest's)")
+    hub_token: str | None = Field(default=None, repr=False,
+                                  description="the driver's Hugging Face token, for a hub model (gated weights)")
     embedding_cache_bytes: int = Field(default=256 * 2**20, ge=0, description="prompt encodings kept per actor")
     write_threads: int = Field(default=4, ge=1, description="images encoded and written while the next renders")
     image_counter: Any = Field(default=None, repr=False,
@@ -44,10 +48,12 @@ class RenderOptions(BaseModel):
     @classmethod
     def for_job(cls, job: JobSpec, *, storage_options: dict[str, Any], threads: int | None, run_id: str | None,
                 compile_cache_options: dict[str, Any] | None = None,
-                reference_storage_options: dict[str, Any] | None = None, image_counter: Any = None) -> RenderOptions:
+                reference_storage_options: dict[str, Any] | None = None, model_storage_options: dict[str, Any] | None
+                = None, hub_token: str | None = None, image_counter: Any = None) -> RenderOptions:
         """The options a renderer of `job` gets; the storage options are resolved by the driver (credentials)."""
         return cls(output_uri=job.output.uri, storage_options=storage_options, batch_invariant=job.batch_invariant,
                    max_retries=job.max_retries, jpeg_quality=job.output.jpeg_quality,
                    webp_quality=job.output.webp_quality, threads=threads, run_id=run_id,
                    compile_cache_options=compile_cache_options,
-                   reference_storage_options=reference_storage_options or {}, image_counter=image_counter)
+                   reference_storage_options=reference_storage_options or {},
+                   model_storage_options=model_storage_options or {}, hub_token=hub_token, image_counter=image_counter)

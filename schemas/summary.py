@@ -38,6 +38,8 @@ class RunSummary(BaseModel):
     run_id: str
     model_id: str
     model_revision: str | None = None
+    model_source: str | None = Field(default=None, description="where the weights were loaded from: a model URL, "
+                                     "a local folder, or hub:<id>[@<revision>]")
     manifest_files: int = 0
     manifest_rows: int = 0
     invalid_rows: int = 0

@@ -12,6 +12,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +28,7 @@ class FaultProxy:
     """`with FaultProxy(upstream, failure_rate=0.2) as proxy:` then point AWS_ENDPOINT_URL at `proxy.url`."""
 
     def __init__(self, upstream: str, failure_rate: float, seed: int = 0, faults: tuple[str, ...] = FAULTS,
-                 fail_once: Callable[[str, str], bool] | None = None):
+                 fail_once: Callable[[str, str], bool] | None = None, get_delay: float = 0.0):
         parts = urlsplit(upstream)
         self.kinds = faults  # which of FAULTS to inject
         # `fail_once(method, path)`: fail each such request on its first try only, whatever failure_rate says, so
@@ -37,6 +38,8 @@ class FaultProxy:
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self.failure_rate = failure_rate
         self.requests = 0
+        self.get_delay = get_delay  # seconds each GET waits before it is forwarded: a slow store
+        self.log: list[tuple[str, str, int]] = []  # (method, path, body bytes returned) of each forwarded request
         self.faults: Counter[str] = Counter()
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -134,7 +137,10 @@ class FaultProxy:
                     return self._error(503, "SlowDown", "Please reduce your request rate.")
                 if fault == "internal":
                     return self._error(500, "InternalError", "We encountered an internal error. Please try again.")
+                if proxy.get_delay and self.command == "GET":
+                    time.sleep(proxy.get_delay)
                 status, reason, headers, data = self._forward(body)
+                proxy.log.append((self.command, urlsplit(self.path).path, len(data)))
                 if fault == "drop-after":
                     return self._drop()
                 self.send_response(status, reason)

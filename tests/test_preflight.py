@@ -489,12 +489,12 @@ def test_corrected_run_renders_and_a_model_path_spelled_otherwise_is_the_same_jo
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("0 rendered, 1 already done")
 
-    from flux_worker.presets import local_fingerprint
+    from flux_worker.model_folder import ModelFolder
 
     recorded = json.loads((out / "_job.json").read_text())
-    assert recorded["identity"]["model"]["name"] == local_fingerprint(tiny_model)
+    assert recorded["identity"]["model"]["name"] == ModelFolder(tiny_model).fingerprint()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model_revision"] == local_fingerprint(tiny_model)
+    assert summary["model_revision"] == ModelFolder(tiny_model).fingerprint()
 
 
 

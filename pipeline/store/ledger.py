@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flux_worker.presets import PRESETS, local_fingerprint
+from flux_worker.model_folder import ModelFolder, is_model_url
+from flux_worker.presets import PRESETS
 from flux_worker.storage import Storage
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError, first_line
@@ -156,13 +157,18 @@ class CorruptJobFileError(FluxbatchError, ValueError):
 
 
 def job_identity(job: JobSpec) -> dict[str, Any]:
-    """What `_job.json` records and a re-run must match: `JobSpec.identity()`, a local model named by its
-    fingerprint (presets.local_fingerprint), so `./tiny`, `/abs/tiny` and `/abs/tiny/` are one job, and a
-    folder rebuilt with other weights is another."""
+    """What `_job.json` records and a re-run must match: `JobSpec.identity()`, a model folder or model URL named by
+    its fingerprint (ModelFolder.fingerprint), so `./tiny`, `/abs/tiny/`, `s3://models/tiny` (a mirror of it)
+    and a node's cached copy are one job, and a folder rebuilt with other weights is another."""
     identity = job.identity()
     name = identity["model"]["name"]
-    if name not in PRESETS and Path(name).expanduser().is_dir():
-        identity["model"] = {**identity["model"], "name": local_fingerprint(Path(name).expanduser())}
+    if is_model_url(name):
+        folder = ModelFolder(name, job.storage_options)
+    elif name not in PRESETS and Path(name).expanduser().is_dir():
+        folder = ModelFolder(Path(name).expanduser())
+    else:
+        return identity
+    identity["model"] = {**identity["model"], "name": folder.fingerprint()}
     return identity
 
 

@@ -1,0 +1,119 @@
+"""`fluxbatch model mirror SOURCE DEST`: stage a model where the cluster's data lives, with a checksum file.
+
+SOURCE is a hub id or preset (at `--revision`), a local diffusers folder or a model URL; DEST any fsspec URL (or a
+local folder). Only what diffusers loads is copied: the configs, tokenizers and safetensors weights of the
+folder's components. A pickle checkpoint with no safetensors beside it is refused in one line before anything
+is copied (weights.check_model_folder); a hub repo's root-level single-file checkpoints (BFL's own format, not a
+diffusers folder) are left out. Each file is hashed as it is copied; `fluxbatch-checksums.json` (each file's size
+and sha256) is written last, so a DEST without it is a mirror under way, and renderers fetching the mirror check
+every byte against it (flux_worker/model_cache.py).
+
+Resumable: after each file, DEST's `.fluxbatch-mirror-progress.json` records it; a second run skips each recorded
+file that DEST still holds at its size.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flux_worker.model_folder import CHECKSUM_FILE, ModelFolder, is_model_url
+from flux_worker.storage import filesystem
+from flux_worker.weights import PICKLE_SUFFIXES, check_model_folder
+
+PROGRESS_FILE = ".fluxbatch-mirror-progress.json"
+CHUNK = 8 * 2**20
+# What a diffusers pipeline folder needs from a hub repo (no root-level weights, no pickles, no images).
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/*.tiktoken"]
+
+
+@dataclass
+class Mirrored:
+    files: int
+    copied: int
+    bytes: int
+    seconds: float
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> str:
+    """The diffusers files of a hub repo, downloaded into the local Hugging Face cache (a gated repo needs
+    HF_TOKEN); the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+
+
+def source_folder(source: str, revision: str | None, storage_options: dict[str, Any]) -> ModelFolder:
+    """SOURCE as a ModelFolder: a URL or local folder as it is, a preset or hub id from the hub."""
+    from pathlib import Path
+
+    from flux_worker.presets import PRESETS
+
+    if is_model_url(source) or Path(source).expanduser().is_dir():
+        return ModelFolder(source, storage_options)
+    repo_id = PRESETS[source].source if source in PRESETS else source
+    return ModelFolder(hub_snapshot(repo_id, revision))
+
+
+def mirror(source: str, dest: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None,
+           say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Mirrored:
+    """Copy the model at `source` to `dest` with its checksum file; resumes a mirror cut short."""
+    started = time.monotonic()
+    options = storage_options or {}
+    folder = source_folder(source, revision, options)
+    check_model_folder(folder)  # a supported pipeline, safetensors only (a pickle is refused here, in one line)
+    files = {rel: size for rel, size in folder.files.items()
+             if rel not in (CHECKSUM_FILE, PROGRESS_FILE) and not rel.endswith(PICKLE_SUFFIXES)}
+    storage, root = filesystem(dest, options)
+    done = _progress(storage, root)
+    copied, sums = 0, {}
+    for index, (rel, size) in enumerate(sorted(files.items()), 1):
+        path = f"{root}/{rel}"
+        earlier = done.get(rel)
+        if earlier and earlier["size"] == size and storage.exists(path) and storage.info(path)["size"] == size:
+            sums[rel] = earlier
+            continue
+        sums[rel] = {"size": size, "sha256": _copy(folder, rel, storage, path)}
+        copied += 1
+        done[rel] = sums[rel]
+        storage.write_bytes(f"{root}/{PROGRESS_FILE}", json.dumps(done).encode())
+        say(f"fluxbatch: {index}/{len(files)} {rel} ({size / 2**20:.1f} MiB)")
+    body = {"source": source if is_model_url(source) else str(folder), "revision": revision, "files": sums}
+    storage.write_bytes(f"{root}/{CHECKSUM_FILE}", (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+    if storage.exists(f"{root}/{PROGRESS_FILE}"):
+        storage.rm_file(f"{root}/{PROGRESS_FILE}")
+    return Mirrored(len(files), copied, sum(files.values()), time.monotonic() - started)
+
+
+def _progress(storage: Any, root: str) -> dict[str, dict[str, Any]]:
+    """What an earlier mirror to this DEST copied: a whole one (its checksum file), then one cut short (its
+    progress file); nothing for a new DEST."""
+    done: dict[str, dict[str, Any]] = {}
+    for name in (CHECKSUM_FILE, PROGRESS_FILE):
+        try:
+            recorded = json.loads(storage.read_bytes(f"{root}/{name}"))
+        except (FileNotFoundError, ValueError):
+            continue
+        done.update(recorded.get("files", {}) if name == CHECKSUM_FILE else recorded)
+    return done
+
+
+def _copy(folder: ModelFolder, rel: str, storage: Any, path: str) -> str:
+    """Stream one file to `path` (local: a temp file renamed; an object store: one upload), its sha256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if storage.local:
+        storage.makedirs(path.rsplit("/", 1)[0])
+    tmp = f"{path}.partial" if storage.local else path
+    with folder.open(rel) as handle, storage.fs.open(tmp, "wb") as out:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    if storage.local:
+        storage.mv(tmp, path)
+    return digest.hexdigest()
