@@ -164,9 +164,9 @@ def _download(source: ModelFolder, files: dict[str, dict[str, Any]], cache: Path
     need = sum(entry["size"] for entry in files.values())
     free = shutil.disk_usage(cache).free
     if need > free:
-        raise ModelCacheError(f"model {source} needs {need / 2**30:.1f} GiB in the model cache {cache}, which has "
-                              f"{free / 2**30:.1f} GiB free: free space, or set model.cache_dir (--model-cache-dir) "
-                              "to a larger disk")
+        raise ModelCacheError(f"model {source} needs {_size(need)} in the model cache {cache}, which has "
+                              f"{_size(free)} free: free space, or set model.cache_dir (--model-cache-dir) to a "
+                              "larger disk")
     partial = cache / f"{key}.partial-{os.getpid()}"
     started = time.monotonic()
     try:
@@ -181,13 +181,13 @@ def _download(source: ModelFolder, files: dict[str, dict[str, Any]], cache: Path
         shutil.rmtree(partial, ignore_errors=True)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ModelCacheError(f"no space left in the model cache {cache} while fetching {source} "
-                                  f"({need / 2**30:.1f} GiB): free space, or set model.cache_dir "
-                                  "(--model-cache-dir) to a larger disk") from None
+                                  f"({_size(need)}): free space, or set model.cache_dir (--model-cache-dir) to a "
+                                  "larger disk") from None
         raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    log.info("fetched %s (%.1f GiB) into %s in %.1f s", source, need / 2**30, cache, time.monotonic() - started)
+    log.info("fetched %s (%s) into %s in %.1f s", source, _size(need), cache, time.monotonic() - started)
 
 
 def _fetch_file(source: ModelFolder, rel: str, want: dict[str, Any], into: Path) -> dict[str, Any]:
@@ -210,6 +210,10 @@ def _fetch_file(source: ModelFolder, rel: str, want: dict[str, Any], into: Path)
         raise ModelCacheError(f"model {source} changed while it was fetched: {rel} is {what}; nothing of it was "
                               "kept. Run again once the source is stable")
     return {"size": size, "sha256": sha, "mtime_ns": target.stat().st_mtime_ns}
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _sha256(path: Path) -> str:

@@ -19,11 +19,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from flux_worker.model_folder import CHECKSUM_FILE, ModelFolder, is_model_url
+from flux_worker.model_folder import CHECKSUM_FILE, ModelFolder, ModelSourceError, is_model_url
 from flux_worker.storage import filesystem
 from flux_worker.weights import PICKLE_SUFFIXES, check_model_folder
+from schemas.errors import first_line
 
 PROGRESS_FILE = ".fluxbatch-mirror-progress.json"
 CHUNK = 8 * 2**20
@@ -41,22 +43,27 @@ class Mirrored:
 
 def hub_snapshot(repo_id: str, revision: str | None) -> str:
     """The diffusers files of a hub repo, downloaded into the local Hugging Face cache (a gated repo needs
-    HF_TOKEN); the snapshot folder."""
+    HF_TOKEN); the snapshot folder (named by its commit)."""
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except Exception as error:  # noqa: BLE001 - gated, missing, offline: one line, whatever the hub said
+        raise ModelSourceError(f"cannot download {repo_id} from the hub: {first_line(error)}") from None
 
 
-def source_folder(source: str, revision: str | None, storage_options: dict[str, Any]) -> ModelFolder:
-    """SOURCE as a ModelFolder: a URL or local folder as it is, a preset or hub id from the hub."""
-    from pathlib import Path
-
+def source_folder(source: str, revision: str | None, storage_options: dict[str, Any]) -> tuple[ModelFolder, str]:
+    """SOURCE as a ModelFolder, and how the checksum file names it: a URL or local folder as it is, a preset or hub
+    id from the hub (`hub:<id>@<commit>`)."""
     from flux_worker.presets import PRESETS
 
-    if is_model_url(source) or Path(source).expanduser().is_dir():
-        return ModelFolder(source, storage_options)
+    if is_model_url(source):
+        return ModelFolder(source, storage_options), source
+    if Path(source).expanduser().is_dir():
+        return ModelFolder(Path(source).expanduser()), str(Path(source).expanduser().resolve())
     repo_id = PRESETS[source].source if source in PRESETS else source
-    return ModelFolder(hub_snapshot(repo_id, revision))
+    snapshot = hub_snapshot(repo_id, revision)
+    return ModelFolder(snapshot), f"hub:{repo_id}@{Path(snapshot).name}"
 
 
 def mirror(source: str, dest: str, *, revision: str | None = None, storage_options: dict[str, Any] | None = None,
@@ -64,7 +71,7 @@ def mirror(source: str, dest: str, *, revision: str | None = None, storage_optio
     """Copy the model at `source` to `dest` with its checksum file; resumes a mirror cut short."""
     started = time.monotonic()
     options = storage_options or {}
-    folder = source_folder(source, revision, options)
+    folder, origin = source_folder(source, revision, options)
     check_model_folder(folder)  # a supported pipeline, safetensors only (a pickle is refused here, in one line)
     files = {rel: size for rel, size in folder.files.items()
              if rel not in (CHECKSUM_FILE, PROGRESS_FILE) and not rel.endswith(PICKLE_SUFFIXES)}
@@ -82,7 +89,7 @@ def mirror(source: str, dest: str, *, revision: str | None = None, storage_optio
         done[rel] = sums[rel]
         storage.write_bytes(f"{root}/{PROGRESS_FILE}", json.dumps(done).encode())
         say(f"fluxbatch: {index}/{len(files)} {rel} ({size / 2**20:.1f} MiB)")
-    body = {"source": source if is_model_url(source) else str(folder), "revision": revision, "files": sums}
+    body = {"source": origin, "files": sums}
     storage.write_bytes(f"{root}/{CHECKSUM_FILE}", (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
     if storage.exists(f"{root}/{PROGRESS_FILE}"):
         storage.rm_file(f"{root}/{PROGRESS_FILE}")

@@ -166,6 +166,15 @@ def test_a_file_altered_in_the_cache_is_caught_by_its_checksum_and_fetched_again
     assert weights.read_bytes() == original.read_bytes()
 
 
+def test_a_cache_without_room_for_the_model_is_one_line_before_any_download(s3_model, small_disk, tiny_model):
+    need = sum(p.stat().st_size for p in tiny_model.rglob("*") if p.is_file())
+    with pytest.raises(ModelCacheError, match=rf"^model {s3_model} needs {need / 2**20:.1f} MiB in the model cache "
+                                              rf"{small_disk}, which has 0.2 MiB free: free space, or set "
+                                              r"model.cache_dir \(--model-cache-dir\) to a larger disk$"):
+        fetch_model(s3_model, {}, str(small_disk))
+    assert [p.name for p in small_disk.iterdir()] == [f"{cache_key(s3_model)}.lock"]
+
+
 def test_a_source_changed_since_its_mirror_is_one_line_and_nothing_is_cached(s3_model, tmp_path):
     import fsspec
 
@@ -267,3 +276,16 @@ def test_a_gated_model_without_a_token_that_can_read_it_is_one_line_before_ray_s
             "says it is gated: accept its licence there and set HF_TOKEN") in line
     assert token is None or token not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_mirror_of_a_hub_model_the_hub_cannot_give_is_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at its import
+    result = call_cli(capsys, "model", "mirror", "owner/no-such-model", str(tmp_path / "dest"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot download owner/no-such-model from the hub: ")
+    assert not (tmp_path / "dest").exists()

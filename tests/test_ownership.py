@@ -270,19 +270,6 @@ def test_a_manifest_glob_that_matches_files_inside_an_output_is_refused_in_one_l
 # -- disk full -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A folder on a tmpfs of 256 KiB: room for a few 64x64 images and their ledger, not for 30."""
-    folder = tmp_path / "small-disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_write_on_a_full_disk_raises_no_space_left_naming_the_path_and_leaves_no_temp_file(small_disk):
     fs, root = filesystem(str(small_disk))
     with pytest.raises(NoSpaceLeftError, match=f"no space left on device writing {small_disk}/images/ab/x.png"):
