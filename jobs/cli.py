@@ -233,7 +233,7 @@ def check_model_defaults(args: argparse.Namespace, job: Any) -> Any:
     from jobs.flags import flags_as_typed
     from schemas.job import check_defaults
 
-    preset = resolve_preset(job.model.name)
+    preset = resolve_preset(job.model.name, job.storage_options)
     check_defaults(job, preset.limits, source=args.job, flags=flags_as_typed(args))
     return preset
 

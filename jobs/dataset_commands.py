@@ -65,7 +65,8 @@ def check_model_defaults(spec: Any, args: argparse.Namespace) -> None:
     from flux_worker.presets import resolve_preset
     from schemas.job import check_defaults
 
-    check_defaults(spec.job_for("manifest.parquet"), resolve_preset(spec.model.name).limits, source=args.spec)
+    job = spec.job_for("manifest.parquet")
+    check_defaults(job, resolve_preset(job.model.name, job.storage_options).limits, source=args.spec)
 
 
 def _synthesize(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def check_family(job: JobSpec) -> None:
     """Refuse a tensor-parallel replica of a family that has none, before anything is written or started."""
-    family = family_of(resolve_preset(job.model.name))
+    family = family_of(resolve_preset(job.model.name, job.storage_options))
     if family.tp_decode is None:
         raise TensorParallelError(f"gpus_per_replica {job.gpus_per_replica}: {unsupported_family(family)}")
 
@@ -51,7 +51,7 @@ def gpu_memory() -> int | None:
 
 def _plan_for(job: JobSpec, degree: int | None):
     """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
-    preset = resolve_preset(job.model.name)
+    preset = resolve_preset(job.model.name, job.storage_options)
     model = job.model.name  # the planner looks it up in the model table: a preset, its hub id, or a folder
     memory = gpu_memory()
     if memory is None:
