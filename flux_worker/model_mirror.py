@@ -62,6 +62,10 @@ def source_folder(source: str, revision: str | None, storage_options: dict[str, 
     if Path(source).expanduser().is_dir():
         return ModelFolder(Path(source).expanduser()), str(Path(source).expanduser().resolve())
     repo_id = PRESETS[source].source if source in PRESETS else source
+    if source not in PRESETS and Path(source).expanduser().parent.is_dir() and Path(source).parent != Path("."):
+        # `models/tiny2` beside a `models/` folder is most likely a mistyped path, not the hub's user "models"
+        raise ModelSourceError(f"SOURCE {source}: no such folder here ({Path(source).expanduser().resolve()}); give "
+                               "a model folder, a model URL, a preset or a hub id")
     snapshot = hub_snapshot(repo_id, revision)
     return ModelFolder(snapshot), f"hub:{repo_id}@{Path(snapshot).name}"
 

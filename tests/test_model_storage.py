@@ -289,3 +289,13 @@ def test_mirror_of_a_hub_model_the_hub_cannot_give_is_one_line(tmp_path, capsys,
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: cannot download owner/no-such-model from the hub: ")
     assert not (tmp_path / "dest").exists()
+
+
+def test_mirror_of_a_mistyped_folder_names_the_folder_not_the_hub(tmp_path, capsys, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = call_cli(capsys, "model", "mirror", "models/tinyy", str(tmp_path / "dest"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: SOURCE models/tinyy: no such folder here ({tmp_path}/models/tinyy); give a model folder, a model "
+        "URL, a preset or a hub id"]
