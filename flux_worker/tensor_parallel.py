@@ -107,9 +107,11 @@ class RankWorker:
 GROUP_NAME_PREFIX = "fluxbatch-tp-"
 
 
-def form_group(tp_degree: int, cpus_per_rank: int = 1) -> tuple[Any, list[Any]]:
-    """Reserve N bundles of one GPU on one node (STRICT_PACK) and start a RankWorker in each, in rank order."""
-    bundles = [{"GPU": 1, "CPU": cpus_per_rank}] * tp_degree
+def form_group(tp_degree: int, cpus_per_rank: int = 1, resources: dict[str, float] | None = None,
+               ) -> tuple[Any, list[Any]]:
+    """Reserve N bundles of one GPU on one node (STRICT_PACK) and start a RankWorker in each, in rank order.
+    `resources`: more for each bundle (a mixed fleet's pin to one card type, flux_worker/fleet_replica.py)."""
+    bundles = [{"GPU": 1, "CPU": cpus_per_rank, **(resources or {})}] * tp_degree
     # Named after the driver's job, so the driver can remove groups a dead pool left (pipeline/run.py).
     name = f"{GROUP_NAME_PREFIX}{ray.get_runtime_context().get_job_id()}-{uuid.uuid4().hex[:8]}"
     group = placement_group(bundles, strategy="STRICT_PACK", name=name)
@@ -140,11 +142,12 @@ class TensorParallelReplica:
     """A Ray Data callable class: one member of the actor pool, driving a group of `tp_degree` rank actors."""
 
     def __init__(self, model: dict[str, Any], options: RenderOptions, *, tp_degree: int,
-                 placement: dict[str, Any] | None = None, cpus_per_rank: int = 1):
+                 placement: dict[str, Any] | None = None, cpus_per_rank: int = 1,
+                 resources: dict[str, float] | None = None):
         if tp_degree < 2:
             raise TensorParallelError(f"a tensor-parallel replica needs 2 or more GPUs, got {tp_degree}")
         self.tp_degree = tp_degree
-        self.group, self.ranks = form_group(tp_degree, cpus_per_rank)
+        self.group, self.ranks = form_group(tp_degree, cpus_per_rank, resources)
         group_gpus = sorted((g for ids in ray.get([r.gpu_ids.remote() for r in self.ranks]) for g in ids),
                             key=_gpu_sort_key)
         address = ray.get(self.ranks[0].address.remote())

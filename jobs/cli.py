@@ -262,7 +262,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
                              adapter_names=set(job.model.adapters), sink=_print_failure)
     # Reference images are listed and read as `render` reads them on the driver (one listing per folder).
-    check_manifest(manifest, job, sink=_print_failure, tensor_parallel=_numeric_gpus(job.gpus_per_replica) > 1)
+    check_manifest(manifest, job, sink=_print_failure, tensor_parallel=job.most_gpus_per_replica() > 1)
     images = manifest.image_count  # counted by columns: no per-row objects for a million-row manifest
     print(f"{len(manifest.files)} file(s), {manifest.total_rows} rows: {manifest.valid_count} valid "
           f"({images} images), {manifest.failures.rows} bad", file=sys.stderr)
@@ -272,11 +272,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print("no valid row: a render of this manifest would render nothing and exit 1", file=sys.stderr)
     # The exit code `render` would give if every image renders (README, "Exit codes").
     return 0 if manifest.valid_count and not manifest.failures.total else 1
-
-
-def _numeric_gpus(gpus: Any) -> float:
-    """A job's gpus_per_replica as a number; "auto" (decided by the cluster's cards at render time) as 1."""
-    return 1.0 if gpus == "auto" else float(gpus)
 
 
 def _print_failure(failure: Any) -> None:

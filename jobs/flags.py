@@ -25,8 +25,8 @@ NOT_FLAGS = {"manifest", "output.uri", "storage_options", "output.storage_option
 # Flag names older than this module, kept so command lines and scripts keep working.
 NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter",
          "reference_roots": "--reference-root", "model.cache_dir": "--model-cache-dir"}
-METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH", "gpus_per_replica": "N|auto",
-            "reference_roots": "URL"}
+METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH",
+            "gpus_per_replica": "N|auto|TYPE=N,...", "reference_roots": "URL"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class JobFlag:
 
     field: str  # dotted path in JobSpec: "model.dtype"
     names: tuple[str, ...]  # a bool has two: ("--compile", "--no-compile")
-    kind: str  # int, float, str, bool, choice, number-or-auto, mapping, list
+    kind: str  # int, float, str, bool, choice, number-or-auto, number-auto-or-per-type, mapping, list
     help: str
     default: Any
     choices: tuple[str, ...] = ()
@@ -77,6 +77,10 @@ def _flag(field: str, info: Any) -> JobFlag:
         return JobFlag(field, (name,), "choice", info.description or "", default, literals)
     if literals and others == [float]:
         return JobFlag(field, (name,), "number-or-auto", info.description or "", default, literals, bounds)
+    if literals and others[:1] == [float] and len(others) == 2 and typing.get_origin(others[1]) is dict:
+        # gpus_per_replica: a number, auto, or TYPE=N,TYPE=N (one per card type), which the spec itself parses
+        return JobFlag(field, (name,), "number-auto-or-per-type", info.description or "", default, literals,
+                       bounds)
     if len(others) == 1 and others[0] in (int, float, str):
         return JobFlag(field, (name,), others[0].__name__, info.description or "", default, (), bounds)
     if len(others) == 1 and typing.get_origin(others[0]) is dict:
@@ -135,8 +139,8 @@ def _add(group: Any, flag: JobFlag) -> None:
         options.update(action="append", type=_key_value(flag.names[0]))
     elif flag.kind == "list":
         options.update(action="append", type=str)
-    elif flag.kind == "number-or-auto":
-        options.update(type=_number_or(flag.choices))
+    elif flag.kind in ("number-or-auto", "number-auto-or-per-type"):
+        options.update(type=_number_or(flag.choices, per_type=flag.kind == "number-auto-or-per-type"))
     else:
         options.update(type={"int": int, "float": float, "str": str}[flag.kind])
     metavar = {"int": "N", "float": "NUMBER"}.get(flag.kind, flag.field.rsplit(".", 1)[-1].upper())
@@ -174,9 +178,9 @@ def _key_value(name: str) -> Any:
     return parse
 
 
-def _number_or(words: tuple[str, ...]) -> Any:
+def _number_or(words: tuple[str, ...], per_type: bool = False) -> Any:
     def parse(text: str) -> float | str:
-        if text in words:
+        if text in words or (per_type and "=" in text):
             return text
         try:
             return float(text)
@@ -225,7 +229,9 @@ def flags_markdown() -> str:
         value = {"bool": "switch", "mapping": f"`{METAVARS.get(flag.field, 'KEY=VALUE')}`, repeatable",
                  "list": f"`{METAVARS.get(flag.field, 'VALUE')}`, repeatable",
                  "choice": " \\| ".join(flag.choices), "str": "text", "int": "integer", "float": "number",
-                 "number-or-auto": "number \\| " + " \\| ".join(flag.choices)}[flag.kind]
+                 "number-or-auto": "number \\| " + " \\| ".join(flag.choices),
+                 "number-auto-or-per-type": "number \\| " + " \\| ".join(flag.choices) + " \\| TYPE=N,..."
+                 }[flag.kind]
         low, high = (_number_text(bound) for bound in flag.bounds)
         if low or high:
             value += f", {low or ''}..{high or ''}"

@@ -192,6 +192,9 @@ def _parse_local_command(words: list[str]) -> tuple[str, Any, str | None]:
         _refuse_relative(path)
     if job.model.name.startswith(".") or _exists(job.model.name):  # a local model folder, not a preset or hub id
         _refuse_relative(job.model.name)
+    if isinstance(job.gpus_per_replica, dict):
+        raise K8sError("k8s: a mapping of GPUs per card type needs a worker group per card type, which `fluxbatch "
+                       "k8s` does not make yet; give one number, or `fluxbatch submit` the job to such a RayCluster")
     if job.gpus_per_replica == "auto":
         raise K8sError("k8s: --gpus-per-replica auto is decided on the cluster, but the pods are sized now; run "
                        "`fluxbatch plan --model ... --gpu-memory ...` and pass its number")

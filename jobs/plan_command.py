@@ -25,8 +25,17 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
                         "--model may then list several models, comma-separated")
+    fleet = parser.add_mutually_exclusive_group()
+    fleet.add_argument("--cards", metavar="FLEET", help="plan per card type for a fleet described as "
+                       "TYPE:GPUS[/PER_NODE],... (Ray's type names: H100:16,L4:32/4); --gpu-memory may then give "
+                       "TYPE=SIZE,... for types whose memory is not known")
+    fleet.add_argument("--ray-address", metavar="ADDRESS", help="plan per card type for the live Ray cluster at "
+                       "ADDRESS (auto: the one on this machine)")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps per image, for the speed estimate")
     args = parser.parse_args(argv)
     try:
+        if args.cards or args.ray_address:
+            return _plan_fleet(args)
         if args.table:
             print(markdown_table(args.model.split(","), [s for s in args.table.split(",") if s], dtype=args.dtype,
                                  resolution=args.resolution, batch_size=args.batch_size,
@@ -46,3 +55,29 @@ def plan_main(argv: list[str]) -> int:
     else:
         print(plan.describe())
     return 0 if plan.fits else 1
+
+
+def _plan_fleet(args: argparse.Namespace) -> int:
+    """Per card type (flux_worker/fleet_plan.py): 0 when some type holds the model, 1 when none does."""
+    from flux_worker.fleet_plan import described_fleet, fleet_table, fleet_types, memory_table, plan_fleet
+
+    if args.cards:
+        fleet = described_fleet(args.cards)
+    else:
+        import ray
+
+        ray.init(address=args.ray_address, log_to_driver=False, logging_level="ERROR")
+        fleet = fleet_types(ray.nodes())
+        ray.shutdown()
+        if not fleet:
+            print(f"error: the Ray cluster at {args.ray_address} has no GPUs")
+            return 2
+    pools = plan_fleet(args.model, fleet, memory=memory_table(args.gpu_memory), dtype=args.dtype,
+                       width=args.resolution, steps=args.steps, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{**vars(pool), "images_per_second": pool.images_per_second} for pool in pools]))
+    else:
+        print(f"model {args.model}: {args.dtype}, {args.resolution}x{args.resolution}, {args.steps} steps, "
+              f"batch {args.batch_size}")
+        print(fleet_table(pools))
+    return 0 if any(pool.degree for pool in pools) else 1

@@ -94,6 +94,7 @@ def in_actor(target: str) -> type:
 
 RENDERER = "flux_worker.renderer:Renderer"
 TENSOR_PARALLEL_REPLICA = "flux_worker.tensor_parallel:TensorParallelReplica"
+FLEET_REPLICA = "flux_worker.fleet_replica:FleetReplica"
 
 
 def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,
@@ -105,7 +106,11 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
     they write, for the bar (pipeline/progress.py)."""
     threads = None if ask.gpus > 0 and not job.cpus_per_replica else ask.threads
     member, group, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), {}, ask.gpus or None, ask.cpus
-    if ask.gpus > 1:
+    if ask.pools:
+        # A mixed fleet: members that hold nothing, each driving a replica on its slot's card type.
+        member, num_gpus, num_cpus = in_actor(FLEET_REPLICA), None, 0
+        group = {"slots": pool_slots(job, ask.pools, renderer_class is not None), "renderer": renderer_class}
+    elif ask.gpus > 1:
         # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
         # the group's placement group (flux_worker/tensor_parallel.py); each rank runs its share of the cores.
         member, num_gpus, num_cpus = in_actor(TENSOR_PARALLEL_REPLICA), None, 0
@@ -118,8 +123,8 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
         threads=threads,
         run_id=run_id,
         # Ranks neither compile nor read reference images (both refused before planning).
-        compile_cache_options=None if group else compile_cache_options(job),
-        reference_storage_options=None if group else reference_storage_options(job),
+        compile_cache_options=None if "tp_degree" in group else compile_cache_options(job),
+        reference_storage_options=None if "tp_degree" in group else reference_storage_options(job),
         model_storage_options=model_storage_options(job),
         hub_token=hub_token(job),
         image_counter=image_counter,
@@ -127,6 +132,24 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
                        num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,
                        max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars)
+
+
+def pool_slots(job: JobSpec, pools: tuple, stand_in: bool) -> Any:
+    """The `PoolSlots` actor holding a mixed fleet's replica slots, one per replica of each pool
+    (flux_worker/fleet_replica.py); a tensor-parallel slot carries its group's placement for that card type."""
+    from flux_worker.fleet_replica import PoolSlots
+
+    per_pool = []
+    for pool in pools:
+        group = group_options(job, pool.degree, pool.memory) if pool.degree > 1 and not stand_in else {}
+        slot = {"card_type": pool.card_type, "degree": pool.degree, "gpus": pool.gpus_per_replica,
+                "cpus": job.cpus_per_replica or 1, "placement": group.get("placement"),
+                "cpus_per_rank": group.get("cpus_per_rank", 1)}
+        per_pool.append([slot] * pool.replicas)
+    # Taken in this order: a pool smaller than all the slots (a short plan) still has members of every type.
+    slots = [slot for rank in range(max(map(len, per_pool))) for slots in per_pool if rank < len(slots)
+             for slot in [slots[rank]]]
+    return PoolSlots.remote(slots)
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from flux_worker.families import family_of
+from flux_worker.fleet_plan import PoolPlan, fleet_types, memory_table, plan_fleet
 from flux_worker.memory_plan import PlanError, model_configs, parse_size, placement_of, plan_memory
 from flux_worker.presets import resolve_preset
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
@@ -49,11 +50,12 @@ def gpu_memory() -> int | None:
         return None
 
 
-def _plan_for(job: JobSpec, degree: int | None):
-    """The memory plan for `job` on this cluster's cards, or None when the cards' memory is unknown."""
+def _plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
+    """The memory plan for `job` on this cluster's cards (or cards of `memory` bytes), or None when the cards' memory
+    is unknown."""
     preset = resolve_preset(job.model.name, job.storage_options)
     model = job.model.name  # the planner looks it up in the model table: a preset, its hub id, or a folder
-    memory = gpu_memory()
+    memory = memory or gpu_memory()
     if memory is None:
         return None
     dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
@@ -66,6 +68,8 @@ def _plan_for(job: JobSpec, degree: int | None):
 
 def resolve_gpus_per_replica(job: JobSpec) -> float:
     """The job's GPUs per replica; `auto` asks the memory planner about the cluster's cards (0 without GPUs)."""
+    if isinstance(job.gpus_per_replica, dict):
+        return job.most_gpus_per_replica()  # the fleet's pools decide (fleet_pools); the largest, for checks
     if job.gpus_per_replica != "auto":
         if float(job.gpus_per_replica) > 1:
             check_family(job)
@@ -86,19 +90,62 @@ def resolve_gpus_per_replica(job: JobSpec) -> float:
     return float(plan.tp_degree)
 
 
+def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
+    """The pools of a mixed fleet (flux_worker/fleet_plan.py), one per card type that holds the model; None when the
+    job has one shape (a number, or `auto` on a cluster of one card type: `resolve_gpus_per_replica`).
+
+    Card types come from Ray's `accelerator_type:<T>` resources of the alive nodes; a card's memory from the
+    planner's table or FLUXBATCH_GPU_MEMORY (`L4=24GB,A100=80GB`). Each type left out is one line (`say`); none
+    left is an error, before anything is written."""
+    mapping = job.gpus_per_replica if isinstance(job.gpus_per_replica, dict) else None
+    if mapping is None and job.gpus_per_replica != "auto":
+        return None
+    fleet = fleet_types(ray.nodes())
+    if mapping is None and len(fleet) < 2:
+        return None
+    preset = resolve_preset(job.model.name, job.storage_options)
+    dtype = "fp8" if job.model.quantize == "fp8" else "bf16" if job.model.dtype == "auto" else job.model.dtype
+    try:
+        pools = plan_fleet(job.model.name, fleet, memory=memory_table(os.environ.get("FLUXBATCH_GPU_MEMORY")),
+                           degrees=mapping, dtype=dtype, width=job.defaults.width or preset.width,
+                           height=job.defaults.height or preset.height, steps=job.defaults.steps or preset.steps,
+                           batch_size=1 if job.batch_invariant else job.batch_size)
+    except PlanError as error:
+        raise TensorParallelError(f"gpus_per_replica: {error}") from None
+    for name in sorted(set(mapping or {}) - set(fleet)):
+        say(f"gpus_per_replica: card type {name}: no node of the cluster has one ({', '.join(fleet) or 'no GPUs'}); "
+            "left out")
+    for pool in pools:
+        if not pool.degree:
+            say(f"gpus_per_replica: card type {pool.card_type}: {pool.note}")
+    usable = [pool for pool in pools if pool.degree and pool.replicas]
+    if not usable:
+        raise TensorParallelError(f"gpus_per_replica {_typed(job.gpus_per_replica)}: no card type of the cluster "
+                                  f"({', '.join(fleet) or 'no GPUs'}) can hold a replica; see `fluxbatch plan "
+                                  "--ray-address auto`")
+    if any(pool.degree > 1 for pool in usable):
+        check_family(job)
+    return usable
+
+
+def _typed(value: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
 def cpus_per_rank(job: JobSpec, degree: int) -> int:
     """CPU cores each rank actor of a TP-`degree` group reserves: the replica's cores shared out, at least 1."""
     return max(1, (job.cpus_per_replica or degree) // degree)
 
 
-def group_options(job: JobSpec, degree: int) -> dict[str, Any]:
-    """`TensorParallelReplica`'s own constructor arguments for a TP-`degree` group of `job` (the model and the
-    `RenderOptions` it shares with `Renderer` come from pipeline/render_stage.py)."""
+def group_options(job: JobSpec, degree: int, memory: int | None = None) -> dict[str, Any]:
+    """`TensorParallelReplica`'s own constructor arguments for a TP-`degree` group of `job` on the cluster's cards
+    (or cards of `memory` bytes: one pool of a mixed fleet); the model and the `RenderOptions` it shares with
+    `Renderer` come from pipeline/render_stage.py."""
     placement: dict[str, Any] = {"encoder_rank": degree - 1}
     try:
         configs, _ = model_configs(job.model.name)
         check_divisible(configs["transformer"], degree)  # fail here, not in N actors
-        plan = _plan_for(job, degree)
+        plan = _plan_for(job, degree, memory)
     except PlanError:
         plan = None  # a hub id the planner has no configs for: the default placement
     if plan is not None and plan.fits:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -34,9 +35,10 @@ from pipeline.cluster.ray_session import RaySession, connect, job_name, quiet_ra
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, plan_images, split_blocks
+from pipeline.pool_stats import PoolStats
 from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
-from pipeline.replica_shape import resolve_gpus_per_replica
+from pipeline.replica_shape import fleet_pools, resolve_gpus_per_replica
 from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
 from pipeline.store.pack import pack_images
 from schemas import FailureRecord, JobSpec, RunSummary
@@ -87,8 +89,16 @@ def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: R
         # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.
         session = _ensure_ray(job, shown, named)
+        pools = fleet_pools(job, shown.say)  # a mixed fleet: a replica shape per card type (None: one shape)
+        if pools:
+            job = job.model_copy(update={"replicas": sum(pool.replicas for pool in pools)})
+            shown.say("pools: " + "; ".join(f"{p.card_type}: {p.replicas} x {p.gpus_per_replica:g} GPU"
+                                             for p in pools))
         ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
-        resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow, named=named)
+        if pools:
+            ask = dataclasses.replace(ask, pools=tuple(pools))
+        else:  # a fleet's pools were planned from its nodes: each fits where it is
+            resources.check_fits(ask, resources.alive_nodes(), can_grow=session.can_grow, named=named)
         with ExitStack() as leases:
             try:
                 # One driver per OUTPUT (store/lease.py): held before anything is written, so a second driver is
@@ -245,8 +255,10 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         shown.say(session.start_line().removeprefix("fluxbatch: "))  # where to watch the run: dashboard, metrics
         metrics = DriverMetrics(job.output.uri)
         metrics.count_reasons(manifest.failures.by_reason)
+        pool_stats = PoolStats(ask.pools)  # a mixed fleet's pools (none for one shape)
         render_failures = _render_plan(job, plan.table, writer, fs, root, run_id, shown, metrics, ask,
-                                       session.can_grow, renderer_class)
+                                       session.can_grow, renderer_class, pool_stats)
+        summary.pools = pool_stats.summaries()
         rendered = writer.written  # _render_plan flushed the last rows, whatever happened
         failures_by_reason.update(render_failures.by_reason)
     seconds["render"] = time.monotonic() - mark
@@ -316,7 +328,7 @@ def _lost_during_run(settled: committed_images.Settled, manifest: Any, plan: Any
 
 def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs: Any, root: str, run_id: str,
                  shown: RunProgress, metrics: DriverMetrics, ask: resources.ReplicaAsk, can_grow: bool,
-                 renderer_class: type | None = None) -> FailureCounts:
+                 renderer_class: type | None = None, pool_stats: PoolStats | None = None) -> FailureCounts:
     """Stream the plan through the actor pool (Ray already started); commit finished images, stream failed ones
     to the failure parts; returns their counts."""
     count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
@@ -325,7 +337,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     blocks = split_blocks(plan, job.replicas, job.batch_size)
     quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
     bar = quiet.enter_context(shown.rendering(plan.num_rows, min(job.replicas, len(blocks)), count))
-    results = _Results(plan, writer, failures, metrics, bar)
+    results = _Results(plan, writer, failures, metrics, bar, pool_stats or PoolStats(()))
     dropped = DroppedBatchErrors.install()
     quiet.enter_context(quiet_ray_data())
     notice = quiet.enter_context(resources.PendingNotice(ask)) if can_grow else None
@@ -359,8 +371,9 @@ class _Results:
     """Where the pool's result tables go: finished images to the ledger, failed ones to the failure parts."""
 
     def __init__(self, plan: pa.Table, writer: ledger.MetadataWriter, failures: ledger.FailureWriter,
-                 metrics: DriverMetrics, bar: RenderBar):
+                 metrics: DriverMetrics, bar: RenderBar, pools: PoolStats):
         self.plan, self.writer, self.failures, self.metrics, self.bar = plan, writer, failures, metrics, bar
+        self.pools = pools  # a mixed fleet's per-pool counts; its members tag their rows with their card type
         self.counts = FailureCounts()
         self.seen: set[str] = set()
         metrics.set_pending(plan.num_rows)
@@ -371,6 +384,7 @@ class _Results:
         if any(key in self.seen for key in keys):  # per-key set lookups: a run can return millions of keys
             batch = batch.filter(pa.array([key not in self.seen for key in keys]))
             keys = batch.column("key").to_pylist()
+        batch = self.pools.add(batch)  # counted once per key, as the ledger keeps it; the card type tag dropped
         self.seen.update(keys)
         ok = pc.is_null(batch.column("error"))
         self.writer.add(batch.filter(ok))
@@ -407,6 +421,7 @@ def stop_leftover_renderers() -> None:
     Ray Data holds its pool's handles, so they are found and stopped by id (pipeline/cluster/ray_private.py).
     """
     for actor in ray_private.actors_of_this_job():
+        # A mixed fleet's member owns its replica actor (flux_worker/fleet_replica.py), which dies with it.
         if actor.state != "DEAD" and actor.class_name.startswith("MapWorker("):
             log.info("stopping leftover renderer actor %s (%s)", actor.actor_id, actor.state)
             ray_private.kill_actor(actor.actor_id)

@@ -132,10 +132,11 @@ class JobSpec(BaseModel):
     defaults: RenderDefaults = Field(default_factory=RenderDefaults)
     replicas: int = Field(default=1, ge=1, le=4096, description="renderer actors: the size of the pool")
     batch_size: int = Field(default=4, ge=1, le=256, description="images per batch sent to a replica")
-    gpus_per_replica: float | Literal["auto"] = Field(
+    gpus_per_replica: float | Literal["auto"] | dict[str, float | Literal["auto"]] = Field(
         default=0.0,
         description="0 renders on CPU; a fraction shares a GPU; 2 or more (a whole number) shards the transformer "
-        "over a tensor-parallel group on one node; auto asks the memory planner",
+        "over a tensor-parallel group on one node; auto asks the memory planner (per card type on a mixed "
+        "fleet); TYPE=N,TYPE=N (a mapping in a job file) gives each card type its own",
     )
     cpus_per_replica: int | None = Field(
         default=None, ge=1, description="CPU cores per replica (default: all cores / replicas)")
@@ -172,9 +173,30 @@ class JobSpec(BaseModel):
         default_factory=dict, exclude=True, repr=False, description="fsspec options for the manifest"
     )
 
+    @field_validator("gpus_per_replica", mode="before")
+    @classmethod
+    def _per_card_type_flag(cls, value: Any) -> Any:
+        """`--gpus-per-replica H100=1,L4=auto`: the flag's form of the job file's mapping."""
+        if not isinstance(value, str) or "=" not in value:
+            return value
+        parsed = {}
+        for pair in [p.strip() for p in value.split(",") if p.strip()]:
+            name, _, number = pair.partition("=")
+            if not name.strip() or not number.strip():
+                raise ValueError(f"{value!r}: write TYPE=N,TYPE=N with Ray's card type names (e.g. H100=1,L4=2)")
+            parsed[name.strip()] = number.strip()
+        return parsed
+
     @field_validator("gpus_per_replica")
     @classmethod
-    def _gpus_per_replica(cls, value: float | str) -> float | str:
+    def _gpus_per_replica(cls, value: float | str | dict) -> float | str | dict:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("a mapping per card type names at least one type (e.g. {H100: 1, L4: 2})")
+            for name, each in value.items():
+                if each != "auto" and not each:
+                    raise ValueError(f"{name}: 0 GPUs per replica renders on CPU; leave the type out instead")
+            return {name: cls._gpus_per_replica(each) for name, each in value.items()}
         if value == "auto":
             return value
         if not 0 <= value <= 64:
@@ -183,9 +205,15 @@ class JobSpec(BaseModel):
             raise ValueError(f"gpus_per_replica {value}: a tensor-parallel replica takes whole GPUs (2, 4, 8 ...)")
         return float(value)
 
+    def most_gpus_per_replica(self) -> float:
+        """The most GPUs one replica asks for: the number, the largest of a mapping's numbers ("auto" counts as 1,
+        as one GPU at least)."""
+        values = self.gpus_per_replica.values() if isinstance(self.gpus_per_replica, dict) else [self.gpus_per_replica]
+        return max(1.0 if value == "auto" else float(value) for value in values)
+
     @model_validator(mode="after")
     def _fp8_needs_gpus(self) -> JobSpec:
-        if self.model.quantize == "fp8" and self.gpus_per_replica == 0:
+        if self.model.quantize == "fp8" and self.most_gpus_per_replica() == 0:
             raise ValueError("model.quantize='fp8' renders on GPUs with fp8 matmuls only; set gpus_per_replica "
                              "or drop model.quantize")
         return self

@@ -31,6 +31,19 @@ class ActorStart(BaseModel):
     inductor_cache_misses: int | None = Field(default=None, description="compiled graphs built by this actor")
 
 
+class PoolSummary(BaseModel):
+    """One pool of a mixed fleet (a card type): its shape, what it rendered, how busy it was."""
+
+    card_type: str
+    replicas: int
+    gpus_per_replica: float
+    images: int = 0
+    images_per_second: float | None = None
+    busy: float | None = Field(default=None, description="render seconds over replicas x (last end - first start)")
+    first_started_at: datetime | None = None
+    last_finished_at: datetime | None = None
+
+
 class RunSummary(BaseModel):
     """Counts, throughput and time per stage of one run over an OUTPUT."""
 
@@ -56,6 +69,7 @@ class RunSummary(BaseModel):
     seconds: dict[str, float] = Field(default_factory=dict, description="wall seconds per stage")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
     actors: list[ActorStart] = Field(default_factory=list, description="each renderer actor's cold start")
+    pools: list[PoolSummary] = Field(default_factory=list, description="a mixed fleet's pools, one per card type")
     started_at: datetime
     finished_at: datetime | None = None
 

@@ -78,3 +78,25 @@ def stand_in(seconds_per_image: float = 0.0) -> type:
     if not seconds_per_image:
         return StandInRenderer
     return type("StandInRenderer", (StandInRenderer,), {"seconds_per_image": seconds_per_image})
+
+
+class CardTypeStandIn(StandInRenderer):
+    """A stand-in whose seconds per image depend on its node's card type (Ray's `accelerator_type:<T>` resource):
+    a mixed fleet's pools at their own speeds (benchmarks/bench_mixed_fleet.py, tests/test_fleet.py)."""
+
+    seconds_by_type: dict[str, float] = {}
+
+    def __init__(self, model: dict[str, Any], options: RenderOptions):
+        import ray
+
+        super().__init__(model, options)
+        here = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == here)
+        kinds = [name.split(":", 1)[1] for name in node["Resources"] if name.startswith("accelerator_type:")]
+        self.seconds_per_image = self.seconds_by_type.get(kinds[0] if kinds else "", 0.0)
+
+
+def stand_in_by_card_type(seconds: dict[str, float]) -> type:
+    """`stand_in`, with seconds per image per card type."""
+    stand_in()  # shipped by value, as stand_in's
+    return type("StandInRenderer", (CardTypeStandIn,), {"seconds_by_type": dict(seconds)})

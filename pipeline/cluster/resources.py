@@ -41,6 +41,7 @@ class ReplicaAsk:
     cpus: float
     replicas: int
     threads: int = 1  # torch threads of a CPU replica (Ray sets OMP_NUM_THREADS to num_cpus, see DESIGN.md)
+    pools: tuple = ()  # a mixed fleet's pools (replica_shape.fleet_pools: a shape per card type); () for one shape
 
     def needs(self) -> dict[str, float]:
         return {"GPU": self.gpus, "CPU": self.cpus}
@@ -115,11 +116,11 @@ def check_fits(ask: ReplicaAsk, nodes: list[dict[str, float]], can_grow: bool,
 def check_this_machine_has_gpus(job: JobSpec, named: dict[str, str] | None = None) -> None:
     """Before a local cluster starts (Ray takes seconds): a job asking for GPUs on a machine without any is
     refused at once, as `check_fits` would refuse it once Ray had started."""
-    if job.gpus_per_replica == "auto" or not float(job.gpus_per_replica) or machine_gpus():
+    if job.gpus_per_replica == "auto" or not job.most_gpus_per_replica() or machine_gpus():
         return
     flag = (named or {}).get("gpus_per_replica") or "gpus_per_replica"
     raise ClusterTooSmallError(
-        f"{flag} asks for {_count(float(job.gpus_per_replica), 'GPU')} per replica, but this machine has no GPU "
+        f"{flag} asks for {_count(job.most_gpus_per_replica(), 'GPU')} per replica, but this machine has no GPU "
         "(a run without --ray-address starts its Ray cluster here); set gpus_per_replica 0 to render on CPU, or "
         "join a cluster with GPUs with --ray-address")
 
