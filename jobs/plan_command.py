@@ -14,24 +14,7 @@ from flux_worker.memory_plan import KNOWN_MODELS, WEIGHT_BYTES, PlanError, markd
 
 def plan_main(argv: list[str]) -> int:
     """`fluxbatch plan`: print the TP degree, placement and predicted peak per GPU; 1 if it cannot fit."""
-    parser = argparse.ArgumentParser(prog="fluxbatch plan", description=plan_main.__doc__)
-    parser.add_argument("--model", default="flux.1-dev", help="a known model (" + ", ".join(KNOWN_MODELS)
-                        + ") or a local diffusers folder")
-    parser.add_argument("--gpu-memory", help="memory of one card: 24GiB, 80GB, ... (required without --table)")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(WEIGHT_BYTES))
-    parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per transformer call")
-    parser.add_argument("--reserve", default="1GiB", help="per-GPU allowance for CUDA context and workspaces")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
-                        "--model may then list several models, comma-separated")
-    fleet = parser.add_mutually_exclusive_group()
-    fleet.add_argument("--cards", metavar="FLEET", help="plan per card type for a fleet described as "
-                       "TYPE:GPUS[/PER_NODE],... (Ray's type names: H100:16,L4:32/4); --gpu-memory may then give "
-                       "TYPE=SIZE,... for types whose memory is not known")
-    fleet.add_argument("--ray-address", metavar="ADDRESS", help="plan per card type for the live Ray cluster at "
-                       "ADDRESS (auto: the one on this machine)")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps per image, for the speed estimate")
+    parser = plan_parser()
     args = parser.parse_args(argv)
     try:
         if args.cards or args.ray_address:
@@ -81,3 +64,25 @@ def _plan_fleet(args: argparse.Namespace) -> int:
               f"batch {args.batch_size}")
         print(fleet_table(pools))
     return 0 if any(pool.degree for pool in pools) else 1
+
+def plan_parser() -> argparse.ArgumentParser:
+    """`fluxbatch plan`'s own flags (tests/test_docs.py parses the docs' `plan` lines with it)."""
+    parser = argparse.ArgumentParser(prog="fluxbatch plan", description=plan_main.__doc__)
+    parser.add_argument("--model", default="flux.1-dev", help="a known model (" + ", ".join(KNOWN_MODELS)
+                        + ") or a local diffusers folder")
+    parser.add_argument("--gpu-memory", help="memory of one card: 24GiB, 80GB, ... (required without --table)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(WEIGHT_BYTES))
+    parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per transformer call")
+    parser.add_argument("--reserve", default="1GiB", help="per-GPU allowance for CUDA context and workspaces")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
+                        "--model may then list several models, comma-separated")
+    fleet = parser.add_mutually_exclusive_group()
+    fleet.add_argument("--cards", metavar="FLEET", help="plan per card type for a fleet described as "
+                       "TYPE:GPUS[/PER_NODE],... (Ray's type names: H100:16,L4:32/4); --gpu-memory may then give "
+                       "TYPE=SIZE,... for types whose memory is not known")
+    fleet.add_argument("--ray-address", metavar="ADDRESS", help="plan per card type for the live Ray cluster at "
+                       "ADDRESS (auto: the one on this machine)")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps per image, for the speed estimate")
+    return parser

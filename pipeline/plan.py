@@ -178,16 +178,17 @@ def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def split_blocks(table: pa.Table, replicas: int, batch_size: int) -> list[pa.Table]:
-    """Cut the plan into blocks of whole batches: a few batches each, at least two blocks per replica, and the
-    last two rounds (two batches per replica) one batch per block.
+def split_blocks(table: pa.Table, replicas: int, batch_size: int, most: int = 4) -> list[pa.Table]:
+    """Cut the plan into blocks of whole batches: a few batches each (`most` at most), at least two blocks per
+    replica, and the last two rounds (two batches per replica) one batch per block.
 
     Ray Data hands blocks to pool members ahead of time, so blocks of several batches at the end leave the
-    members that finished first idle while the others work through theirs (benchmarks/README.md, fleet)."""
+    members that finished first idle while the others work through theirs (benchmarks/README.md, fleet). A mixed
+    fleet's pools differ in speed throughout, so there every block is one batch (`most=1`)."""
     if table.num_rows == 0:
         return []
     batches = -(-table.num_rows // batch_size)
-    per_block = max(1, min(4, batches // (replicas * 2)))
+    per_block = max(1, min(most, batches // (replicas * 2)))
     head_rows = (batches - min(batches, replicas * 2)) * batch_size
     starts = [*range(0, head_rows, per_block * batch_size), *range(head_rows, table.num_rows, batch_size)]
     return [table.slice(start, end - start) for start, end in zip(starts, [*starts[1:], table.num_rows])]

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from flux_worker.fleet_replica import slot_args
 from flux_worker.model_folder import is_model_url
 from flux_worker.storage import credential_options
 from pipeline.cluster.resources import ReplicaAsk
@@ -39,6 +40,7 @@ class RenderStage:
     batch_size: int
     max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
     env_vars: dict[str, str]
+    remote_args_fn: Any = None  # a mixed fleet's: each member's resources as it starts (fleet_replica.slot_args)
 
     @property
     def fn_constructor_kwargs(self) -> dict[str, Any]:
@@ -55,18 +57,22 @@ class RenderStage:
             # Ray 2.60 names no parameter for max_restarts / max_task_retries yet, so they go in
             # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")  # fleet_replica.py
             dataset = ray.data.from_arrow(blocks).map_batches(
                 self.member,
                 fn_constructor_kwargs=self.fn_constructor_kwargs,
                 batch_size=self.batch_size,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)),
-                                                   max_tasks_in_flight_per_actor=1 if one_batch_per_member else None),
+                # A mixed fleet's members take one batch at a time: a slow pool queues none behind its own, so the
+                # pools' last images come within one batch of each other (benchmarks/README.md, mixed fleet).
+                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)), max_tasks_in_flight_per_actor=1
+                                                   if one_batch_per_member or self.remote_args_fn else None),
                 num_gpus=self.num_gpus,
                 num_cpus=self.num_cpus,
                 max_restarts=-1,  # a lost member is replaced...
                 max_task_retries=self.max_renderer_deaths,  # ...and its batch re-run, this often at most
                 runtime_env={"env_vars": self.env_vars},
+                ray_remote_args_fn=self.remote_args_fn,
             )
         yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
 
@@ -106,10 +112,12 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
     they write, for the bar (pipeline/progress.py)."""
     threads = None if ask.gpus > 0 and not job.cpus_per_replica else ask.threads
     member, group, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), {}, ask.gpus or None, ask.cpus
+    remote_args_fn = None
     if ask.pools:
-        # A mixed fleet: members that hold nothing, each driving a replica on its slot's card type.
-        member, num_gpus, num_cpus = in_actor(FLEET_REPLICA), None, 0
-        group = {"slots": pool_slots(job, ask.pools, renderer_class is not None), "renderer": renderer_class}
+        # A mixed fleet: each member started with its own card type's resources (flux_worker/fleet_replica.py).
+        slots = fleet_slots(job, ask.pools, stand_in=renderer_class is not None)
+        member, num_gpus, num_cpus, remote_args_fn = in_actor(FLEET_REPLICA), None, 0, slot_args(slots)
+        group = {"pools": {slot["card_type"]: slot for slot in slots}, "renderer": renderer_class}
     elif ask.gpus > 1:
         # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
         # the group's placement group (flux_worker/tensor_parallel.py); each rank runs its share of the cores.
@@ -131,25 +139,24 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
     )
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
                        num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,
-                       max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars)
+                       max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars, remote_args_fn=remote_args_fn)
 
 
-def pool_slots(job: JobSpec, pools: tuple, stand_in: bool) -> Any:
-    """The `PoolSlots` actor holding a mixed fleet's replica slots, one per replica of each pool
-    (flux_worker/fleet_replica.py); a tensor-parallel slot carries its group's placement for that card type."""
-    from flux_worker.fleet_replica import PoolSlots
-
+def fleet_slots(job: JobSpec, pools: tuple, stand_in: bool) -> list[dict[str, Any]]:
+    """A mixed fleet's replica slots, one per replica of each pool, interleaved (flux_worker/fleet_replica.py); a
+    tensor-parallel slot carries its group's placement for that card type. A stand-in renderer holds a group's
+    GPUs itself (`holds`), as one actor."""
     per_pool = []
     for pool in pools:
         group = group_options(job, pool.degree, pool.memory) if pool.degree > 1 and not stand_in else {}
         slot = {"card_type": pool.card_type, "degree": pool.degree, "gpus": pool.gpus_per_replica,
                 "cpus": job.cpus_per_replica or 1, "placement": group.get("placement"),
-                "cpus_per_rank": group.get("cpus_per_rank", 1)}
+                "cpus_per_rank": group.get("cpus_per_rank", 1), "holds": pool.degree == 1 or stand_in}
         per_pool.append([slot] * pool.replicas)
     # Taken in this order: a pool smaller than all the slots (a short plan) still has members of every type.
     slots = [slot for rank in range(max(map(len, per_pool))) for slots in per_pool if rank < len(slots)
              for slot in [slots[rank]]]
-    return PoolSlots.remote(slots)
+    return slots
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:

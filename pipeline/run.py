@@ -334,7 +334,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
     stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
     failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
-    blocks = split_blocks(plan, job.replicas, job.batch_size)
+    blocks = split_blocks(plan, job.replicas, job.batch_size, most=1 if ask.pools else 4)
     quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
     bar = quiet.enter_context(shown.rendering(plan.num_rows, min(job.replicas, len(blocks)), count))
     results = _Results(plan, writer, failures, metrics, bar, pool_stats or PoolStats(()))
@@ -421,7 +421,6 @@ def stop_leftover_renderers() -> None:
     Ray Data holds its pool's handles, so they are found and stopped by id (pipeline/cluster/ray_private.py).
     """
     for actor in ray_private.actors_of_this_job():
-        # A mixed fleet's member owns its replica actor (flux_worker/fleet_replica.py), which dies with it.
         if actor.state != "DEAD" and actor.class_name.startswith("MapWorker("):
             log.info("stopping leftover renderer actor %s (%s)", actor.actor_id, actor.state)
             ray_private.kill_actor(actor.actor_id)

@@ -142,6 +142,7 @@ def run_block(block: Block, sandbox: Path, capsys) -> None:
 
 def parse_block(block: Block) -> None:
     from jobs.cli import build_parser
+    from jobs.plan_command import plan_parser
 
     if block.language == "python":
         compile(block.text, block.where, "exec")
@@ -149,8 +150,9 @@ def parse_block(block: Block) -> None:
     for line in command_lines(block.text):
         command = fluxbatch_argv(line)
         if command is not None:
-            try:
-                build_parser().parse_args(command[0])
+            argv = command[0]
+            try:  # `plan` parses its own flags (jobs/plan_command.py)
+                plan_parser().parse_args(argv[1:]) if argv[:1] == ["plan"] else build_parser().parse_args(argv)
             except SystemExit as stop:
                 pytest.fail(f"{block.where}: `{line}` is refused by the argument parser (exit {stop.code})")
 

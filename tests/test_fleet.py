@@ -151,6 +151,9 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     assert pools["large"]["images"] > pools["small"]["images"] > 0  # the faster pool takes more: no static split
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [pool["card_type"] for pool in saved["pools"]] == ["large", "small"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>pools" in report and f"<td>large</td><td>2</td><td>1</td><td>{pools['large']['images']}</td>" \
+        in report.replace("\n", "")
 
 
 @pytest.mark.slow

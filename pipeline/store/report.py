@@ -128,6 +128,10 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         actor_header=["actor", "device", "process start", "model load", "compile / warm-up", "first image",
                       "compile cache"],
         actors=cold_start_rows(summary),
+        pool_header=["card type", "replicas", "GPUs per replica", "images", "images/s", "busy"],
+        pools=[(p.card_type, p.replicas, f"{p.gpus_per_replica:g}", p.images,
+                "" if p.images_per_second is None else f"{p.images_per_second:.2f}",
+                "" if p.busy is None else f"{p.busy:.3f}") for p in summary.pools],
         # Where this OUTPUT holds each image: a copied or moved OUTPUT's rows name the old URL.
         images=[{**row, "src": thumbnail(fs, path), "href": _link(root, path)}
                 for row in images for path in [committed_image_path(root, row["key"], row["image_uri"])]],
