@@ -101,47 +101,57 @@ def test_a_bad_mapping_is_one_line_naming_the_flag(typed, reason, tmp_path, caps
 FLEET_RUN = textwrap.dedent("""
     import json, sys
     import pyarrow as pa, pyarrow.parquet as pq
+    import ray
     from ray.cluster_utils import Cluster
     from pipeline import render
     from schemas import JobSpec
     from tests.stand_in import stand_in_by_card_type
 
-    folder, model, gpus = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    folder, model = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=4, num_gpus=2, resources={"accelerator_type:large": 1})
     cluster.add_node(num_cpus=4, num_gpus=4, resources={"accelerator_type:small": 1})
     rows = 48
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"a lamp {i}" for i in range(rows)],
                              "width": [64] * rows, "height": [64] * rows}), f"{folder}/m.parquet")
-    job = JobSpec.model_validate({"manifest": f"{folder}/m.parquet", "output": {"uri": f"{folder}/out"},
-                                  "model": {"name": model}, "gpus_per_replica": gpus, "batch_size": 2,
-                                  "ray_address": cluster.address})
+    renderer = stand_in_by_card_type({"large": 0.05, "small": 0.2})
+
+    def job(gpus, out):
+        return JobSpec.model_validate({"manifest": f"{folder}/m.parquet", "output": {"uri": f"{folder}/{out}"},
+                                       "model": {"name": model}, "gpus_per_replica": gpus, "batch_size": 2,
+                                       "ray_address": cluster.address})
     try:
-        summary = render(job, progress=False, renderer_class=stand_in_by_card_type({"large": 0.05, "small": 0.2}))
+        try:
+            render(job({"huge": 1}, "refused"), progress=False, renderer_class=renderer)
+        except Exception as error:
+            print(json.dumps({"refused": str(error)}))
+        summary = render(job({"large": 1, "small": 2, "huge": 1}, "out"), progress=False, renderer_class=renderer)
         print(json.dumps(summary.model_dump(mode="json")))
     finally:
-        import ray
         ray.shutdown()
         cluster.shutdown()
 """)
 
 
-def run_fleet(tmp_path: Path, model: Path, gpus: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FLEET_RUN, str(tmp_path), str(model), json.dumps(gpus)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                             "PYTHONPATH": str(REPO)})
-
-
 @pytest.mark.slow
 def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_once(tmp_path, tiny_model):
+    """Two renders on one two-type cluster: a mapping no type can serve is refused before anything is written; a
+    mapping naming both types (and one the cluster lacks) renders each image once, both pools drawing from one
+    stream."""
     from tests.helpers import assert_images_match_metadata
 
-    result = run_fleet(tmp_path, tiny_model, {"large": 1, "small": 2, "huge": 1})
+    result = subprocess.run([sys.executable, "-c", FLEET_RUN, str(tmp_path), str(tiny_model)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
+    refused, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert refused == {"refused": "gpus_per_replica huge=1.0: no card type of the cluster (large, small) can hold a "
+                                  "replica; see `fluxbatch plan --ray-address auto`"}
+    assert not (tmp_path / "refused").exists()
+
     assert "fluxbatch: gpus_per_replica: card type huge: no node of the cluster has one (large, small); left out" \
         in result.stderr
     assert "fluxbatch: pools: large: 2 x 1 GPU; small: 2 x 2 GPU" in result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
     table = assert_images_match_metadata(str(tmp_path / "out"))  # each image once, with its file
     assert table.num_rows == summary["images_rendered"] == 48
     pools = {pool["card_type"]: pool for pool in summary["pools"]}
@@ -154,12 +164,3 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     report = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>pools" in report and f"<td>large</td><td>2</td><td>1</td><td>{pools['large']['images']}</td>" \
         in report.replace("\n", "")
-
-
-@pytest.mark.slow
-def test_no_card_type_holding_a_replica_is_one_line_before_anything_is_written(tmp_path, tiny_model):
-    result = run_fleet(tmp_path, tiny_model, {"huge": 1})
-    assert result.returncode != 0
-    assert ("gpus_per_replica huge=1.0: no card type of the cluster (large, small) can hold a replica; see "
-            "`fluxbatch plan --ray-address auto`") in result.stderr
-    assert not (tmp_path / "out").exists()
