@@ -153,10 +153,11 @@ def fleet_slots(job: JobSpec, pools: tuple, stand_in: bool) -> list[dict[str, An
                 "cpus": job.cpus_per_replica or 1, "placement": group.get("placement"),
                 "cpus_per_rank": group.get("cpus_per_rank", 1), "holds": pool.degree == 1 or stand_in}
         per_pool.append([slot] * pool.replicas)
-    # Taken in this order: a pool smaller than all the slots (a short plan) still has members of every type.
-    slots = [slot for rank in range(max(map(len, per_pool))) for slots in per_pool if rank < len(slots)
-             for slot in [slots[rank]]]
-    return slots
+    # Round the pools: a pool smaller than all the slots (a short plan) still has members of every type.
+    interleaved: list[dict[str, Any]] = []
+    for rank in range(max(map(len, per_pool))):
+        interleaved += [slots[rank] for slots in per_pool if rank < len(slots)]
+    return interleaved
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:

@@ -108,8 +108,9 @@ FLEET_RUN = textwrap.dedent("""
     from tests.stand_in import stand_in_by_card_type
 
     folder, model = sys.argv[1], sys.argv[2]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=4, num_gpus=2, resources={"accelerator_type:large": 1})
+    # Two nodes (the head is one): a node process costs seconds to start on this machine.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2,
+                                                            "resources": {"accelerator_type:large": 1}})
     cluster.add_node(num_cpus=4, num_gpus=4, resources={"accelerator_type:small": 1})
     rows = 48
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"a lamp {i}" for i in range(rows)],
