@@ -44,18 +44,23 @@ class RendererMetrics:
     """What one renderer actor reports: images by status, render seconds, and its GPU memory."""
 
     def __init__(self, model: str, output_uri: str):
-        self.tags = {"model": model, "job": job_label(output_uri)}
         self.enabled = ray_is_running()
         if not self.enabled:  # a Renderer built outside Ray (a unit test, a TP rank's own process)
+            self.tags = {"model": model, "job": job_label(output_uri), "pool": ""}
             return
+        import ray
         from ray.util.metrics import Counter, Gauge, Histogram
 
+        # `pool`: the card type of a mixed fleet's member (the accelerator_type it was pinned to), else empty.
+        pinned = [name.split(":", 1)[1] for name in ray.get_runtime_context().get_assigned_resources()
+                  if name.startswith("accelerator_type:")]
+        self.tags = {"model": model, "job": job_label(output_uri), "pool": pinned[0] if pinned else ""}
         self.images = Counter(IMAGES, description="images finished by renderers, by status",
-                              tag_keys=("status", "model", "job"))
+                              tag_keys=("status", "model", "job", "pool"))
         self.seconds = Histogram(RENDER_SECONDS, description="render seconds per image",
-                                 boundaries=RENDER_SECONDS_BOUNDARIES, tag_keys=("model", "job"))
+                                 boundaries=RENDER_SECONDS_BOUNDARIES, tag_keys=("model", "job", "pool"))
         self.gpu_memory = Gauge(GPU_MEMORY_BYTES, description="CUDA memory of a renderer actor, in bytes",
-                                tag_keys=("kind", "model", "job"))
+                                tag_keys=("kind", "model", "job", "pool"))
 
     def record_batch(self, results: list[dict[str, Any]]) -> None:
         """Count a batch's images by status and observe the render seconds of those that were rendered."""
