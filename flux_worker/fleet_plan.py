@@ -19,6 +19,7 @@ from typing import Any
 
 from flux_worker.memory_plan import GIB, PlanError, image_tokens, model_configs, parse_size, plan_memory
 
+UNTYPED = "GPU"  # the card type of GPUs on a node with no (or several) accelerator_type resources
 MFU = 0.45  # share of the dense bf16 peak a Flux transformer step reaches (published H100 bf16 runs: 0.4-0.5)
 
 
@@ -82,7 +83,7 @@ def fleet_types(nodes: list[dict[str, Any]]) -> dict[str, FleetType]:
         if not node.get("Alive", True) or not gpus:
             continue
         kinds = [name.split(":", 1)[1] for name in resources if name.startswith("accelerator_type:")]
-        found.setdefault(kinds[0] if len(kinds) == 1 else "GPU", []).append(gpus)
+        found.setdefault(kinds[0] if len(kinds) == 1 else UNTYPED, []).append(gpus)
     return {name: FleetType(name, sum(per), sorted(per, reverse=True)) for name, per in sorted(found.items())}
 
 
@@ -144,7 +145,8 @@ def plan_fleet(model: str, fleet: dict[str, FleetType], *, memory: dict[str, int
             # of unknown memory), as a plain number for the whole job is.
             share = float(asked)
             pool.degree, pool.share = (1, share) if share < 1 else (int(share), None)
-            pool.replicas = int(cards.gpus / share) if share < 1 else sum(per // int(share) for per in cards.per_node)
+            pool.replicas = (sum(per * int(1 / share + 1e-9) for per in cards.per_node) if share < 1
+                             else sum(per // int(share) for per in cards.per_node))
             pool.note = "" if size else "memory not known here: not checked"
             pools.append(pool)
             continue

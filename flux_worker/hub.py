@@ -103,7 +103,12 @@ def _ask_hub(endpoint: str, repo_id: str, revision: str | None) -> tuple[str, bo
         try:
             api = HfApi(endpoint=endpoint, token=token)
             api.model_info(repo_id, revision=revision, timeout=PROBE_SECONDS)
-            api.auth_check(repo_id)  # a gated model: may this token read its files?
+            try:
+                api.auth_check(repo_id)  # a gated model: may this token read its files?
+            except GatedRepoError:
+                raise
+            except Exception:  # noqa: BLE001 - a hub proxy without /auth-check: model_info's answer stands
+                pass
             answer["error"] = None
         except BaseException as error:  # noqa: BLE001 - every failure is reported in words below
             answer["error"] = error

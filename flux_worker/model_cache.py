@@ -112,7 +112,12 @@ def fetch_model(url: str, storage_options: dict[str, Any] | None = None, configu
 @contextlib.contextmanager
 def _locked(path: Path, url: str) -> Iterator[None]:
     """Hold `path`'s lock; another process of this node holding it (fetching `url`) is waited for, said once."""
-    with open(path, "a+") as handle:
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ModelCacheError(f"cannot use the model cache {path.parent}: {error.strerror}; set model.cache_dir "
+                              f"(--model-cache-dir) or ${CACHE_ENV} to a folder this node can write") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,9 +175,12 @@ def _download(source: ModelFolder, files: dict[str, dict[str, Any]], cache: Path
     partial = cache / f"{key}.partial-{os.getpid()}"
     started = time.monotonic()
     try:
-        with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="model-fetch") as pool:
-            fetched = dict(zip(files, pool.map(lambda rel: _fetch_file(source, rel, files[rel], partial / "model"),
-                                               files)))
+        pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="model-fetch")
+        try:
+            futures = {rel: pool.submit(_fetch_file, source, rel, files[rel], partial / "model") for rel in files}
+            fetched = {rel: future.result() for rel, future in futures.items()}
+        finally:  # on the first failure, the files not started yet are not fetched at all
+            pool.shutdown(wait=True, cancel_futures=True)
         _write_json(partial / "complete.json", {"url": source.where, "files": fetched})
         final = cache / key
         shutil.rmtree(final, ignore_errors=True)
@@ -200,7 +208,13 @@ def _fetch_file(source: ModelFolder, rel: str, want: dict[str, Any], into: Path)
     except Exception as error:  # noqa: BLE001 - the source's failure, whatever its library, is one line
         raise ModelSourceError(f"model {source}: cannot read {rel}: {first_line(error)}") from None
     with handle, open(target, "wb") as out:
-        while chunk := handle.read(CHUNK):
+        while True:
+            try:
+                chunk = handle.read(CHUNK)
+            except Exception as error:  # noqa: BLE001 - a read cut short, whatever its library: one line
+                raise ModelSourceError(f"model {source}: reading {rel} failed: {first_line(error)}") from None
+            if not chunk:
+                break
             digest.update(chunk)
             out.write(chunk)
             size += len(chunk)

@@ -14,6 +14,7 @@ file that DEST still holds at its size.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -80,7 +81,7 @@ def mirror(source: str, dest: str, *, revision: str | None = None, storage_optio
     files = {rel: size for rel, size in folder.files.items()
              if rel not in (CHECKSUM_FILE, PROGRESS_FILE) and not rel.endswith(PICKLE_SUFFIXES)}
     storage, root = filesystem(dest, options)
-    done = _progress(storage, root)
+    done = _progress(storage, root, origin)
     copied, sums = 0, {}
     for index, (rel, size) in enumerate(sorted(files.items()), 1):
         path = f"{root}/{rel}"
@@ -91,7 +92,7 @@ def mirror(source: str, dest: str, *, revision: str | None = None, storage_optio
         sums[rel] = {"size": size, "sha256": _copy(folder, rel, storage, path)}
         copied += 1
         done[rel] = sums[rel]
-        storage.write_bytes(f"{root}/{PROGRESS_FILE}", json.dumps(done).encode())
+        storage.write_bytes(f"{root}/{PROGRESS_FILE}", json.dumps({"source": origin, "files": done}).encode())
         say(f"fluxbatch: {index}/{len(files)} {rel} ({size / 2**20:.1f} MiB)")
     body = {"source": origin, "files": sums}
     storage.write_bytes(f"{root}/{CHECKSUM_FILE}", (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
@@ -100,16 +101,20 @@ def mirror(source: str, dest: str, *, revision: str | None = None, storage_optio
     return Mirrored(len(files), copied, sum(files.values()), time.monotonic() - started)
 
 
-def _progress(storage: Any, root: str) -> dict[str, dict[str, Any]]:
-    """What an earlier mirror to this DEST copied: a whole one (its checksum file), then one cut short (its
-    progress file); nothing for a new DEST."""
+def _progress(storage: Any, root: str, origin: str) -> dict[str, dict[str, Any]]:
+    """What an earlier mirror of the same source to this DEST copied: a whole one (its checksum file), then one cut
+    short (its progress file); nothing for a new DEST. A DEST holding a mirror of another source is refused: its
+    files could pass for this one's by their sizes."""
     done: dict[str, dict[str, Any]] = {}
     for name in (CHECKSUM_FILE, PROGRESS_FILE):
         try:
             recorded = json.loads(storage.read_bytes(f"{root}/{name}"))
         except (FileNotFoundError, ValueError):
             continue
-        done.update(recorded.get("files", {}) if name == CHECKSUM_FILE else recorded)
+        if recorded.get("source") != origin:
+            raise ModelSourceError(f"DEST {storage.uri(root)} holds a mirror of {recorded.get('source')!r}, not of "
+                                   f"{origin!r}; mirror into another DEST (fluxbatch deletes none of its files)")
+        done.update(recorded.get("files", {}))
     return done
 
 
@@ -121,10 +126,16 @@ def _copy(folder: ModelFolder, rel: str, storage: Any, path: str) -> str:
     if storage.local:
         storage.makedirs(path.rsplit("/", 1)[0])
     tmp = f"{path}.partial" if storage.local else path
-    with folder.open(rel) as handle, storage.fs.open(tmp, "wb") as out:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
+    try:
+        with folder.open(rel) as handle, storage.fs.open(tmp, "wb") as out:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ModelSourceError(f"no space left writing {storage.uri(path)}: free space there and run the mirror "
+                                   "again; it resumes") from None
+        raise
     if storage.local:
         storage.mv(tmp, path)
     return digest.hexdigest()

@@ -14,8 +14,8 @@ from typing import Any
 import ray
 
 from flux_worker.families import family_of
-from flux_worker.fleet_plan import PoolPlan, fleet_types, memory_table, plan_fleet
-from flux_worker.memory_plan import PlanError, model_configs, parse_size, placement_of, plan_memory
+from flux_worker.fleet_plan import UNTYPED, PoolPlan, fleet_types, memory_table, plan_fleet
+from flux_worker.memory_plan import PlanError, model_configs, placement_of, plan_memory
 from flux_worker.presets import resolve_preset
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
 from schemas import JobSpec
@@ -32,9 +32,15 @@ def check_family(job: JobSpec) -> None:
 
 
 def gpu_memory() -> int | None:
-    """Memory of one of the cluster's GPUs: FLUXBATCH_GPU_MEMORY if set, else asked of a GPU worker."""
+    """Memory of one of the cluster's GPUs: FLUXBATCH_GPU_MEMORY if set (a size, or `TYPE=SIZE,...` of which this
+    cluster's one card type is taken), else asked of a GPU worker."""
     if os.environ.get("FLUXBATCH_GPU_MEMORY"):
-        return parse_size(os.environ["FLUXBATCH_GPU_MEMORY"])
+        table = memory_table(os.environ["FLUXBATCH_GPU_MEMORY"])
+        if "*" in table:
+            return table["*"]
+        types = list(fleet_types(ray.nodes()))
+        if len(types) == 1 and types[0] in table:
+            return table[types[0]]
     if not any(name.startswith("accelerator_type:") for name in ray.cluster_resources()):
         return None  # Ray detected no real GPU model (e.g. GPUs declared by hand): nothing to ask
 
@@ -116,8 +122,14 @@ def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
         say(f"gpus_per_replica: card type {name}: no node of the cluster has one ({', '.join(fleet) or 'no GPUs'}); "
             "left out")
     for pool in pools:
-        if not pool.degree:
+        if pool.card_type == UNTYPED:
+            say(f"gpus_per_replica: {pool.gpus} GPU(s) of nodes without one accelerator_type resource are left out: "
+                "a pool is pinned to its card type")
+            pool.degree = None
+        elif not pool.degree:
             say(f"gpus_per_replica: card type {pool.card_type}: {pool.note}")
+        elif not pool.replicas:
+            say(f"gpus_per_replica: card type {pool.card_type}: no node has {pool.degree} of its GPUs; left out")
     usable = [pool for pool in pools if pool.degree and pool.replicas]
     if not usable:
         raise TensorParallelError(f"gpus_per_replica {_typed(job.gpus_per_replica)}: no card type of the cluster "

@@ -94,7 +94,9 @@ def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: R
             job = job.model_copy(update={"replicas": sum(pool.replicas for pool in pools)})
             shown.say("pools: " + "; ".join(f"{p.card_type}: {p.replicas} x {p.gpus_per_replica:g} GPU"
                                              for p in pools))
-        ask = resources.replica_ask(job, resolve_gpus_per_replica(job), int(ray.cluster_resources().get("CPU", 1)))
+        # A fleet's pools have their shapes already (the largest stands for the checks that read one number).
+        gpus = max(pool.gpus_per_replica for pool in pools) if pools else resolve_gpus_per_replica(job)
+        ask = resources.replica_ask(job, gpus, int(ray.cluster_resources().get("CPU", 1)))
         if pools:
             ask = dataclasses.replace(ask, pools=tuple(pools))
         else:  # a fleet's pools were planned from its nodes: each fits where it is

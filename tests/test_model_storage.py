@@ -299,3 +299,17 @@ def test_mirror_of_a_mistyped_folder_names_the_folder_not_the_hub(tmp_path, caps
     assert result.stderr.strip().splitlines() == [
         f"error: SOURCE models/tinyy: no such folder here ({tmp_path}/models/tinyy); give a model folder, a model "
         "URL, a preset or a hub id"]
+
+
+def test_mirror_into_a_dest_holding_another_models_mirror_is_refused_in_one_line(tmp_path, tiny_model, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)  # the same sizes: by size alone its files would pass for this one's
+    dest = tmp_path / "dest"
+    assert call_cli(capsys, "model", "mirror", str(tiny_model), str(dest)).returncode == 0
+    result = call_cli(capsys, "model", "mirror", str(other), str(dest))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: DEST {dest} holds a mirror of {str(tiny_model.resolve())!r}, not of {str(other.resolve())!r}; "
+        "mirror into another DEST (fluxbatch deletes none of its files)"]
