@@ -52,8 +52,11 @@ class RendererMetrics:
         from ray.util.metrics import Counter, Gauge, Histogram
 
         # `pool`: the card type of a mixed fleet's member (the accelerator_type it was pinned to), else empty.
-        pinned = [name.split(":", 1)[1] for name in ray.get_runtime_context().get_assigned_resources()
-                  if name.startswith("accelerator_type:")]
+        try:
+            assigned = ray.get_runtime_context().get_assigned_resources()
+        except AssertionError:  # not a worker: a Renderer built in the driver's own process (tests) holds nothing
+            assigned = {}
+        pinned = [name.split(":", 1)[1] for name in assigned if name.startswith("accelerator_type:")]
         self.tags = {"model": model, "job": job_label(output_uri), "pool": pinned[0] if pinned else ""}
         self.images = Counter(IMAGES, description="images finished by renderers, by status",
                               tag_keys=("status", "model", "job", "pool"))
