@@ -57,6 +57,23 @@ def cache_dir(configured: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fluxbatch" / "models"
 
 
+def check_cache_here(configured: str | None) -> None:
+    """Raise ModelCacheError unless this machine can write the model cache (made if missing): in each renderer before
+    it fetches, and on the driver of a local cluster, whose renderers run here, so an unwritable
+    `--model-cache-dir` is one line before Ray starts, not a traceback per actor."""
+    cache = cache_dir(configured)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache, os.W_OK)
+    except OSError as error:
+        reason = error.strerror
+    else:
+        reason = None if writable else "not writable"
+    if reason:
+        raise ModelCacheError(f"cannot use the model cache {cache}: {reason}; set model.cache_dir "
+                              f"(--model-cache-dir) or ${CACHE_ENV} to a folder this node can write")
+
+
 def cache_key(url: str) -> str:
     tail = "".join(c if c.isalnum() or c in "-_." else "-" for c in url.rstrip("/").rsplit("/", 1)[-1])[:40]
     return f"{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:16]}-{tail}"
@@ -92,13 +109,9 @@ def fetch_model(url: str, storage_options: dict[str, Any] | None = None, configu
     """The local folder holding the model at `url`, and whether this call downloaded it (False: it was cached)."""
     source = ModelFolder(url, storage_options)
     files = expected_files(source)
+    check_cache_here(configured_cache)
     cache = cache_dir(configured_cache)
     key = cache_key(url)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelCacheError(f"cannot make the model cache {cache}: {error.strerror}; set model.cache_dir "
-                              f"(--model-cache-dir) or ${CACHE_ENV} to a folder this node can write") from None
     with _locked(cache / f"{key}.lock", url):
         final = cache / key
         if _usable(final, url, files):

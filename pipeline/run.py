@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from flux_worker.model_cache import check_cache_here
+from flux_worker.model_folder import is_model_url
 from flux_worker.presets import ModelPreset, model_revision, model_source
 from flux_worker.storage import NoSpaceLeftError, filesystem, storage_env
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX
@@ -468,6 +470,8 @@ def _ensure_ray(job: JobSpec, shown: RunProgress | None = None, named: dict[str,
     if not ray.is_initialized():
         if starts_local_cluster(address):
             resources.check_this_machine_has_gpus(job, named)  # in a second, not after Ray's start
+            if is_model_url(job.model.name):  # the renderers fetch it here, into this machine's cache
+                check_cache_here(job.model.cache_dir)
         keep_token_auth(address)
         if shown is not None:
             shown.say("starting a local Ray cluster ..." if starts_local_cluster(address) else

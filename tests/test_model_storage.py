@@ -313,3 +313,18 @@ def test_mirror_into_a_dest_holding_another_models_mirror_is_refused_in_one_line
     assert result.stderr.strip().splitlines() == [
         f"error: DEST {dest} holds a mirror of {str(tiny_model.resolve())!r}, not of {str(other.resolve())!r}; "
         "mirror into another DEST (fluxbatch deletes none of its files)"]
+
+
+def test_a_model_cache_this_machine_cannot_write_is_one_line_before_a_local_ray_starts(tmp_path, tiny_model):
+    from tests.test_cli import run_cli
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat", "width": 64, "height": 64}])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    result = run_cli("render", str(manifest), str(tmp_path / "out"), "--model", f"file://{tiny_model}",
+                     "--model-cache-dir", str(blocked / "cache"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot use the model cache {blocked}/cache: Not a directory; set model.cache_dir "
+        "(--model-cache-dir) or $FLUXBATCH_MODEL_CACHE to a folder this node can write"]
+    assert not (tmp_path / "out").exists()
