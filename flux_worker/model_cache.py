@@ -36,12 +36,11 @@ from typing import Any
 
 from flux_worker.model_folder import CHECKSUM_FILE, ModelFolder, ModelSourceError
 from flux_worker.weights import PICKLE_SUFFIXES
-from schemas.errors import FluxbatchError, first_line
+from schemas.errors import FluxbatchError
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FLUXBATCH_MODEL_CACHE"
-CHUNK = 8 * 2**20
 FETCH_THREADS = 8  # files downloaded at once (a FLUX.1 transformer is three 5-10 GB shards)
 
 
@@ -215,23 +214,8 @@ def _fetch_file(source: ModelFolder, rel: str, want: dict[str, Any], into: Path)
     """Copy one file of the source into `into`, hashing it on the way; its size, sha256 and mtime."""
     target = into / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    digest, size = hashlib.sha256(), 0
-    try:
-        handle = source.open(rel)
-    except Exception as error:  # noqa: BLE001 - the source's failure, whatever its library, is one line
-        raise ModelSourceError(f"model {source}: cannot read {rel}: {first_line(error)}") from None
-    with handle, open(target, "wb") as out:
-        while True:
-            try:
-                chunk = handle.read(CHUNK)
-            except Exception as error:  # noqa: BLE001 - a read cut short, whatever its library: one line
-                raise ModelSourceError(f"model {source}: reading {rel} failed: {first_line(error)}") from None
-            if not chunk:
-                break
-            digest.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-    sha = digest.hexdigest()
+    with open(target, "wb") as out:
+        size, sha = source.copy_to(rel, out)
     if size != want["size"] or want["sha256"] not in (None, sha):
         what = f"{size} bytes, listed as {want['size']}" if size != want["size"] else "its sha256 differs"
         raise ModelCacheError(f"model {source} changed while it was fetched: {rel} is {what}; nothing of it was "
@@ -244,11 +228,8 @@ def _size(size: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -18,6 +18,7 @@ from flux_worker.storage import StorageError, filesystem
 from schemas.errors import FluxbatchError, first_line
 
 CHECKSUM_FILE = "fluxbatch-checksums.json"  # written by `fluxbatch model mirror`: each file's size and sha256
+CHUNK = 8 * 2**20  # bytes a weight file is streamed in
 
 
 class ModelSourceError(FluxbatchError, OSError):
@@ -74,6 +75,26 @@ class ModelFolder:
     def open(self, rel: str) -> Any:
         """`rel` opened for reading in binary, streamed (a weight file is read in chunks, never whole)."""
         return self.storage.fs.open(self.path(rel), "rb") if self.is_url else open(self.path(rel), "rb")
+
+    def copy_to(self, rel: str, out: Any) -> tuple[int, str]:
+        """Stream `rel` into the open binary file `out`, hashing it on the way: (bytes, sha256). A failure to open
+        or read the source, whatever its library, is one ModelSourceError; the writer's own errors pass through."""
+        digest, size = hashlib.sha256(), 0
+        try:
+            handle = self.open(rel)
+        except Exception as error:  # noqa: BLE001
+            raise ModelSourceError(f"model {self.where}: cannot read {rel}: {first_line(error)}") from None
+        with handle:
+            while True:
+                try:
+                    chunk = handle.read(CHUNK)
+                except Exception as error:  # noqa: BLE001 - a read cut short
+                    raise ModelSourceError(f"model {self.where}: reading {rel} failed: {first_line(error)}") from None
+                if not chunk:
+                    return size, digest.hexdigest()
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
 
     def read_bytes(self, rel: str) -> bytes:
         if not self.is_url:

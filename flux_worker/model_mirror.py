@@ -29,7 +29,6 @@ from flux_worker.weights import PICKLE_SUFFIXES, check_model_folder
 from schemas.errors import first_line
 
 PROGRESS_FILE = ".fluxbatch-mirror-progress.json"
-CHUNK = 8 * 2**20
 # What a diffusers pipeline folder needs from a hub repo (no root-level weights, no pickles, no images).
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model", "*/*.tiktoken"]
 
@@ -120,17 +119,12 @@ def _progress(storage: Any, root: str, origin: str) -> dict[str, dict[str, Any]]
 
 def _copy(folder: ModelFolder, rel: str, storage: Any, path: str) -> str:
     """Stream one file to `path` (local: a temp file renamed; an object store: one upload), its sha256."""
-    import hashlib
-
-    digest = hashlib.sha256()
     if storage.local:
         storage.makedirs(path.rsplit("/", 1)[0])
     tmp = f"{path}.partial" if storage.local else path
     try:
-        with folder.open(rel) as handle, storage.fs.open(tmp, "wb") as out:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+        with storage.fs.open(tmp, "wb") as out:
+            _, sha = folder.copy_to(rel, out)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ModelSourceError(f"no space left writing {storage.uri(path)}: free space there and run the mirror "
@@ -138,4 +132,4 @@ def _copy(folder: ModelFolder, rel: str, storage: Any, path: str) -> str:
         raise
     if storage.local:
         storage.mv(tmp, path)
-    return digest.hexdigest()
+    return sha

@@ -56,6 +56,11 @@ def gpu_memory() -> int | None:
         return None
 
 
+def planner_dtype(job: JobSpec) -> str:
+    """The weights' dtype the memory planner counts for `job`: fp8 when quantized, bf16 for `auto` (GPUs)."""
+    return "fp8" if job.model.quantize == "fp8" else "bf16" if job.model.dtype == "auto" else job.model.dtype
+
+
 def _plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
     """The memory plan for `job` on this cluster's cards (or cards of `memory` bytes), or None when the cards' memory
     is unknown."""
@@ -64,10 +69,7 @@ def _plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
     memory = memory or gpu_memory()
     if memory is None:
         return None
-    dtype = "bf16" if job.model.dtype == "auto" else job.model.dtype
-    if getattr(job.model, "quantize", None) == "fp8":
-        dtype = "fp8"
-    return plan_memory(model, memory, dtype=dtype, width=job.defaults.width or preset.width,
+    return plan_memory(model, memory, dtype=planner_dtype(job), width=job.defaults.width or preset.width,
                        height=job.defaults.height or preset.height,
                        batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)
 
@@ -110,10 +112,9 @@ def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
     if mapping is None and len(fleet) < 2:
         return None
     preset = resolve_preset(job.model.name, job.storage_options)
-    dtype = "fp8" if job.model.quantize == "fp8" else "bf16" if job.model.dtype == "auto" else job.model.dtype
     try:
         pools = plan_fleet(job.model.name, fleet, memory=memory_table(os.environ.get("FLUXBATCH_GPU_MEMORY")),
-                           degrees=mapping, dtype=dtype, width=job.defaults.width or preset.width,
+                           degrees=mapping, dtype=planner_dtype(job), width=job.defaults.width or preset.width,
                            height=job.defaults.height or preset.height, steps=job.defaults.steps or preset.steps,
                            batch_size=1 if job.batch_invariant else job.batch_size)
     except PlanError as error:
