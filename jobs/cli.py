@@ -1,4 +1,4 @@
-"""The `fluxbatch` command line: demo, render, validate, verify, failures, model build, plan.
+"""The `fluxbatch` command line: demo, render, validate, verify, compact, failures, model build, plan.
 
 Every subcommand fills a `JobSpec` (from --job YAML, then flags) and calls the same Python API.
 User errors print one line saying what to fix and exit 2; no traceback.
@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="move unreadable parts and orphan or altered images aside into OUTPUT/_quarantine/, "
                         "drop duplicate rows and rows without their image (those keys render again next run)")
     add_storage_option_flag(verify)
+
+    compact = sub.add_parser("compact", help="merge OUTPUT's small metadata parts into few large ones",
+                             description="Merge the small metadata parts of OUTPUT (and of each version) into parts "
+                             "of up to a million rows, one row per key, under OUTPUT's lease: the start of every later "
+                             "run reads fewer, larger parts. Runs do this themselves once 64 small parts pile up; "
+                             "nothing renders, no image is touched.")
+    compact.add_argument("output", help="output folder or s3:// prefix")
+    add_storage_option_flag(compact)
 
     failures = sub.add_parser("failures", help="list the failure rows of OUTPUT's last run",
                               description="List the failure rows of OUTPUT's last run (bad manifest rows, images that "
@@ -351,6 +359,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if result.problems and not args.repair else 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from flux_worker.storage import filesystem
+    from pipeline.store.compaction import compact_output
+
+    options = _url_storage_options(args, {"OUTPUT": args.output})
+    fs, _ = filesystem(args.output, options)
+    for result in compact_output(args.output, options):
+        print(result.line(fs))
+    return 0
+
+
 def cmd_model_build(args: argparse.Namespace) -> int:
     from flux_worker.model_build import build_full_model, build_model
     from jobs.errors import UsageError
@@ -412,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "failures":
             return cmd_failures(args)
+        if args.command == "compact":
+            return cmd_compact(args)
         if args.command == "model" and args.model_command == "mirror":
             return cmd_model_mirror(args)
         if args.command == "model":

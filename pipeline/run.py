@@ -41,10 +41,10 @@ from pipeline.pool_stats import PoolStats
 from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
 from pipeline.replica_shape import fleet_pools, resolve_gpus_per_replica
-from pipeline.store import changed_rows, committed_images, lease, ledger, ownership, run_records
+from pipeline.store import changed_rows, committed_images, compaction, lease, ledger, ownership, run_records
 from pipeline.store.pack import pack_images
 from schemas import FailureRecord, JobSpec, RunSummary
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.layout import FAILURES, JOB_FILE, VERSIONS, is_part_of_run
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     undo.plan_made()
     del committed, stale
     seconds["plan"] = time.monotonic() - mark
+    _compact_if_due(fs, root, held, shown)  # a run killed after writing thousands of parts left them
     run_records.clear_success(fs, root)  # OUTPUT no longer says "done" while this run is under way
     ownership.remove_partial_files(fs, root)
     invalid_rows = manifest.failures.rows
@@ -313,10 +314,27 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     ledger.remove_failures_of_other_runs(fs, root, run_id)
     shown.say("writing summary.json and report.html ...", phase="writing the report")
     run_records.write(fs, root, summary)
+    _compact_if_due(fs, root, held, shown)  # after the report, which reads this run's own parts
     if session.started_here and plan.table.num_rows:
         # This process's cluster stops with it: its metrics endpoint must show the run's last values first.
         metrics.wait_until_exported(session.metrics_url)
     return summary
+
+
+def _compact_if_due(fs: Any, root: str, held: lease.Lease, shown: RunProgress) -> None:
+    """Merge the ledger's small parts once AUTO_PARTS pile up (store/compaction.py). A compaction that fails is
+    a warning: the ledger it leaves reads as before, and the next run tries again."""
+    try:
+        if not compaction.due(fs, root):
+            return
+        shown.say("compacting the ledger ...", phase="compacting")
+        result = compaction.compact(fs, root, check=held.check)
+        shown.say(result.line(fs))
+    except lease.LeaseLostError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the images and the ledger are whole either way
+        log.warning("the ledger of %s was not compacted (%s); the next run tries again", fs.uri(root),
+                    first_line(error, typed=True))
 
 
 def _lost_during_run(settled: committed_images.Settled, manifest: Any, plan: Any) -> int:

@@ -4,9 +4,12 @@
     OUTPUT/_lease.json                        the one driver writing it (pipeline/store/lease.py)
     OUTPUT/images/<kk>/<key>[.<run id>].<ext> the images (flux_worker/image_writer.py); <run id>: a re-render
     OUTPUT/metadata/part-<run id>-<n>.parquet the ledger, one row per image
+    OUTPUT/metadata/part-<run id>-c<n>.parquet a compacted part: the merge of parts up to run <run id>'s
+    OUTPUT/metadata/_compaction.json          an unfinished compaction's journal (pipeline/store/compaction.py)
     OUTPUT/failures/part-<run id>-<stage>-<n>.parquet
     OUTPUT/summary.json, report.html, _SUCCESS   the latest run (pipeline/store/run_records.py)
     OUTPUT/runs/<run id>/summary.json, runs/<run id>/actors/<host>-<pid>.json
+    OUTPUT/runs/history.parquet               one row per run whose folder retention removed (run_records.py)
     OUTPUT/webdataset/<n>.tar, OUTPUT/hf/<n>.parquet, each with .stats/<n>.json and .stats.json (pipeline/store/pack.py)
     OUTPUT/_quarantine/<run or repair id>/... what a run or `verify --repair` moved aside
     OUTPUT/_versions/<n>/...                  another version: the same layout again
@@ -31,6 +34,8 @@ REPORT_FILE = "report.html"
 PROBE_NAME = "_write-test"  # pre-flight's test write, a temp name (pipeline/preflight.py)
 IMAGES = "images"
 METADATA = "metadata"
+COMPACTION_JOURNAL = "_compaction.json"
+RUN_HISTORY = "history.parquet"
 FAILURES = "failures"
 RUNS = "runs"
 ACTORS = "actors"  # runs/<run id>/actors/: each renderer actor's cold-start record
@@ -83,6 +88,16 @@ def metadata_part(root: str, run_id: str, seq: int) -> str:
     return f"{root}/{METADATA}/part-{run_id}-{seq:05d}.parquet"
 
 
+def compacted_part(root: str, run_id: str, seq: int) -> str:
+    """A part a compaction writes: named after the newest part it merged (run `run_id`), so it sorts after every
+    part it replaces and before every later run's; `c` sorts after digits, so after that run's own parts."""
+    return f"{root}/{METADATA}/part-{run_id}-c{seq:05d}.parquet"
+
+
+COMPACTED_SEQ = re.compile(rf"/part-({RUN_ID})-c([0-9]{{5}})\.parquet$")
+PART_RUN_ID = re.compile(rf"/part-({RUN_ID})-")
+
+
 def failure_part(root: str, run_id: str, stage: str, seq: int) -> str:
     return f"{root}/{FAILURES}/part-{run_id}-{stage}-{seq:05d}.parquet"
 
@@ -106,7 +121,9 @@ _PATTERNS = [
                                  SYNTHESIS_SPEC)
 ] + [
     rf"{IMAGES}/([0-9a-f]{{2}})/\1[0-9a-f]{{30}}(?:\.{RUN_ID})?\.(?:png|jpg|webp)",
-    rf"{METADATA}/part-{RUN_ID}-[0-9]{{5}}\.parquet",
+    rf"{METADATA}/part-{RUN_ID}-c?[0-9]{{5}}\.parquet",
+    rf"{METADATA}/{re.escape(COMPACTION_JOURNAL)}",
+    rf"{RUNS}/{re.escape(RUN_HISTORY)}",
     rf"{FAILURES}/part-{RUN_ID}-[a-z]+-[0-9]{{5}}\.parquet",
     rf"{RUNS}/{RUN_ID}/{SUMMARY_FILE}",
     rf"{RUNS}/{RUN_ID}/{ACTORS}/[^/]+-[0-9]+\.json",

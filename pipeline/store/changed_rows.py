@@ -10,7 +10,7 @@ keeps a key's row of the last part in name order); at the end of the run `commit
 old row and then the old image, so each key is once on disk again. A kill at any moment leaves each key a row
 whose image is the one it records: the old row and image until the new row commits, the new ones after.
 
-Columnar throughout: the ledger is read one part at a time and only the columns compared; the comparison is
+Columnar throughout: the ledger's parts are read in parallel, only the columns compared; the comparison is
 an Arrow lookup of the planned keys in the committed ones, then one vector compare per field.
 """
 
@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from flux_worker.storage import Storage
 from pipeline.store import ledger
 from schemas.errors import FluxbatchError
-from schemas.layout import METADATA
 
 # Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
 # defaults are per job and `_job.json` guards them (ledger.check_job).
@@ -44,10 +43,8 @@ def read_committed(fs: Storage, root: str) -> pa.Table | None:
     Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
     """
     columns = ["key", *RENDER_FIELDS, "image_uri", "bytes"]
-    tables = [ledger.read_part(fs, root, part, columns) for part in ledger.parts(fs, f"{root}/{METADATA}")]
-    if not tables:
-        return None
-    return ledger.latest_row_per_key(pa.concat_tables(tables, promote_options="permissive"))
+    table = ledger.read_metadata(fs, root, columns)
+    return ledger.latest_row_per_key(table) if table is not None else None
 
 
 def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -21,28 +21,52 @@ latest row, whose image is there, and the next run retires the older one.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
-from schemas.layout import IMAGE_NAME, IMAGES, METADATA, committed_image_path, is_part_of_run, quarantine_folder
+from schemas.layout import IMAGE_NAME, IMAGES, committed_image_path, is_part_of_run, quarantine_folder
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["key", "image_uri", "bytes"]
 
 
-def list_images(fs: Storage, root: str) -> dict[str, int]:
-    """The image files fluxbatch wrote under `root`/images, with their sizes: one listing (on S3, one LIST
-    request per 1,000 objects). Files of other names are not fluxbatch's and are left out."""
+PER_PREFIX = 100_000  # from this many images on, images/ is listed one <kk>/ folder at a time, in parallel
+LIST_THREADS = 16
+
+
+def image_listing(fs: Storage, root: str, expected: int = 0) -> pa.Table:
+    """The image files fluxbatch wrote under `root`/images as a table: `path` and `size`. Files of other names
+    are not fluxbatch's and are left out.
+
+    One listing (on S3, one LIST request per 1,000 objects), turned into Arrow columns at once. From PER_PREFIX
+    `expected` images on, one listing per images/<kk>/ folder (256 more requests, read in parallel), so the
+    listing's Python objects never hold more than a 256th of the images: ten million in bounded memory."""
     base = f"{root}/{IMAGES}"
     if not fs.exists(base):
-        return {}
-    found = fs.find(base, detail=True)
-    return {path: info["size"] for path, info in found.items() if IMAGE_NAME.search(path)}
+        return pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64())})
+    folders = sorted(fs.ls(base)) if expected >= PER_PREFIX else [base]
+
+    def listed(folder: str) -> pa.Table:
+        found = fs.find(folder, detail=True)
+        paths = [path for path in found if IMAGE_NAME.search(path)]
+        return pa.table({"path": pa.array(paths, pa.string()),
+                         "size": pa.array([found[path]["size"] for path in paths], pa.int64())})
+
+    with ThreadPoolExecutor(LIST_THREADS) as pool:
+        return pa.concat_tables(pool.map(listed, folders))
+
+
+def list_images(fs: Storage, root: str) -> dict[str, int]:
+    """`image_listing` as a mapping of path to size."""
+    table = image_listing(fs, root)
+    return dict(zip(table.column("path").to_pylist(), table.column("size").to_pylist()))
 
 
 def image_problem(path: str, size: int | None, on_disk: dict[str, int]) -> str | None:
@@ -54,17 +78,25 @@ def image_problem(path: str, size: int | None, on_disk: dict[str, int]) -> str |
     return None
 
 
+def image_paths(root: str, rows: pa.Table) -> pa.Array:
+    """`committed_image_path` of each row (key, image_uri), column at a time."""
+    names = pc.replace_substring_regex(rows.column("image_uri").fill_null(""), pattern=r"^.*/", replacement="")
+    prefixes = pc.utf8_slice_codeunits(rows.column("key"), 0, 2)
+    return pc.binary_join_element_wise(f"{root}/{IMAGES}", prefixes, names, "/")
+
+
 def stale_keys(fs: Storage, root: str, committed: pa.Table | None) -> pa.Array:
     """The keys of `committed` (the ledger's latest rows, with image_uri and bytes) whose image is missing or
-    has another size than recorded: this run renders them again."""
+    has another size than recorded: this run renders them again. A join in Arrow, no Python object per row."""
     if committed is None or not committed.num_rows:
         return pa.array([], pa.string())
-    on_disk = list_images(fs, root)
-    keys = committed.column("key").to_pylist()
-    stale = [key for key, uri, size in zip(keys, committed.column("image_uri").to_pylist(),
-                                           committed.column("bytes").to_pylist())
-             if image_problem(committed_image_path(root, key, uri), size, on_disk)]
-    return pa.array(stale, pa.string())
+    on_disk = image_listing(fs, root, committed.num_rows).rename_columns(["path", "size_on_disk"])
+    rows = pa.table({"key": committed.column("key"), "path": image_paths(root, committed),
+                     "bytes": committed.column("bytes")})
+    joined = rows.join(on_disk, "path", join_type="left outer", use_threads=False)
+    size = joined.column("size_on_disk")
+    stale = pc.or_(pc.is_null(size), pc.not_equal(size, joined.column("bytes")).fill_null(False))
+    return joined.filter(stale).column("key").combine_chunks()
 
 
 @dataclass
@@ -84,13 +116,9 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     The caller holds `root`'s lease and no renderer of this run is alive (none could write an image after the
     listing). Images are looked up by file name under images/<kk>/ (committed_image_path)."""
     settled = Settled()
-    tables = []
-    for part in ledger.parts(fs, f"{root}/{METADATA}"):
-        table = ledger.read_part(fs, root, part, COLUMNS)
-        tables.append(table.append_column("part", pa.repeat(pa.scalar(part), table.num_rows))
-                      .append_column("index", pa.array(range(table.num_rows), pa.int64())))
-    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    kept = ledger.latest_row_per_key(rows) if rows is not None else None
+    rows = ledger.read_metadata(fs, root, COLUMNS, locate=True)
+    last = ledger.last_row_indices(rows.column("key")) if rows is not None else None
+    kept = rows if last is None else rows.take(last)
     named: dict[str, tuple[str, int, str]] = {}  # image path -> (key, bytes, part) of the kept row naming it
     columns = [*COLUMNS, "part"]
     for key, uri, size, part in (zip(*(kept.column(c).to_pylist() for c in columns)) if kept is not None else ()):
@@ -98,10 +126,10 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
 
     old = None  # the rows a key's latest row supersedes
     retired: dict[str, int] = {}  # image path -> bytes its superseded row recorded
-    if kept is not None and kept.num_rows < rows.num_rows:
-        kept_at = pc.binary_join_element_wise(kept.column("part"), pc.cast(kept.column("index"), pa.string()), "#")
-        every = pc.binary_join_element_wise(rows.column("part"), pc.cast(rows.column("index"), pa.string()), "#")
-        old = rows.filter(pc.invert(pc.is_in(every, value_set=kept_at)))
+    if last is not None:
+        superseded = np.ones(rows.num_rows, bool)
+        superseded[last.to_numpy()] = False
+        old = rows.filter(pa.array(superseded))
         for key, uri, size in zip(*(old.column(c).to_pylist() for c in COLUMNS)):
             retired[committed_image_path(root, key, uri)] = size
 
@@ -113,8 +141,10 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     for path in settled.images_moved_aside:
         on_disk.pop(path, None)
     if old is not None:
-        for part in sorted(set(old.column("part").to_pylist())):
-            indices = set(old.filter(pc.equal(old.column("part"), part)).column("index").to_pylist())
+        by_part: dict[str, set[int]] = {}
+        for part, index in zip(old.column("part").to_pylist(), old.column("index").to_pylist()):
+            by_part.setdefault(part, set()).add(index)
+        for part, indices in sorted(by_part.items()):
             settled.rows_retired += ledger.rewrite_part(
                 fs, root, part, lambda table, indices=indices: pa.array([i in indices for i in range(table.num_rows)]))
     for path, (key, size, part) in named.items():

@@ -15,17 +15,20 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flux_worker.model_folder import ModelFolder, is_model_url
 from flux_worker.presets import PRESETS
-from flux_worker.storage import Storage
+from flux_worker.storage import Storage, StorageError
+from pipeline.store import compaction_journal
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError, first_line
 from schemas.layout import FAILURES, JOB_FILE, METADATA, VERSIONS, failure_part, is_part_of_run, metadata_part
@@ -39,10 +42,55 @@ class JobMismatchError(FluxbatchError, ValueError):
 
 
 def parts(fs: Storage, folder: str) -> list[str]:
+    """The Parquet files in `folder` (metadata/ or failures/), in name order: for the ledger's live parts, read
+    `metadata_parts`, which leaves out what an interrupted compaction left behind."""
+    return sorted(part_sizes(fs, folder))
+
+
+def part_sizes(fs: Storage, folder: str) -> dict[str, int]:
+    """The Parquet files in `folder` with their sizes in bytes: one listing."""
     if not fs.exists(folder):
-        return []
-    found = fs.find(folder)
-    return sorted(p for p in found if p.endswith(".parquet"))
+        return {}
+    found = fs.find(folder, detail=True)
+    return {path: info["size"] for path, info in found.items() if path.endswith(".parquet")}
+
+
+def metadata_parts(fs: Storage, root: str, sizes: dict[str, int] | None = None) -> list[str]:
+    """The live metadata parts of `root`, in name order: the listing (`sizes`, when the caller has it), less the
+    parts a compaction's journal says are dead (store/compaction_journal.py). Every reader of the ledger lists
+    through here, so a compaction killed at any step is read as the ledger it started from or the one it made."""
+    found = sizes if sizes is not None else part_sizes(fs, f"{root}/{METADATA}")
+    return compaction_journal.live(sorted(found), compaction_journal.read(fs, root))
+
+
+READ_THREADS = 16  # parts are read in parallel: on object storage each read is a round trip
+
+
+def read_metadata(fs: Storage, root: str, columns: list[str], locate: bool = False) -> pa.Table | None:
+    """`columns` of every live metadata part, read in parallel (Parquet column projection), as one table in
+    part name order; None when there are none. `locate` adds each row's `part` (its path) and `index` (its row
+    in the part), for callers that rewrite parts.
+
+    CorruptLedgerError on an unreadable part. A part that vanishes while being read was merged by a compaction
+    running beside this reader (`fluxbatch verify` holds no lease): the listing is read again."""
+    for attempt in range(3):
+        found = metadata_parts(fs, root)
+        try:
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                tables = list(pool.map(lambda part: read_part(fs, root, part, columns), found))
+        except (FileNotFoundError, StorageError):
+            if attempt == 2 or set(metadata_parts(fs, root)) >= set(found):
+                raise
+            continue
+        if not tables:
+            return None
+        if locate:
+            tables = [table.append_column("part", pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(table.num_rows, np.int32)), pa.array([part])))
+                .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+                for part, table in zip(found, tables)]
+        return pa.concat_tables(tables, promote_options="permissive")
+    raise AssertionError("unreachable")
 
 
 class CorruptLedgerError(FluxbatchError):
@@ -77,10 +125,8 @@ def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = Non
 
 def done_keys(fs: Storage, root: str) -> set[str]:
     """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
-    keys: set[str] = set()
-    for part in parts(fs, f"{root}/{METADATA}"):
-        keys.update(read_part(fs, root, part, ["key"]).column("key").to_pylist())
-    return keys
+    table = read_metadata(fs, root, ["key"])
+    return set(table.column("key").to_pylist()) if table is not None else set()
 
 
 def read_table(fs: Storage, root: str, which: str) -> pa.Table | None:
@@ -89,20 +135,28 @@ def read_table(fs: Storage, root: str, which: str) -> pa.Table | None:
     The metadata keeps one row per key: the row of the last part in name order. Part names start with the
     run id, a UTC timestamp, so that is the latest commit: a re-rendered key's new row supersedes the old.
     """
+    if which == METADATA:
+        table = read_metadata(fs, root, None)
+        return latest_row_per_key(table) if table is not None else None
     tables = [signed_seeds(pq.read_table(pa.BufferReader(fs.read_bytes(p)))) for p in parts(fs, f"{root}/{which}")]
-    if not tables:
-        return None
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return latest_row_per_key(table) if which == METADATA else table
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def latest_row_per_key(table: pa.Table) -> pa.Table:
     """`table` with each key once, its last row kept, rows in their order (a part repeating a key, two parts
     of overlapping runs, a key re-rendered after its prompt changed)."""
-    last = {key: index for index, key in enumerate(table.column("key").to_pylist())}
-    if len(last) == table.num_rows:
-        return table
-    return table.take(pa.array(sorted(last.values()), pa.int64()))
+    kept = last_row_indices(table.column("key"))
+    return table if kept is None else table.take(kept)
+
+
+def last_row_indices(keys: pa.ChunkedArray | pa.Array) -> pa.Array | None:
+    """The index of each key's last row, in row order; None when every key is there once (nothing to drop).
+    One hash aggregation in Arrow: ten million keys take seconds, with no Python object per key."""
+    rows = pa.table({"key": keys, "row": pa.array(np.arange(len(keys), dtype=np.int64))})
+    last = rows.group_by("key", use_threads=False).aggregate([("row", "max")])
+    if last.num_rows == len(keys):
+        return None
+    return pa.array(np.sort(last.column("row_max").to_numpy()))
 
 
 def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, int]:

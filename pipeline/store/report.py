@@ -22,7 +22,7 @@ from flux_worker.storage import Storage
 from pipeline.store import ledger
 from pipeline.store.report_plots import TIMING_COLUMNS, actors_svg, reasons_svg, throughput_svg
 from schemas import RunSummary
-from schemas.layout import METADATA, REPORT_FILE, committed_image_path
+from schemas.layout import REPORT_FILE, committed_image_path, is_part_of_run
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,8 @@ def write_report(fs: Storage, root: str, summary: RunSummary, *, thumbnails: int
 def sheet_rows(fs: Storage, root: str, run_id: str, limit: int) -> tuple[list[dict[str, Any]], pa.Table]:
     """Up to `limit` metadata rows for the contact sheet, grouped by manifest row, and this run's timing columns
     for the plots (report_plots.py), read part by part so a huge output stays cheap."""
-    folder = f"{root}/{METADATA}"
-    found = fs.find(folder) if fs.exists(folder) else []
-    parts = sorted(p for p in found if p.endswith(".parquet"))
-    ours = [p for p in parts if f"part-{run_id}-" in p]
+    parts = ledger.metadata_parts(fs, root)
+    ours = [p for p in parts if is_part_of_run(p, run_id)]
     rows: list[dict[str, Any]] = []
     timings: list[pa.Table] = []
     for part in ours or list(reversed(parts)):

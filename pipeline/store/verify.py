@@ -28,24 +28,27 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flux_worker.storage import Storage, filesystem
-from pipeline.store import ledger
-from pipeline.store.committed_images import list_images, move_aside
+from pipeline.store import compaction, ledger
+from pipeline.store.committed_images import image_listing, image_paths, move_aside
 from pipeline.store.lease import hold
 from schemas.errors import FluxbatchError
-from schemas.layout import JOB_FILE, METADATA, QUARANTINE, committed_image_path, quarantine_folder
+from schemas.layout import JOB_FILE, QUARANTINE, quarantine_folder
 
 COLUMNS = ["key", "image_uri", "sha256", "bytes"]
 SHOWN = 5  # offenders named per kind of problem; the counts cover all
 HASH_THREADS = 16  # images are hashed in parallel: on object storage each read is a round trip
+HASH_CHUNK = 10_000  # images hashed per round: their paths are the only Python objects per image verify holds
 
 
 class NotAnOutputError(FluxbatchError):
@@ -119,6 +122,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     result.quarantine = quarantine_folder(root, repair_id)
     for folder in folders:
         with hold(fs, folder, repair_id):  # no driver commits or writes images here meanwhile
+            compaction.recover(fs, folder)  # a killed compaction's dead parts go first: they hold no live row
             check = check_folder(fs, folder)
             result.moved += repair_folder(fs, root, check, result.quarantine)
         result.checks.append(check)
@@ -126,58 +130,81 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
-    """Every check on one ledger folder; reads every part and every image once."""
+    """Every check on one ledger folder; reads every part and every image once.
+
+    Columnar: the ledger's rows and the listing of images/ are Arrow tables joined on the image path, so ten
+    million rows cost a few hundred bytes each, not Python objects; images are hashed HASH_CHUNK at a time."""
     check = FolderCheck(folder=folder)
-    columns: dict[str, dict[str, list]] = {}  # part -> column -> values, parts in name order
-    for part in ledger.parts(fs, f"{folder}/{METADATA}"):
-        check.parts += 1
+    found = ledger.metadata_parts(fs, folder)
+    check.parts = len(found)
+
+    def read(part: str) -> pa.Table | ledger.CorruptLedgerError:
         try:
-            table = ledger.read_part(fs, folder, part, COLUMNS)
+            return ledger.read_part(fs, folder, part, COLUMNS)
         except ledger.CorruptLedgerError as error:
-            check.unreadable[part] = error.reason
-            continue
-        columns[part] = {name: table.column(name).to_pylist() for name in COLUMNS}
-        check.rows += table.num_rows
+            return error
+
+    tables = []
+    with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
+        for part, table in zip(found, pool.map(read, found)):
+            if isinstance(table, ledger.CorruptLedgerError):
+                check.unreadable[part] = table.reason
+                continue
+            tables.append(table.select(COLUMNS)
+                          .append_column("part", pa.array(np.full(table.num_rows, len(tables), np.int32)))
+                          .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64))))
+    readable = [part for part in found if part not in check.unreadable]
+    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    check.rows = rows.num_rows if rows is not None else 0
 
     # The last row of a key wins, as in the ledger reader: the last part in name order, the last row in it.
-    last: dict[str, tuple[str, int]] = {}
-    count: Counter[str] = Counter()
-    for part, values in columns.items():
-        for index, key in enumerate(values["key"]):
-            last[key] = (part, index)
-            count[key] += 1
-    check.duplicates = {key: n for key, n in count.items() if n > 1}
-    for part, values in columns.items():
-        for index, key in enumerate(values["key"]):
-            if last[key] != (part, index):
-                check.drop[part].add(index)
+    last = ledger.last_row_indices(rows.column("key")) if rows is not None else None
+    kept = rows if last is None else rows.take(last)
+    if last is not None:
+        counts = rows.group_by("key", use_threads=False).aggregate([("key", "count")])
+        held = counts.filter(pc.greater(counts.column("key_count"), 1))
+        check.duplicates = dict(zip(held.column("key").to_pylist(), held.column("key_count").to_pylist()))
+        superseded = np.ones(rows.num_rows, bool)
+        superseded[last.to_numpy()] = False
+        _drop(check, readable, rows.filter(pa.array(superseded)))
 
-    on_disk = list_images(fs, folder)
-    check.images = len(on_disk)
-    named: dict[str, tuple[str, str, int, str, int]] = {}  # image path -> (key, sha256, bytes, part, row)
-    for key, (part, index) in last.items():
-        values = columns[part]
-        named[committed_image_path(folder, key, values["image_uri"][index])] = (
-            key, values["sha256"][index], values["bytes"][index], part, index)
-    to_hash = []
-    for path, (key, _, size, part, index) in named.items():
-        if path not in on_disk:
-            check.missing[key] = path
-            check.drop[part].add(index)
-        elif on_disk[path] != size:
-            check.altered[key] = (path, f"{on_disk[path]} bytes, the ledger says {size}")
-            check.drop[part].add(index)
-        else:
-            to_hash.append(path)
+    on_disk = image_listing(fs, folder, kept.num_rows if kept is not None else 0)
+    check.images = on_disk.num_rows
+    if kept is None:
+        check.orphans = sorted(on_disk.column("path").to_pylist())
+        return check
+    kept = kept.append_column("path", image_paths(folder, kept))
+    joined = kept.join(on_disk.rename_columns(["path", "size_on_disk"]), "path", join_type="left outer",
+                       use_threads=False)
+    size = joined.column("size_on_disk")
+    missing = joined.filter(pc.is_null(size))
+    check.missing = dict(zip(missing.column("key").to_pylist(), missing.column("path").to_pylist()))
+    other = joined.filter(pc.not_equal(size, joined.column("bytes")).fill_null(False))
+    check.altered = {key: (path, f"{on} bytes, the ledger says {recorded}") for key, path, on, recorded in zip(
+        *(other.column(c).to_pylist() for c in ("key", "path", "size_on_disk", "bytes")))}
+    _drop(check, readable, missing)
+    _drop(check, readable, other)
+    present = joined.filter(pc.equal(size, joined.column("bytes")).fill_null(False))
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = pool.map(lambda p: hashlib.sha256(fs.read_bytes(p)).hexdigest(), to_hash)
-        for path, digest in zip(to_hash, digests):
-            key, sha, _, part, index = named[path]
-            if digest != sha:
-                check.altered[key] = (path, "its sha256 differs from the ledger's")
-                check.drop[part].add(index)
-    check.orphans = sorted(set(on_disk) - set(named))
+        for start in range(0, present.num_rows, HASH_CHUNK):
+            chunk = present.slice(start, HASH_CHUNK)
+            paths = chunk.column("path").to_pylist()
+            digests = pool.map(lambda p: hashlib.sha256(fs.read_bytes(p)).hexdigest(), paths)
+            differs = [digest != sha for digest, sha in zip(digests, chunk.column("sha256").to_pylist())]
+            if any(differs):
+                bad = chunk.filter(pa.array(differs))
+                for key, path in zip(bad.column("key").to_pylist(), bad.column("path").to_pylist()):
+                    check.altered[key] = (path, "its sha256 differs from the ledger's")
+                _drop(check, readable, bad)
+    orphans = pc.invert(pc.is_in(on_disk.column("path"), value_set=kept.column("path")))
+    check.orphans = sorted(on_disk.filter(orphans).column("path").to_pylist())
     return check
+
+
+def _drop(check: FolderCheck, parts: list[str], rows: pa.Table) -> None:
+    """Mark `rows` (with their `part` number in `parts` and `index`) for repair to drop."""
+    for part, index in zip(rows.column("part").to_pylist(), rows.column("index").to_pylist()):
+        check.drop[parts[part]].add(index)
 
 
 def repair_folder(fs: Storage, root: str, check: FolderCheck, quarantine: str) -> int:

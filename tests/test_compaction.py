@@ -1,0 +1,181 @@
+"""Compaction of the ledger (pipeline/store/compaction.py): few large parts, the same rows, at every step of a kill.
+
+One OUTPUT is rendered once per module with the stand-in renderer, one metadata part per image
+(`commit_seconds=0`, batch size 1), half of it from a manifest with a carried column the other half lacks; each
+test compacts its own copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flux_worker.storage import Storage, filesystem
+from pipeline import render
+from pipeline.store import compaction, ledger
+from pipeline.store.lease import hold
+from pipeline.store.verify import verify_output
+from tests.conftest import write_manifest
+from tests.helpers import make_job
+from tests.test_cli import call_cli
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "stand_in_renderer")
+
+ROWS = [{"id": f"r{i}", "prompt": f"a kettle number {i}", "width": 64, "height": 64, "steps": 2} for i in range(16)]
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted((out / "metadata").glob("*.parquet"))
+
+
+def rows_by_key(out: Path) -> dict[str, dict]:
+    """The ledger as every reader sees it: each key's latest row, all columns."""
+    fs, root = filesystem(str(out))
+    table = ledger.read_table(fs, root, "metadata")
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert len(rows) == table.num_rows
+    return rows
+
+
+def keys_on_disk(out: Path) -> list[str]:
+    """Every key of every Parquet file in metadata/, as a reader of the folder that knows nothing of fluxbatch."""
+    return [k for p in parts(out) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, tiny_model, ray_cluster, stand_in_renderer) -> Path:
+    folder = tmp_path_factory.mktemp("compaction")
+    out = folder / "out"
+    first = write_manifest(folder / "first.parquet", ROWS[:8])
+    render(make_job(str(first), str(out), str(tiny_model), batch_size=1, commit_seconds=0), progress=False)
+    carried = write_manifest(folder / "m.parquet", [{**row, "shop": f"shop-{i}"} for i, row in enumerate(ROWS)])
+    render(make_job(str(carried), str(out), str(tiny_model), batch_size=1, commit_seconds=0), progress=False)
+    assert len(parts(out)) >= 4
+    return folder
+
+
+@pytest.fixture
+def output(rendered, tmp_path) -> Path:
+    shutil.copytree(rendered, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "out"
+
+
+def supersede_first_row(out: Path) -> str:
+    """A later part holding the first part's first key again with another prompt, as a run killed between its
+    commit and its settling leaves it (store/changed_rows.py): readers keep the later row. Returns the key."""
+    first = pq.read_table(parts(out)[0])
+    later = first.slice(0, 1).set_column(first.schema.get_field_index("prompt"), "prompt",
+                                         pa.array(["the prompt of a later run"]))
+    pq.write_table(later, out / "metadata" / "part-29991231T000000-abcdef-00000.parquet")
+    return first.column("key")[0].as_py()
+
+
+def test_compaction_keeps_each_keys_latest_row_with_every_column_in_one_part(output):
+    key = supersede_first_row(output)
+    before = rows_by_key(output)
+    assert len(keys_on_disk(output)) == len(before) + 1
+    fs, root = filesystem(str(output))
+
+    result = compaction.compact(fs, root)
+
+    assert (result.merged, result.written) == (result.parts_before, 1)  # every part is small: all merged
+    assert (result.rows_before, result.rows_after) == (len(before) + 1, len(before))
+    assert [p.name for p in parts(output)] == ["part-29991231T000000-abcdef-c00000.parquet"]
+    assert sorted(keys_on_disk(output)) == sorted(before)  # each key once, on disk too
+    assert rows_by_key(output) == before  # every column of every row, the carried one included
+    assert before[key]["prompt"] == "the prompt of a later run"
+    assert sum(row["shop"] is not None for row in before.values()) == len(ROWS) - 8
+    assert compaction.compact(fs, root).merged == 0  # one part: nothing left to merge
+
+
+class Killed(BaseException):
+    """The process died here: nothing after this write or delete happens."""
+
+
+class DyingStorage(Storage):
+    """Storage that dies at its `budget`-th write or delete, and stays dead (a killed process does nothing more)."""
+
+    def __init__(self, fs, budget: int):
+        super().__init__(fs.fs)
+        self.budget = budget
+
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise Killed
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self._spend()
+        super().write_bytes(path, data)
+
+    def rm_file(self, path: str) -> None:
+        self._spend()
+        super().rm_file(path)
+
+
+def test_a_compaction_killed_at_each_step_loses_and_duplicates_nothing(rendered, output, tmp_path, tiny_model):
+    before = rows_by_key(output)
+    steps = len(parts(output)) + 3  # the journal, the new part, each merged part deleted, the journal deleted
+    outcomes = set()
+    for budget in range(steps):
+        copy = tmp_path / f"killed-{budget}"
+        shutil.copytree(output, copy)
+        fs, root = filesystem(str(copy))
+        with pytest.raises(Killed):
+            compaction.compact(DyingStorage(fs, budget), root)
+        outcomes.add((len(parts(copy)), (copy / "metadata" / "_compaction.json").exists()))
+
+        assert rows_by_key(copy) == before, f"killed after {budget} steps"
+        check = verify_output(str(copy))
+        assert check.problems == 0, check.report()
+
+        compaction.compact(fs, root)  # the next compaction finishes or undoes the killed one
+        assert rows_by_key(copy) == before
+        assert sorted(keys_on_disk(copy)) == sorted(before)
+        assert not (copy / "metadata" / "_compaction.json").exists()
+    assert len(outcomes) >= 4  # killed before, during the writes, during the deletes, at the last step
+
+    # A run after a compaction killed halfway through its deletes renders nothing: every image is still done.
+    fs, root = filesystem(str(output))
+    with pytest.raises(Killed):
+        compaction.compact(DyingStorage(fs, steps // 2), root)
+    summary = render(make_job(str(rendered / "m.parquet"), str(output), str(tiny_model), batch_size=1),
+                     progress=False)
+    assert (summary.images_rendered, summary.images_already_done) == (0, len(ROWS))
+    assert verify_output(str(output)).problems == 0
+
+
+def test_a_run_compacts_the_ledger_once_small_parts_pile_up(rendered, output, tiny_model, monkeypatch):
+    monkeypatch.setattr(compaction, "AUTO_PARTS", 4)
+    manifest = write_manifest(output.parent / "more.parquet", ROWS + [
+        {"id": f"new{i}", "prompt": f"a new kettle {i}", "width": 64, "height": 64, "steps": 2} for i in range(3)])
+    summary = render(make_job(str(manifest), str(output), str(tiny_model), batch_size=1, commit_seconds=0),
+                     progress=False)
+    assert (summary.images_rendered, summary.complete) == (3, True)
+    assert len(parts(output)) == 1 and "-c00000" in parts(output)[0].name
+    assert len(rows_by_key(output)) == len(ROWS) + 3
+    assert verify_output(str(output)).problems == 0
+    again = render(make_job(str(manifest), str(output), str(tiny_model), batch_size=1), progress=False)
+    assert (again.images_rendered, again.images_already_done) == (0, len(ROWS) + 3)
+
+
+def test_compact_command_says_what_it_merged_and_refuses_what_is_not_its_own(output, tmp_path, capsys):
+    count = len(parts(output))
+    done = call_cli(capsys, "compact", str(output))
+    assert done.returncode == 0, done.stderr
+    assert f"merged {count} metadata parts into 1 ({count} -> 1 parts, {len(ROWS)} rows)" in done.stdout
+    assert "nothing to compact" in call_cli(capsys, "compact", str(output)).stdout
+
+    other = tmp_path / "not-an-output"
+    other.mkdir()
+    refused = call_cli(capsys, "compact", str(other))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "not a fluxbatch OUTPUT" in refused.stderr
+
+    fs, root = filesystem(str(output))
+    with hold(fs, root, "20261205T000000-abcdef"):  # a driver rendering into it
+        busy = call_cli(capsys, "compact", str(output))
+    assert busy.returncode == 2 and busy.stderr.count("\n") == 1 and "20261205T000000-abcdef" in busy.stderr
