@@ -7,6 +7,7 @@ test compacts its own copy.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from flux_worker.storage import Storage, filesystem
 from pipeline import render
-from pipeline.store import compaction, ledger
+from pipeline.store import compaction, ledger, run_records
 from pipeline.store.lease import hold
 from pipeline.store.verify import verify_output
 from tests.conftest import write_manifest
@@ -149,8 +150,11 @@ def test_a_compaction_killed_at_each_step_loses_and_duplicates_nothing(rendered,
     assert verify_output(str(output)).problems == 0
 
 
-def test_a_run_compacts_the_ledger_once_small_parts_pile_up(rendered, output, tiny_model, monkeypatch):
+def test_a_run_compacts_the_ledger_once_small_parts_pile_up_and_rolls_old_runs_into_the_history(
+        rendered, output, tiny_model, monkeypatch):
     monkeypatch.setattr(compaction, "AUTO_PARTS", 4)
+    monkeypatch.setattr(run_records, "RUNS_KEPT", 1)
+    earlier = sorted(p.name for p in (output / "runs").iterdir())
     manifest = write_manifest(output.parent / "more.parquet", ROWS + [
         {"id": f"new{i}", "prompt": f"a new kettle {i}", "width": 64, "height": 64, "steps": 2} for i in range(3)])
     summary = render(make_job(str(manifest), str(output), str(tiny_model), batch_size=1, commit_seconds=0),
@@ -159,6 +163,9 @@ def test_a_run_compacts_the_ledger_once_small_parts_pile_up(rendered, output, ti
     assert len(parts(output)) == 1 and "-c00000" in parts(output)[0].name
     assert len(rows_by_key(output)) == len(ROWS) + 3
     assert verify_output(str(output)).problems == 0
+    assert sorted(p.name for p in (output / "runs").iterdir()) == [summary.run_id, "history.parquet"]
+    assert pq.read_table(output / "runs" / "history.parquet").column("run_id").to_pylist() == earlier
+    assert json.loads((output / "summary.json").read_text())["run_id"] == summary.run_id
     again = render(make_job(str(manifest), str(output), str(tiny_model), batch_size=1), progress=False)
     assert (again.images_rendered, again.images_already_done) == (0, len(ROWS) + 3)
 

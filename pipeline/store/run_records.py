@@ -1,6 +1,9 @@
 """What a run leaves to say what it did: `_SUCCESS`, `summary.json`, `report.html`, `runs/<run_id>/summary.json`.
 
-- `runs/<run_id>/summary.json`: every run's own summary, kept; the history of OUTPUT, one folder per run.
+- `runs/<run_id>/summary.json`: every run's own summary; the history of OUTPUT, one folder per run. The last
+  RUNS_KEPT runs keep their folders; an older run's summary becomes one row of `runs/history.parquet` (its
+  counts, and the whole summary as JSON) and its folder is removed, so a daily job's OUTPUT holds at most
+  RUNS_KEPT folders however many years it runs (`retain`).
 - `summary.json` and `report.html` at the root: the latest run that had images to render (`images_planned`
   above 0), i.e. the run that made (or tried to make) what OUTPUT holds. A no-op re-run, with nothing left to
   render, leaves them as they are, so its empty report never hides the images; it writes them when there are
@@ -14,13 +17,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flux_worker.storage import Storage
+from pipeline.store.ledger import parquet_bytes
 from pipeline.store.report import write_report
 from schemas import ActorStart, RunSummary
-from schemas.layout import ACTORS, SUCCESS_FILE, SUMMARY_FILE, run_folder
+from schemas.layout import ACTORS, RUN_HISTORY, RUN_ID, RUNS, SUCCESS_FILE, SUMMARY_FILE, describes, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +77,67 @@ def write(fs: Storage, root: str, summary: RunSummary) -> None:
         fs.write_bytes(latest, body)
         write_report(fs, root, summary)
     fs.write_bytes(f"{root}/{SUCCESS_FILE}", body)
+    retain(fs, root)
+
+
+RUNS_KEPT = 100  # run folders kept under runs/; older runs live on as rows of runs/history.parquet
+# One row per retired run: what `fluxbatch` prints at a run's end, and the whole summary for anything else.
+HISTORY_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("started_at", pa.string()), ("finished_at", pa.string()), ("complete", pa.bool_()),
+    ("images_expected", pa.int64()), ("images_rendered", pa.int64()), ("images_failed", pa.int64()),
+    ("invalid_rows", pa.int64()), ("images_missing", pa.int64()), ("summary", pa.string()),
+])
+
+
+def retain(fs: Storage, root: str, kept: int | None = None) -> int:
+    """Roll the runs older than the last `kept` (RUNS_KEPT) into runs/history.parquet and remove their folders;
+    returns how many. The history is written first, so a kill in between leaves a folder whose run is in the
+    history already (the next call skips its row and removes it): nothing is lost, and no row is written twice."""
+    kept = RUNS_KEPT if kept is None else kept
+    base = f"{root}/{RUNS}"
+    folders = sorted(entry.rstrip("/") for entry in fs.ls(base) if re.fullmatch(RUN_ID, entry.rstrip("/")
+                                                                               .rsplit("/", 1)[-1]))
+    old = folders[:-kept] if kept else folders
+    if not old:
+        return 0
+    history_path = f"{base}/{RUN_HISTORY}"
+    history = pq.read_table(pa.BufferReader(fs.read_bytes(history_path))) if fs.exists(history_path) else None
+    known = set(history.column("run_id").to_pylist()) if history is not None else set()
+    rows = [_history_row(fs, folder) for folder in old if folder.rsplit("/", 1)[-1] not in known]
+    if rows:
+        added = pa.Table.from_pylist(rows, schema=HISTORY_SCHEMA)
+        table = pa.concat_tables([history, added], promote_options="permissive") if history is not None else added
+        fs.write_bytes(history_path, parquet_bytes(table))
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda folder: _remove_folder(fs, root, folder), old))
+    log.info("%s: %d older runs rolled into %s", fs.uri(root), len(old), fs.uri(history_path))
+    return len(old)
+
+
+def _history_row(fs: Storage, folder: str) -> dict:
+    run_id = folder.rsplit("/", 1)[-1]
+    row: dict = {"run_id": run_id}
+    path = f"{folder}/{SUMMARY_FILE}"
+    try:
+        summary = json.loads(fs.read_bytes(path)) if fs.exists(path) else {}  # a run killed before its end: none
+    except ValueError:
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    for field in HISTORY_SCHEMA.names[1:-1]:
+        row[field] = summary.get(field)
+    if summary:
+        row["summary"] = json.dumps(summary, sort_keys=True)
+    return row
+
+
+def _remove_folder(fs: Storage, root: str, folder: str) -> None:
+    """Remove a run's folder: the files fluxbatch wrote there (its summary, its actors' cold-start records), then
+    the emptied folders on local disk; anything else in it stays, and so does its folder."""
+    for path in fs.find(folder):
+        if describes(path[len(root) + 1:]):
+            fs.rm_file(path)
+    if fs.local:
+        for sub in sorted((p for p in fs.fs.find(folder, withdirs=True) if fs.isdir(p)), reverse=True) + [folder]:
+            with contextlib.suppress(OSError):  # not empty: a file that is not ours is in it
+                fs.fs.rmdir(sub)
