@@ -184,7 +184,15 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
         *(other.column(c).to_pylist() for c in ("key", "path", "size_on_disk", "bytes")))}
     _drop(check, readable, missing)
     _drop(check, readable, other)
-    present = joined.filter(pc.equal(size, joined.column("bytes")).fill_null(False))
+    _check_contents(fs, check, readable, joined.filter(pc.equal(size, joined.column("bytes")).fill_null(False)))
+    orphans = pc.invert(pc.is_in(on_disk.column("path"), value_set=kept.column("path")))
+    check.orphans = sorted(on_disk.filter(orphans).column("path").to_pylist())
+    return check
+
+
+def _check_contents(fs: Storage, check: FolderCheck, parts: list[str], present: pa.Table) -> None:
+    """Hash each image that is there with its recorded size (`present`: key, path, sha256, part, index), HASH_CHUNK
+    at a time, and mark those whose sha256 differs from their row as altered."""
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         for start in range(0, present.num_rows, HASH_CHUNK):
             chunk = present.slice(start, HASH_CHUNK)
@@ -195,10 +203,7 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
                 bad = chunk.filter(pa.array(differs))
                 for key, path in zip(bad.column("key").to_pylist(), bad.column("path").to_pylist()):
                     check.altered[key] = (path, "its sha256 differs from the ledger's")
-                _drop(check, readable, bad)
-    orphans = pc.invert(pc.is_in(on_disk.column("path"), value_set=kept.column("path")))
-    check.orphans = sorted(on_disk.filter(orphans).column("path").to_pylist())
-    return check
+                _drop(check, parts, bad)
 
 
 def _drop(check: FolderCheck, parts: list[str], rows: pa.Table) -> None:
