@@ -93,7 +93,9 @@ def build(folder: Path, rows: int, parts: int, manifest_rows: int) -> None:
     for n, start in enumerate(range(0, rows, per_part)):
         run = f"2026{1 + n // 100000 % 12:02d}01T{n // 3600 % 24:02d}{n // 60 % 60:02d}{n % 60:02d}-{n % 2**24:06x}"
         pq.write_table(ledger_rows.slice(start, per_part), metadata / f"part-{run}-00000.parquet", compression="zstd")
-    pq.write_table(pa.table({"path": paths, "size": sizes}), folder / "listing.parquet")
+    files = pc.binary_join_element_wise(keys, ".png", "")
+    names = pc.binary_join_element_wise(pc.utf8_slice_codeunits(keys, 0, 2), files, "/")
+    pq.write_table(pa.table({"name": names, "size": sizes}), folder / "listing.parquet")
 
 
 def peak_gib() -> float:
@@ -115,16 +117,12 @@ def measure(what: str, folder: str, store_options: str) -> dict:
     options = json.loads(store_options)
     output = options.pop("output")
     fs, root = filesystem(output, options)
-    listing = pq.read_table(f"{folder}/listing.parquet")
-    local_root = f"{folder}/out"
-    if root != local_root:  # the ledger on S3: the images' paths too
-        import pyarrow.compute as pc
-
-        listing = listing.set_column(0, "path", pc.replace_substring(listing.column("path"), local_root, root))
+    listing = pq.read_table(f"{folder}/listing.parquet")  # name (<kk>/<file> under images/), size
     if hasattr(committed_images, "image_listing"):
         committed_images.image_listing = lambda fs, root, expected=0, given=listing: given
-    else:  # older code: a mapping of path to size
-        mapping = dict(zip(listing.column("path").to_pylist(), listing.column("size").to_pylist()))
+    else:  # older code: a mapping of full path to size
+        mapping = dict(zip((f"{root}/images/{name}" for name in listing.column("name").to_pylist()),
+                           listing.column("size").to_pylist()))
         committed_images.list_images = lambda fs, root: mapping
     del listing
     base = peak_gib()

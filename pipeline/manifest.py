@@ -161,7 +161,8 @@ def read_manifest(
     """Read and validate every row of every file; duplicates of an id after its first row are refused.
 
     Each failure goes to `sink` (e.g. `ledger.FailureWriter.add`, or a printer) as it is found, all of one
-    row's together, in file and row order; the manifest keeps only their counts (`manifest.failures`).
+    row's together, in file and row order, then the rows refused as repeated ids, in file and row order too
+    (`refuse_repeats`); the manifest keeps only their counts (`manifest.failures`).
     `output`: this job's OUTPUT, never read as a manifest (see `list_manifest_files`).
     """
     manifest = Manifest(files=list_manifest_files(url, storage_options, output))
@@ -180,21 +181,23 @@ def read_manifest(
     # Files may disagree on an extra column's type; the metadata holds one type per column.
     extra_types = _extra_types([table for _, table in tables])
     rules = _Rules(limits or ModelLimits(), model_name, adapter_names, list(extra_types), now)
-    first_rows = _FirstRows(now)
     parts = []
-    for source, table in tables:
+    while tables:  # each file's columns are let go once checked: memory holds one file twice, not all
+        source, table = tables.pop(0)
         table = _readable(source, table, extra_types, report, now)
         if table is None:
             continue
         manifest.total_rows += table.num_rows
         for valid, failures in _checked(source, table, rules):
-            valid, duplicates = first_rows.refuse_repeats(valid)
-            for index in sorted(failures.keys() | duplicates.keys()):  # file and row order, as documented
-                for failure in failures.get(index) or [duplicates[index]]:
+            for index in sorted(failures):  # file and row order, as documented
+                for failure in failures[index]:
                     report(failure)
             parts.append(valid)
+        del table
     schema = pa.schema(list(REQUEST_SCHEMA) + list(extra_types.values()))
-    manifest.requests = pa.concat_tables(parts) if parts else schema.empty_table()
+    requests = pa.concat_tables(parts) if parts else schema.empty_table()
+    del parts
+    manifest.requests = refuse_repeats(requests, report, now)
     return manifest
 
 
@@ -248,29 +251,35 @@ def _checked(source: str, table: pa.Table, rules: _Rules) -> Iterator[tuple[pa.T
         yield valid, failures
 
 
-class _FirstRows:
-    """The first row of each request id over the whole manifest, in file and row order: a later row is refused."""
+def refuse_repeats(valid: pa.Table, report: FailureSink, now: datetime) -> pa.Table:
+    """`valid` (every file's valid rows, in file and row order) without the rows whose request id an earlier row
+    has; each of those is reported, in file and row order, after the rows' own failures.
 
-    def __init__(self, now: datetime):
-        self.first: dict[str, tuple[str, int]] = {}
-        self.now = now
+    One hash aggregation in Arrow over the ids: ten million rows need no Python object per row (a dict of every
+    id once held gigabytes). Only the repeated rows become Python objects, DUPLICATES_SHOWN_AT_ONCE at a time."""
+    ids = valid.column("request_id")
+    positions = pa.array(np.arange(valid.num_rows, dtype=np.int64))
+    first = pa.table({"id": ids, "at": positions}).group_by("id", use_threads=False).aggregate([("at", "min")])
+    if first.num_rows == valid.num_rows:
+        return valid
+    keep = np.zeros(valid.num_rows, dtype=bool)
+    keep[first.column("at_min").to_numpy()] = True
+    repeats = valid.filter(pa.array(~keep)).select(["request_id", "source", "row", "id"])
+    where = valid.select(["source", "row"]).take(
+        first.column("at_min").take(pc.index_in(repeats.column("request_id"), value_set=first.column("id"))))
+    for start in range(0, repeats.num_rows, DUPLICATES_SHOWN_AT_ONCE):
+        chunk, origin = repeats.slice(start, DUPLICATES_SHOWN_AT_ONCE), where.slice(start, DUPLICATES_SHOWN_AT_ONCE)
+        for request_id_, source, index, given, (first_source, first_row) in zip(
+                *(chunk.column(name).to_pylist() for name in ("request_id", "source", "row", "id")),
+                zip(origin.column("source").to_pylist(), origin.column("row").to_pylist())):
+            what = f"id {request_id_!r}" if given is not None else "the same render parameters"
+            report(FailureRecord(stage="validate", source=source, row=index, request_id=request_id_,
+                                 field="id" if given is not None else None,
+                                 reason=f"duplicate: {what} as row {first_row} of {first_source}", at=now))
+    return valid.filter(pa.array(keep))
 
-    def refuse_repeats(self, valid: pa.Table) -> tuple[pa.Table, dict[int, FailureRecord]]:
-        """`valid` without the rows whose request id came earlier, and a failure for each of those by row."""
-        keep = np.ones(valid.num_rows, dtype=bool)
-        duplicates = {}
-        columns = (valid.column(name).to_pylist() for name in ("request_id", "source", "row"))
-        has_id = pc.is_valid(valid.column("id")).to_pylist()
-        for position, (request_id_, source, index) in enumerate(zip(*columns)):
-            where = self.first.setdefault(request_id_, (source, index))
-            if where != (source, index):
-                keep[position] = False
-                what = f"id {request_id_!r}" if has_id[position] else "the same render parameters"
-                duplicates[index] = FailureRecord(
-                    stage="validate", source=source, row=index, request_id=request_id_,
-                    field="id" if has_id[position] else None,
-                    reason=f"duplicate: {what} as row {where[1]} of {where[0]}", at=self.now)
-        return (valid if keep.all() else valid.filter(pa.array(keep))), duplicates
+
+DUPLICATES_SHOWN_AT_ONCE = 65_536
 
 
 def _carried_names(names: list[str], source: str) -> list[str]:

@@ -54,6 +54,27 @@ def expected_keys(manifest: Manifest) -> set[str]:
             for variant in range(count)}
 
 
+KEY_CHUNK = 262_144  # keys hashed per round: only one round's Python strings are alive at a time
+
+
+def image_keys(request_ids: pa.ChunkedArray, variants: np.ndarray, rows: np.ndarray,
+               suffixes: list[str] | None) -> pa.ChunkedArray:
+    """`image_key` of every image (its request id, variant and row's reference suffix), KEY_CHUNK at a time:
+    hashing is most of the planner's time for millions of images, and its Python strings most of its memory."""
+    blake2b = hashlib.blake2b
+    chunks = []
+    for start in range(0, len(variants), KEY_CHUNK):
+        ids = request_ids.slice(start, KEY_CHUNK).to_pylist()
+        numbers = variants[start:start + KEY_CHUNK].tolist()
+        if suffixes is None:
+            hexes = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest() for r, v in zip(ids, numbers)]
+        else:
+            hexes = [blake2b(f"{r}\x1f{v}{suffixes[i]}".encode(), digest_size=16).hexdigest()
+                     for r, v, i in zip(ids, numbers, rows[start:start + KEY_CHUNK].tolist())]
+        chunks.append(pa.array(hexes, pa.string()))
+    return pa.chunked_array(chunks, pa.string())
+
+
 def derived_seed(key: str) -> int:
     """A 63-bit seed from the key, for rows that give none (63 bits: friendly to every consumer)."""
     digest = hashlib.blake2b(f"seed\x1f{key}".encode(), digest_size=8).digest()
@@ -93,23 +114,16 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     starts = np.cumsum(counts) - counts
     variants = np.arange(expected, dtype=np.int64) - np.repeat(starts, counts)
     rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    images = requests.take(pa.array(rows))
-    # image_key, inlined: this line is most of the planner's time for a million images.
-    blake2b = hashlib.blake2b
-    suffixes = reference_suffixes(requests)
-    if suffixes is None:
-        key_list = [blake2b(f"{r}\x1f{v}".encode(), digest_size=16).hexdigest()
-                    for r, v in zip(images.column("request_id").to_pylist(), variants.tolist())]
-    else:
-        key_list = [blake2b(f"{r}\x1f{v}{suffixes[i]}".encode(), digest_size=16).hexdigest()
-                    for r, v, i in zip(images.column("request_id").to_pylist(), variants.tolist(), rows.tolist())]
-    keys = pa.array(key_list, pa.string())
+    # One image per row (the common case) needs no copy of the manifest's columns.
+    images = requests if expected == len(counts) else requests.take(pa.array(rows))
+    keys = image_keys(images.column("request_id"), variants, rows, reference_suffixes(requests))
     seed = images.column("seed")
     given = seed.is_valid().to_numpy(zero_copy_only=False)
     # uint64 addition wraps, which is the modulo 2**64 a row's seed + variant is taken by.
     seeds = np.where(given, seed.fill_null(0).to_numpy(zero_copy_only=False) + variants.astype(np.uint64), 0)
-    for i in np.flatnonzero(~given).tolist():
-        seeds[i] = derived_seed(key_list[i])  # a done key's too: a row whose seed was removed changed
+    unseeded = np.flatnonzero(~given)
+    for i, key in zip(unseeded.tolist(), keys.take(pa.array(unseeded)).to_pylist()):
+        seeds[i] = derived_seed(key)  # a done key's too: a row whose seed was removed changed
     fmt = (defaults.output_format or OutputFormat.png).value
     guidance = _first(defaults.guidance, preset.guidance)
     columns = {
@@ -134,6 +148,7 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
     table = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    del images, columns, keys
     if job.output.layout == "webdataset":
         _refuse_mixed_formats(table)
     changed = restored = 0

@@ -42,21 +42,22 @@ LIST_THREADS = 16
 
 
 def image_listing(fs: Storage, root: str, expected: int = 0) -> pa.Table:
-    """The image files fluxbatch wrote under `root`/images as a table: `path` and `size`. Files of other names
-    are not fluxbatch's and are left out.
+    """The image files fluxbatch wrote under `root`/images as a table: `name` (the path under images/,
+    `<kk>/<file>`) and `size`. Files of other names are not fluxbatch's and are left out.
 
     One listing (on S3, one LIST request per 1,000 objects), turned into Arrow columns at once. From PER_PREFIX
     `expected` images on, one listing per images/<kk>/ folder (256 more requests, read in parallel), so the
     listing's Python objects never hold more than a 256th of the images: ten million in bounded memory."""
     base = f"{root}/{IMAGES}"
     if not fs.exists(base):
-        return pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64())})
+        return pa.table({"name": pa.array([], pa.string()), "size": pa.array([], pa.int64())})
     folders = sorted(fs.ls(base)) if expected >= PER_PREFIX else [base]
+    cut = len(base) + 1
 
     def listed(folder: str) -> pa.Table:
         found = fs.find(folder, detail=True)
         paths = [path for path in found if IMAGE_NAME.search(path)]
-        return pa.table({"path": pa.array(paths, pa.string()),
+        return pa.table({"name": pa.array([path[cut:] for path in paths], pa.string()),
                          "size": pa.array([found[path]["size"] for path in paths], pa.int64())})
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
@@ -64,9 +65,10 @@ def image_listing(fs: Storage, root: str, expected: int = 0) -> pa.Table:
 
 
 def list_images(fs: Storage, root: str) -> dict[str, int]:
-    """`image_listing` as a mapping of path to size."""
+    """`image_listing` as a mapping of each image's full path to its size."""
     table = image_listing(fs, root)
-    return dict(zip(table.column("path").to_pylist(), table.column("size").to_pylist()))
+    return {f"{root}/{IMAGES}/{name}": size
+            for name, size in zip(table.column("name").to_pylist(), table.column("size").to_pylist())}
 
 
 def image_problem(path: str, size: int | None, on_disk: dict[str, int]) -> str | None:
@@ -78,25 +80,28 @@ def image_problem(path: str, size: int | None, on_disk: dict[str, int]) -> str |
     return None
 
 
-def image_paths(root: str, rows: pa.Table) -> pa.Array:
-    """`committed_image_path` of each row (key, image_uri), column at a time."""
+def image_names(rows: pa.Table) -> pa.ChunkedArray:
+    """Where each row's image lies under images/ (`<kk>/<file name>`, as `committed_image_path`), column at a
+    time. `image_uri` may be whole URLs or, as `read_committed` keeps them, file names alone."""
     names = pc.replace_substring_regex(rows.column("image_uri").fill_null(""), pattern=r"^.*/", replacement="")
-    prefixes = pc.utf8_slice_codeunits(rows.column("key"), 0, 2)
-    return pc.binary_join_element_wise(f"{root}/{IMAGES}", prefixes, names, "/")
+    return pc.binary_join_element_wise(pc.utf8_slice_codeunits(rows.column("key"), 0, 2), names, "/")
+
+
+def full_paths(root: str, names: pa.ChunkedArray | pa.Array) -> list[str]:
+    """The paths of images named as `image_names` does, for the few that are reported or read."""
+    return [f"{root}/{IMAGES}/{name}" for name in names.to_pylist()]
 
 
 def stale_keys(fs: Storage, root: str, committed: pa.Table | None) -> pa.Array:
     """The keys of `committed` (the ledger's latest rows, with image_uri and bytes) whose image is missing or
-    has another size than recorded: this run renders them again. A join in Arrow, no Python object per row."""
+    has another size than recorded: this run renders them again. A lookup in Arrow, no Python object per row."""
     if committed is None or not committed.num_rows:
         return pa.array([], pa.string())
-    on_disk = image_listing(fs, root, committed.num_rows).rename_columns(["path", "size_on_disk"])
-    rows = pa.table({"key": committed.column("key"), "path": image_paths(root, committed),
-                     "bytes": committed.column("bytes")})
-    joined = rows.join(on_disk, "path", join_type="left outer", use_threads=False)
-    size = joined.column("size_on_disk")
-    stale = pc.or_(pc.is_null(size), pc.not_equal(size, joined.column("bytes")).fill_null(False))
-    return joined.filter(stale).column("key").combine_chunks()
+    on_disk = image_listing(fs, root, committed.num_rows)
+    found = pc.index_in(image_names(committed), value_set=on_disk.column("name"))
+    size = on_disk.column("size").take(found)
+    stale = pc.or_(pc.is_null(found), pc.not_equal(size, committed.column("bytes")).fill_null(False))
+    return committed.column("key").filter(stale).combine_chunks()
 
 
 @dataclass

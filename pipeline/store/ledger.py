@@ -66,10 +66,11 @@ def metadata_parts(fs: Storage, root: str, sizes: dict[str, int] | None = None) 
 READ_THREADS = 16  # parts are read in parallel: on object storage each read is a round trip
 
 
-def read_metadata(fs: Storage, root: str, columns: list[str], locate: bool = False) -> pa.Table | None:
+def read_metadata(fs: Storage, root: str, columns: list[str] | None, locate: bool = False,
+                  each: Callable[[pa.Table], pa.Table] | None = None) -> pa.Table | None:
     """`columns` of every live metadata part, read in parallel (Parquet column projection), as one table in
     part name order; None when there are none. `locate` adds each row's `part` (its path) and `index` (its row
-    in the part), for callers that rewrite parts.
+    in the part), for callers that rewrite parts; `each` is applied to each part as it is read (to shrink it).
 
     CorruptLedgerError on an unreadable part. A part that vanishes while being read was merged by a compaction
     running beside this reader (`fluxbatch verify` holds no lease): the listing is read again."""
@@ -77,7 +78,7 @@ def read_metadata(fs: Storage, root: str, columns: list[str], locate: bool = Fal
         found = metadata_parts(fs, root)
         try:
             with ThreadPoolExecutor(READ_THREADS) as pool:
-                tables = list(pool.map(lambda part: read_part(fs, root, part, columns), found))
+                tables = list(pool.map(lambda part: (each or _same)(read_part(fs, root, part, columns)), found))
         except (FileNotFoundError, StorageError):
             if attempt == 2 or set(metadata_parts(fs, root)) >= set(found):
                 raise
@@ -123,6 +124,10 @@ def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = Non
         "aside (its images render again), then run again", part, reason)
 
 
+def _same(table: pa.Table) -> pa.Table:
+    return table
+
+
 def done_keys(fs: Storage, root: str) -> set[str]:
     """Keys of every image recorded in OUTPUT/metadata; CorruptLedgerError on the first unreadable part."""
     table = read_metadata(fs, root, ["key"])
@@ -151,12 +156,55 @@ def latest_row_per_key(table: pa.Table) -> pa.Table:
 
 def last_row_indices(keys: pa.ChunkedArray | pa.Array) -> pa.Array | None:
     """The index of each key's last row, in row order; None when every key is there once (nothing to drop).
-    One hash aggregation in Arrow: ten million keys take seconds, with no Python object per key."""
-    rows = pa.table({"key": keys, "row": pa.array(np.arange(len(keys), dtype=np.int64))})
+
+    Keys are hex digests, so the first 16 digits of each, as an integer read straight from Arrow's buffers, tell
+    almost every pair of keys apart: a stable sort of those integers finds the few rows that may share a key, and
+    only those are compared whole. Ten million keys cost about 30 bytes each and seconds, with no Python object
+    per key. Keys of another shape (a foreign part) go through one hash aggregation in Arrow instead."""
+    keys = pa.chunked_array([keys]) if isinstance(keys, pa.Array) else keys
+    prefixes = _hex_prefixes(keys)
+    if prefixes is None:
+        candidates = np.arange(len(keys), dtype=np.int64)
+    else:
+        order = np.argsort(prefixes, kind="stable")
+        same = prefixes[order[1:]] == prefixes[order[:-1]]
+        del prefixes
+        if not same.any():
+            return None
+        candidates = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    rows = pa.table({"key": keys.take(pa.array(candidates)), "row": pa.array(candidates)})
     last = rows.group_by("key", use_threads=False).aggregate([("row", "max")])
-    if last.num_rows == len(keys):
+    if last.num_rows == len(candidates):
         return None
-    return pa.array(np.sort(last.column("row_max").to_numpy()))
+    keep = np.ones(len(keys), dtype=bool)
+    keep[candidates] = False
+    keep[last.column("row_max").to_numpy()] = True
+    return pa.array(np.flatnonzero(keep))
+
+
+_HEX_VALUE = np.zeros(256, np.uint64)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
+
+
+def _hex_prefixes(keys: pa.ChunkedArray) -> np.ndarray | None:
+    """The first 16 characters of each key read as hex digits, as uint64; None unless every key is 32 characters
+    (a digest) and none is null. Another character counts as 0: only a tie, settled by comparing whole keys."""
+    out = []
+    for chunk in keys.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        if chunk.null_count or pc.min_max(pc.binary_length(chunk)).as_py() != {"min": 32, "max": 32}:
+            return None
+        if chunk.type != pa.string():
+            return None
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32, n + 1, chunk.offset * 4)
+        data = np.frombuffer(chunk.buffers()[2], np.uint8, 32 * n, int(offsets[0])).reshape(n, 32)
+        value = np.zeros(n, np.uint64)
+        for digit in range(16):
+            value = (value << np.uint64(4)) | _HEX_VALUE[data[:, digit]]
+        out.append(value)
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
 
 def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, int]:

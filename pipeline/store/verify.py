@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage, filesystem
 from pipeline.store import compaction, ledger
-from pipeline.store.committed_images import image_listing, image_paths, move_aside
+from pipeline.store.committed_images import full_paths, image_listing, image_names, move_aside
 from pipeline.store.lease import hold
 from schemas.errors import FluxbatchError
 from schemas.layout import JOB_FILE, QUARANTINE, quarantine_folder
@@ -171,37 +171,38 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     on_disk = image_listing(fs, folder, kept.num_rows if kept is not None else 0)
     check.images = on_disk.num_rows
     if kept is None:
-        check.orphans = sorted(on_disk.column("path").to_pylist())
+        check.orphans = sorted(full_paths(folder, on_disk.column("name")))
         return check
-    kept = kept.append_column("path", image_paths(folder, kept))
-    joined = kept.join(on_disk.rename_columns(["path", "size_on_disk"]), "path", join_type="left outer",
-                       use_threads=False)
-    size = joined.column("size_on_disk")
-    missing = joined.filter(pc.is_null(size))
-    check.missing = dict(zip(missing.column("key").to_pylist(), missing.column("path").to_pylist()))
-    other = joined.filter(pc.not_equal(size, joined.column("bytes")).fill_null(False))
+    kept = kept.append_column("name", image_names(kept))
+    found = pc.index_in(kept.column("name"), value_set=on_disk.column("name"))
+    kept = kept.append_column("size_on_disk", on_disk.column("size").take(found))
+    size = kept.column("size_on_disk")
+    missing = kept.filter(pc.is_null(size))
+    check.missing = dict(zip(missing.column("key").to_pylist(), full_paths(folder, missing.column("name"))))
+    other = kept.filter(pc.not_equal(size, kept.column("bytes")).fill_null(False))
     check.altered = {key: (path, f"{on} bytes, the ledger says {recorded}") for key, path, on, recorded in zip(
-        *(other.column(c).to_pylist() for c in ("key", "path", "size_on_disk", "bytes")))}
+        other.column("key").to_pylist(), full_paths(folder, other.column("name")),
+        *(other.column(c).to_pylist() for c in ("size_on_disk", "bytes")))}
     _drop(check, readable, missing)
     _drop(check, readable, other)
-    _check_contents(fs, check, readable, joined.filter(pc.equal(size, joined.column("bytes")).fill_null(False)))
-    orphans = pc.invert(pc.is_in(on_disk.column("path"), value_set=kept.column("path")))
-    check.orphans = sorted(on_disk.filter(orphans).column("path").to_pylist())
+    _check_contents(fs, check, readable, kept.filter(pc.equal(size, kept.column("bytes")).fill_null(False)))
+    orphans = pc.invert(pc.is_in(on_disk.column("name"), value_set=kept.column("name")))
+    check.orphans = sorted(full_paths(folder, on_disk.filter(orphans).column("name")))
     return check
 
 
 def _check_contents(fs: Storage, check: FolderCheck, parts: list[str], present: pa.Table) -> None:
-    """Hash each image that is there with its recorded size (`present`: key, path, sha256, part, index), HASH_CHUNK
-    at a time, and mark those whose sha256 differs from their row as altered."""
+    """Hash each image that is there with its recorded size (`present`: key, name, sha256, part, index),
+    HASH_CHUNK at a time, and mark those whose sha256 differs from their row as altered."""
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         for start in range(0, present.num_rows, HASH_CHUNK):
             chunk = present.slice(start, HASH_CHUNK)
-            paths = chunk.column("path").to_pylist()
+            paths = full_paths(check.folder, chunk.column("name"))
             digests = pool.map(lambda p: hashlib.sha256(fs.read_bytes(p)).hexdigest(), paths)
             differs = [digest != sha for digest, sha in zip(digests, chunk.column("sha256").to_pylist())]
             if any(differs):
                 bad = chunk.filter(pa.array(differs))
-                for key, path in zip(bad.column("key").to_pylist(), bad.column("path").to_pylist()):
+                for key, path in zip(bad.column("key").to_pylist(), full_paths(check.folder, bad.column("name"))):
                     check.altered[key] = (path, "its sha256 differs from the ledger's")
                 _drop(check, parts, bad)
 
