@@ -144,9 +144,10 @@ def measure(what: str, folder: str, store_options: str) -> dict:
             result["to_render"] = plan.table.num_rows
     elif what == "validate":
         from benchmarks.bench_driver_scale import PRESET
-        from pipeline.manifest import read_manifest
+        from pipeline import manifest as manifests
 
-        manifest = read_manifest(f"{folder}/manifest.parquet", limits=PRESET.limits)
+        kept = {"columns": manifests.VALIDATE_COLUMNS} if hasattr(manifests, "VALIDATE_COLUMNS") else {}
+        manifest = manifests.read_manifest(f"{folder}/manifest.parquet", limits=PRESET.limits, **kept)
         result = {"valid": manifest.valid_count}
     elif what == "verify":
         from pipeline.store import verify
@@ -182,8 +183,12 @@ def scale(args: argparse.Namespace) -> None:
     for parts in args.parts:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             folder = Path(tmp)
+            if args.keep:  # built once, measured again and again (compact changes it: measure that last)
+                folder = Path(args.keep) / f"{args.rows}-{parts}-{args.manifest_rows or 2 * args.rows}"
+                folder.mkdir(parents=True, exist_ok=True)
             mark = time.perf_counter()
-            build(folder, args.rows, parts, args.manifest_rows or 2 * args.rows)
+            if not (folder / "listing.parquet").exists():
+                build(folder, args.rows, parts, args.manifest_rows or 2 * args.rows)
             built = time.perf_counter() - mark
             env, output, server = {}, str(folder / "out"), None
             if args.store == "s3":
@@ -287,6 +292,7 @@ def main() -> int:
     parser.add_argument("--store", choices=("local", "s3"), default="local")
     parser.add_argument("--code", type=Path, default=REPO, help="the fluxbatch checkout the measures run")
     parser.add_argument("--tmp", default=None, help="where to build the ledger (default: the system's temp)")
+    parser.add_argument("--keep", default=None, help="build into this folder and keep it for the next runs")
     parser.add_argument("--year", action="store_true", help="a daily catalog job's year instead")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))

@@ -261,14 +261,14 @@ def _output_uri(data: dict[str, Any]) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest import VALIDATE_COLUMNS, read_manifest
     from pipeline.references import check_manifest
 
     job = job_from_args(args)
     preset = check_model_defaults(args, job)
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
-                             adapter_names=set(job.model.adapters), sink=_print_failure)
+                             adapter_names=set(job.model.adapters), sink=_print_failure, columns=VALIDATE_COLUMNS)
     # Reference images are listed and read as `render` reads them on the driver (one listing per folder).
     check_manifest(manifest, job, sink=_print_failure, tensor_parallel=job.most_gpus_per_replica() > 1)
     images = manifest.image_count  # counted by columns: no per-row objects for a million-row manifest

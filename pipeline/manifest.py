@@ -157,13 +157,16 @@ def read_manifest(
     adapter_names: set[str] | None = None,
     output: str | None = None,
     sink: FailureSink | None = None,
+    columns: list[str] | None = None,
 ) -> Manifest:
     """Read and validate every row of every file; duplicates of an id after its first row are refused.
 
     Each failure goes to `sink` (e.g. `ledger.FailureWriter.add`, or a printer) as it is found, all of one
     row's together, in file and row order, then the rows refused as repeated ids, in file and row order too
     (`refuse_repeats`); the manifest keeps only their counts (`manifest.failures`).
-    `output`: this job's OUTPUT, never read as a manifest (see `list_manifest_files`).
+    `output`: this job's OUTPUT, never read as a manifest (see `list_manifest_files`). `columns`: keep only these
+    of the valid rows (`fluxbatch validate` keeps what counts them and finds repeats: VALIDATE_COLUMNS), so a
+    manifest of ten million rows is checked without holding its prompts.
     """
     manifest = Manifest(files=list_manifest_files(url, storage_options, output))
 
@@ -192,9 +195,11 @@ def read_manifest(
             for index in sorted(failures):  # file and row order, as documented
                 for failure in failures[index]:
                     report(failure)
-            parts.append(valid)
+            parts.append(valid if columns is None else valid.select(columns))
         del table
     schema = pa.schema(list(REQUEST_SCHEMA) + list(extra_types.values()))
+    if columns is not None:
+        schema = pa.schema([schema.field(name) for name in columns])
     requests = pa.concat_tables(parts) if parts else schema.empty_table()
     del parts
     manifest.requests = refuse_repeats(requests, report, now)
@@ -280,6 +285,9 @@ def refuse_repeats(valid: pa.Table, report: FailureSink, now: datetime) -> pa.Ta
 
 
 DUPLICATES_SHOWN_AT_ONCE = 65_536
+# What `fluxbatch validate` keeps of the valid rows: repeats are found by request id (named by source, row and
+# whether an id was given), images counted by num_images, references checked by reference_images.
+VALIDATE_COLUMNS = ["request_id", "source", "row", "id", "num_images", "reference_images"]
 
 
 def _carried_names(names: list[str], source: str) -> list[str]:

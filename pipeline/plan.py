@@ -164,11 +164,18 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
         if again.any():
             revision = pa.array(np.where(again, run_id, None), pa.string())
             table = table.set_column(table.schema.get_field_index("revision"), "revision", revision)
-        table = table.filter(pa.array((index < 0) | again))
-    # Same-shape images next to each other, so batches rarely mix shapes; key order makes it stable.
-    if table.num_rows:
-        order = [(c, "ascending") for c in ("width", "height", "steps", "guidance", "key")]
-        table = table.take(pc.sort_indices(table, sort_keys=order))
+        selected = np.flatnonzero((index < 0) | again)
+    else:
+        selected = np.arange(table.num_rows)
+    # Same-shape images next to each other, so batches rarely mix shapes; key order makes it stable. One take of
+    # the rows left, in that order: a filtered copy and then a sorted one would hold the plan three times.
+    if len(selected):
+        shape = ("width", "height", "steps", "guidance", "key")
+        order = pc.sort_indices(table.select(shape).take(pa.array(selected)),
+                                sort_keys=[(c, "ascending") for c in shape])
+        table = table.take(pa.array(selected[order.to_numpy()]))
+    else:
+        table = table.slice(0, 0)
     return Plan(table=table, expected=expected, already_done=expected - table.num_rows, changed=changed,
                 restored=restored)
 

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
-from schemas.layout import IMAGE_NAME, IMAGES, committed_image_path, is_part_of_run, quarantine_folder
+from schemas.layout import IMAGE_NAME, IMAGES, is_part_of_run, quarantine_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,6 @@ def image_listing(fs: Storage, root: str, expected: int = 0) -> pa.Table:
 
     with ThreadPoolExecutor(LIST_THREADS) as pool:
         return pa.concat_tables(pool.map(listed, folders))
-
-
-def list_images(fs: Storage, root: str) -> dict[str, int]:
-    """`image_listing` as a mapping of each image's full path to its size."""
-    table = image_listing(fs, root)
-    return {f"{root}/{IMAGES}/{name}": size
-            for name, size in zip(table.column("name").to_pylist(), table.column("size").to_pylist())}
-
-
-def image_problem(path: str, size: int | None, on_disk: dict[str, int]) -> str | None:
-    """Why the image a row names is not there as recorded (None when it is): missing, or another size."""
-    if path not in on_disk:
-        return f"missing: no {path}"
-    if size is not None and on_disk[path] != size:
-        return f"altered: {path} has {on_disk[path]} bytes, its ledger row says {size}"
-    return None
 
 
 def image_names(rows: pa.Table) -> pa.ChunkedArray:
@@ -119,32 +103,33 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
     """One row per key, one named image per row, and what is still missing (see the module docstring).
 
     The caller holds `root`'s lease and no renderer of this run is alive (none could write an image after the
-    listing). Images are looked up by file name under images/<kk>/ (committed_image_path)."""
+    listing). Images are looked up by file name under images/<kk>/ (committed_image_path). Columnar: the rows
+    and the listing are Arrow tables matched by image name; only the images and rows acted on, usually few,
+    become Python objects."""
     settled = Settled()
     rows = ledger.read_metadata(fs, root, COLUMNS, locate=True)
-    last = ledger.last_row_indices(rows.column("key")) if rows is not None else None
+    on_disk = image_listing(fs, root, rows.num_rows if rows is not None else 0)
+    if rows is None:
+        rows = pa.table({"key": pa.array([], pa.string()), "image_uri": pa.array([], pa.string()),
+                         "bytes": pa.array([], pa.int64()), "part": pa.array([], pa.string()),
+                         "index": pa.array([], pa.int64())})
+    rows = rows.append_column("name", image_names(rows))
+    last = ledger.last_row_indices(rows.column("key"))
     kept = rows if last is None else rows.take(last)
-    named: dict[str, tuple[str, int, str]] = {}  # image path -> (key, bytes, part) of the kept row naming it
-    columns = [*COLUMNS, "part"]
-    for key, uri, size, part in (zip(*(kept.column(c).to_pylist() for c in columns)) if kept is not None else ()):
-        named[committed_image_path(root, key, uri)] = (key, size, part)
-
     old = None  # the rows a key's latest row supersedes
-    retired: dict[str, int] = {}  # image path -> bytes its superseded row recorded
     if last is not None:
         superseded = np.ones(rows.num_rows, bool)
         superseded[last.to_numpy()] = False
         old = rows.filter(pa.array(superseded))
-        for key, uri, size in zip(*(old.column(c).to_pylist() for c in COLUMNS)):
-            retired[committed_image_path(root, key, uri)] = size
 
     # Images first, while the superseded rows still say what size each of their images had.
-    on_disk = list_images(fs, root)
-    for path, size in sorted(on_disk.items()):
-        if path not in named:
-            _retire(fs, root, run_id, path, size, retired.get(path), settled)
-    for path in settled.images_moved_aside:
-        on_disk.pop(path, None)
+    unnamed = on_disk.filter(pc.invert(pc.is_in(on_disk.column("name"), value_set=kept.column("name"))))
+    if unnamed.num_rows:
+        recorded = (old.column("bytes").take(pc.index_in(unnamed.column("name"), value_set=old.column("name")))
+                    if old is not None else pa.nulls(unnamed.num_rows, pa.int64()))
+        for name, size, was in sorted(zip(unnamed.column("name").to_pylist(), unnamed.column("size").to_pylist(),
+                                          recorded.to_pylist())):
+            _retire(fs, root, run_id, f"{root}/{IMAGES}/{name}", size, was, settled)
     if old is not None:
         by_part: dict[str, set[int]] = {}
         for part, index in zip(old.column("part").to_pylist(), old.column("index").to_pylist()):
@@ -152,12 +137,17 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
         for part, indices in sorted(by_part.items()):
             settled.rows_retired += ledger.rewrite_part(
                 fs, root, part, lambda table, indices=indices: pa.array([i in indices for i in range(table.num_rows)]))
-    for path, (key, size, part) in named.items():
-        problem = image_problem(path, size, on_disk)
-        if problem:
-            settled.missing[key] = problem
-            if is_part_of_run(part, run_id):
-                settled.missing_new.add(key)
+    found = pc.index_in(kept.column("name"), value_set=on_disk.column("name"))
+    size = on_disk.column("size").take(found)
+    bad = kept.append_column("size_on_disk", size).filter(
+        pc.or_(pc.is_null(found), pc.not_equal(size, kept.column("bytes")).fill_null(False)))
+    for key, name, recorded, on, part in zip(*(bad.column(c).to_pylist()
+                                               for c in ("key", "name", "bytes", "size_on_disk", "part"))):
+        path = f"{root}/{IMAGES}/{name}"
+        settled.missing[key] = (f"missing: no {path}" if on is None
+                                else f"altered: {path} has {on} bytes, its ledger row says {recorded}")
+        if is_part_of_run(part, run_id):
+            settled.missing_new.add(key)
     if settled.rows_retired or settled.images_removed:
         log.warning("%s: retired %d superseded ledger rows and %d images no row names", fs.uri(root),
                     settled.rows_retired, settled.images_removed)

@@ -130,65 +130,99 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
-    """Every check on one ledger folder; reads every part and every image once.
+    """Every check on one ledger folder; reads every part twice (its keys, then its rows) and every image once.
 
-    Columnar: the ledger's rows and the listing of images/ are Arrow tables joined on the image path, so ten
-    million rows cost a few hundred bytes each, not Python objects; images are hashed HASH_CHUNK at a time."""
+    In bounded memory: the first pass keeps every key (about 40 bytes each) to find each key's last row and the
+    keys held twice; the second streams the parts PARTS_AT_ONCE at a time, looking each kept row's image up in
+    the listing of images/ (an Arrow table, about 50 bytes an image) and hashing the ones there; a mark per
+    image says which were named, so what is left unmarked are the orphans. Ten million rows: benchmarks/README.md.
+    """
     check = FolderCheck(folder=folder)
     found = ledger.metadata_parts(fs, folder)
     check.parts = len(found)
 
-    def read(part: str) -> pa.Table | ledger.CorruptLedgerError:
+    def keys_of(part: str) -> pa.Table | ledger.CorruptLedgerError:
         try:
-            return ledger.read_part(fs, folder, part, COLUMNS)
+            return ledger.read_part(fs, folder, part, COLUMNS).select(["key"])
         except ledger.CorruptLedgerError as error:
             return error
 
-    tables = []
     with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
-        for part, table in zip(found, pool.map(read, found)):
+        keys = []
+        for part, table in zip(found, pool.map(keys_of, found)):
             if isinstance(table, ledger.CorruptLedgerError):
                 check.unreadable[part] = table.reason
-                continue
-            tables.append(table.select(COLUMNS)
-                          .append_column("part", pa.array(np.full(table.num_rows, len(tables), np.int32)))
-                          .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64))))
+            else:
+                keys.append(table.column("key"))
     readable = [part for part in found if part not in check.unreadable]
-    rows = pa.concat_tables(tables, promote_options="permissive") if tables else None
-    check.rows = rows.num_rows if rows is not None else 0
-
+    counts = np.array([len(column) for column in keys], np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    check.rows = int(starts[-1])
     # The last row of a key wins, as in the ledger reader: the last part in name order, the last row in it.
-    last = ledger.last_row_indices(rows.column("key")) if rows is not None else None
-    kept = rows if last is None else rows.take(last)
+    every = pa.chunked_array([chunk for column in keys for chunk in column.chunks], pa.string())
+    del keys
+    last = ledger.last_row_indices(every)
+    kept = np.ones(check.rows, dtype=bool)
     if last is not None:
-        counts = rows.group_by("key", use_threads=False).aggregate([("key", "count")])
-        held = counts.filter(pc.greater(counts.column("key_count"), 1))
+        kept[:] = False
+        kept[last.to_numpy()] = True
+        repeated = every.filter(pa.array(~kept))
+        held = pa.table({"key": every.filter(pc.is_in(every, value_set=pc.unique(repeated)))}).group_by(
+            "key", use_threads=False).aggregate([("key", "count")])
         check.duplicates = dict(zip(held.column("key").to_pylist(), held.column("key_count").to_pylist()))
-        superseded = np.ones(rows.num_rows, bool)
-        superseded[last.to_numpy()] = False
-        _drop(check, readable, rows.filter(pa.array(superseded)))
+        for number, index in _part_rows(np.flatnonzero(~kept), starts):
+            check.drop[readable[number]].add(index)
+    del every, last
 
-    on_disk = image_listing(fs, folder, kept.num_rows if kept is not None else 0)
+    on_disk = image_listing(fs, folder, int(kept.sum()))
     check.images = on_disk.num_rows
-    if kept is None:
-        check.orphans = sorted(full_paths(folder, on_disk.column("name")))
-        return check
+    named = np.zeros(on_disk.num_rows, dtype=bool)
+    with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
+        for first in range(0, len(readable), PARTS_AT_ONCE):
+            batch = readable[first:first + PARTS_AT_ONCE]
+            for number, table in enumerate(pool.map(lambda part: ledger.read_part(fs, folder, part, COLUMNS), batch),
+                                           start=first):
+                rows = kept[starts[number]:starts[number + 1]]
+                if table.num_rows != len(rows):  # rewritten since the first pass: by a run verify ran beside
+                    raise FluxbatchError(f"{fs.uri(readable[number])} changed while verify read it (a run is "
+                                         "writing this OUTPUT); run verify again once it ends")
+                table = (table.select(COLUMNS).append_column("part", pa.repeat(pa.scalar(number, pa.int32()),
+                                                                               table.num_rows))
+                         .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+                         .filter(pa.array(rows)))
+                _check_rows(fs, check, readable, table, on_disk, named)
+    check.orphans = sorted(full_paths(folder, on_disk.column("name").filter(pa.array(~named))))
+    return check
+
+
+PARTS_AT_ONCE = 16  # parts read ahead in the second pass: memory holds about this many parts' rows
+
+
+def _part_rows(rows: np.ndarray, starts: np.ndarray) -> list[tuple[int, int]]:
+    """Global row numbers as (part number, row in the part)."""
+    numbers = np.searchsorted(starts, rows, side="right") - 1
+    return list(zip(numbers.tolist(), (rows - starts[numbers]).tolist()))
+
+
+def _check_rows(fs: Storage, check: FolderCheck, parts: list[str], kept: pa.Table, on_disk: pa.Table,
+                named: np.ndarray) -> None:
+    """Look the kept rows of one part up in the listing (missing, another size), mark the images they name, and
+    hash the ones that are there with their recorded size."""
     kept = kept.append_column("name", image_names(kept))
     found = pc.index_in(kept.column("name"), value_set=on_disk.column("name"))
-    kept = kept.append_column("size_on_disk", on_disk.column("size").take(found))
-    size = kept.column("size_on_disk")
+    at = found.drop_null().to_numpy()
+    named[at] = True
+    size = on_disk.column("size").take(found)
+    kept = kept.append_column("size_on_disk", size)
     missing = kept.filter(pc.is_null(size))
-    check.missing = dict(zip(missing.column("key").to_pylist(), full_paths(folder, missing.column("name"))))
+    check.missing.update(zip(missing.column("key").to_pylist(), full_paths(check.folder, missing.column("name"))))
     other = kept.filter(pc.not_equal(size, kept.column("bytes")).fill_null(False))
-    check.altered = {key: (path, f"{on} bytes, the ledger says {recorded}") for key, path, on, recorded in zip(
-        other.column("key").to_pylist(), full_paths(folder, other.column("name")),
-        *(other.column(c).to_pylist() for c in ("size_on_disk", "bytes")))}
-    _drop(check, readable, missing)
-    _drop(check, readable, other)
-    _check_contents(fs, check, readable, kept.filter(pc.equal(size, kept.column("bytes")).fill_null(False)))
-    orphans = pc.invert(pc.is_in(on_disk.column("name"), value_set=kept.column("name")))
-    check.orphans = sorted(full_paths(folder, on_disk.filter(orphans).column("name")))
-    return check
+    check.altered.update({key: (path, f"{on} bytes, the ledger says {recorded}") for key, path, on, recorded in zip(
+        other.column("key").to_pylist(), full_paths(check.folder, other.column("name")),
+        *(other.column(c).to_pylist() for c in ("size_on_disk", "bytes")))})
+    _drop(check, parts, missing)
+    _drop(check, parts, other)
+    _check_contents(fs, check, parts, kept.filter(pc.equal(size, kept.column("bytes")).fill_null(False)))
 
 
 def _check_contents(fs: Storage, check: FolderCheck, parts: list[str], present: pa.Table) -> None:
