@@ -137,6 +137,8 @@ def measure(what: str, folder: str, store_options: str) -> dict:
         committed = changed_rows.read_committed(fs, root)
         stale = committed_images.stale_keys(fs, root, committed)
         result = {"committed": committed.num_rows, "stale": len(stale)}
+        if hasattr(changed_rows, "for_planning"):  # as pipeline/run.py does
+            committed = changed_rows.for_planning(committed)
         if what == "plan":
             job = JobSpec.model_validate({"manifest": f"{folder}/manifest.parquet", "output": {"uri": output}})
             manifest = read_manifest(f"{folder}/manifest.parquet", limits=PRESET.limits)

@@ -217,6 +217,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     committed = changed_rows.read_committed(fs, root)
     # Committed images deleted or altered since (one listing): rendered again, each to a path of its own.
     stale = committed_images.stale_keys(fs, root, committed)
+    committed = changed_rows.for_planning(committed)  # what the planner compares: the image columns go
     # Bad rows stream to this run's failure parts as they are found; the previous run's parts stay until the end.
     validate_failures = ledger.FailureWriter(fs, root, run_id, "validate")
     manifest = read_manifest(

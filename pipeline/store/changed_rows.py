@@ -30,6 +30,7 @@ RENDER_FIELDS = ("prompt", "width", "height", "steps", "guidance", "seed", "max_
                  "output_format")
 FLAG = "--rerender-changed"
 SHOWN = 5  # changed rows named in the refusal; the count says how many more
+COMPARED_AT_ONCE = 1_000_000
 
 
 class ChangedRowsError(FluxbatchError, ValueError):
@@ -45,6 +46,12 @@ def read_committed(fs: Storage, root: str) -> pa.Table | None:
     columns = ["key", *RENDER_FIELDS, "image_uri", "bytes"]
     table = ledger.read_metadata(fs, root, columns, each=_file_names)
     return ledger.latest_row_per_key(table) if table is not None else None
+
+
+def for_planning(committed: pa.Table | None) -> pa.Table | None:
+    """`committed` with only what `compare` reads (key and RENDER_FIELDS), once `stale_keys` has used the image
+    columns: for millions of rows, a quarter of its memory back before the plan is made."""
+    return committed.select(["key", *RENDER_FIELDS]) if committed is not None else None
 
 
 def _file_names(part: pa.Table) -> pa.Table:
@@ -63,11 +70,14 @@ def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndar
     at = np.flatnonzero(index >= 0)
     if not at.size:
         return index, changed
-    new_at, old_at = pa.array(at), pa.array(index[at])
-    for bit, name in enumerate(RENDER_FIELDS):  # a column at a time: memory holds one field of the matches
-        differs = _lists_differ if name == "adapters" else _values_differ
-        old, new = committed.column(name).take(old_at), planned.column(name).take(new_at)
-        changed[at] |= differs(old.combine_chunks(), new.combine_chunks()) << bit
+    # A column at a time, COMPARED_AT_ONCE matches at a time: memory holds one slice of one field of the matches.
+    for start in range(0, len(at), COMPARED_AT_ONCE):
+        rows = at[start:start + COMPARED_AT_ONCE]
+        new_at, old_at = pa.array(rows), pa.array(index[rows])
+        for bit, name in enumerate(RENDER_FIELDS):
+            differs = _lists_differ if name == "adapters" else _values_differ
+            old, new = committed.column(name).take(old_at), planned.column(name).take(new_at)
+            changed[rows] |= differs(old.combine_chunks(), new.combine_chunks()) << bit
     return index, changed
 
 

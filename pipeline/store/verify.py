@@ -133,7 +133,7 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     """Every check on one ledger folder; reads every part twice (its keys, then its rows) and every image once.
 
     In bounded memory: the first pass keeps every key (about 40 bytes each) to find each key's last row and the
-    keys held twice; the second streams the parts PARTS_AT_ONCE at a time, looking each kept row's image up in
+    keys held twice; the second streams the parts, ROWS_AT_ONCE rows at a time, looking each kept row's image up in
     the listing of images/ (an Arrow table, about 50 bytes an image) and hashing the ones there; a mark per
     image says which were named, so what is left unmarked are the orphans. Ten million rows: benchmarks/README.md.
     """
@@ -178,10 +178,10 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     check.images = on_disk.num_rows
     named = np.zeros(on_disk.num_rows, dtype=bool)
     with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
-        for first in range(0, len(readable), PARTS_AT_ONCE):
-            batch = readable[first:first + PARTS_AT_ONCE]
-            for number, table in enumerate(pool.map(lambda part: ledger.read_part(fs, folder, part, COLUMNS), batch),
-                                           start=first):
+        for numbers in _batches(counts):
+            batch = [readable[number] for number in numbers]
+            for number, table in zip(numbers, pool.map(lambda part: ledger.read_part(fs, folder, part, COLUMNS),
+                                                       batch)):
                 rows = kept[starts[number]:starts[number + 1]]
                 if table.num_rows != len(rows):  # rewritten since the first pass: by a run verify ran beside
                     raise FluxbatchError(f"{fs.uri(readable[number])} changed while verify read it (a run is "
@@ -195,7 +195,20 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     return check
 
 
-PARTS_AT_ONCE = 16  # parts read ahead in the second pass: memory holds about this many parts' rows
+ROWS_AT_ONCE = 1_000_000  # rows read at once in the second pass (at least one part; at most READ_THREADS parts)
+
+
+def _batches(counts: np.ndarray) -> list[list[int]]:
+    """The parts' numbers in groups read together: up to ROWS_AT_ONCE rows or READ_THREADS parts a group."""
+    groups: list[list[int]] = []
+    rows = 0
+    for number, count in enumerate(counts.tolist()):
+        if not groups or rows + count > ROWS_AT_ONCE or len(groups[-1]) >= ledger.READ_THREADS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(number)
+        rows += count
+    return groups
 
 
 def _part_rows(rows: np.ndarray, starts: np.ndarray) -> list[tuple[int, int]]:
