@@ -117,14 +117,15 @@ def measure(what: str, folder: str, store_options: str) -> dict:
     options = json.loads(store_options)
     output = options.pop("output")
     fs, root = filesystem(output, options)
-    listing = pq.read_table(f"{folder}/listing.parquet")  # name (<kk>/<file> under images/), size
+    listed = f"{folder}/listing.parquet"  # name (<kk>/<file> under images/), size; read afresh, as a listing is
     if hasattr(committed_images, "image_listing"):
-        committed_images.image_listing = lambda fs, root, expected=0, given=listing: given
+        committed_images.image_listing = lambda fs, root, expected=0: pq.read_table(listed)
     else:  # older code: a mapping of full path to size
+        listing = pq.read_table(listed)
         mapping = dict(zip((f"{root}/images/{name}" for name in listing.column("name").to_pylist()),
                            listing.column("size").to_pylist()))
         committed_images.list_images = lambda fs, root: mapping
-    del listing
+        del listing
     base = peak_gib()
     start = time.perf_counter()
     result: dict = {}

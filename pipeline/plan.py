@@ -147,7 +147,9 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     }
     columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
-    table = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    # `source` stays dictionary-encoded until the rows left are taken: decoded for those only.
+    building = schema.set(schema.get_field_index("source"), pa.field("source", columns["source"].type))
+    table = pa.table([columns[f.name].cast(f.type) for f in building], schema=building)
     del images, columns, keys
     if job.output.layout == "webdataset":
         _refuse_mixed_formats(table)
@@ -176,6 +178,7 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
         table = table.take(pa.array(selected[order.to_numpy()]))
     else:
         table = table.slice(0, 0)
+    table = table.cast(schema)
     return Plan(table=table, expected=expected, already_done=expected - table.num_rows, changed=changed,
                 restored=restored)
 
