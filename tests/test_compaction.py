@@ -186,3 +186,30 @@ def test_compact_command_says_what_it_merged_and_refuses_what_is_not_its_own(out
     with hold(fs, root, "20261205T000000-abcdef"):  # a driver rendering into it
         busy = call_cli(capsys, "compact", str(output))
     assert busy.returncode == 2 and busy.stderr.count("\n") == 1 and "20261205T000000-abcdef" in busy.stderr
+
+
+def test_each_keys_last_row_is_found_as_a_dict_would_find_it_for_digests_and_for_any_other_keys():
+    """`ledger.last_row_indices` tells keys apart by their first 16 hex digits and compares whole keys only on a
+    tie: keys sharing a prefix, keys that are not digests, sliced and chunked columns all keep the right rows."""
+    import hashlib
+    import random
+
+    def expected(keys: list[str]) -> list[int] | None:
+        last = {key: index for index, key in enumerate(keys)}
+        return None if len(last) == len(keys) else sorted(last.values())
+
+    rng = random.Random(7)
+    for trial in range(200):
+        keys = [hashlib.md5(str(rng.randint(0, 25)).encode()).hexdigest() for _ in range(rng.randint(0, 40))]
+        if trial % 3 == 1:  # one prefix, many keys: only the whole key tells them apart
+            keys = [keys[0][:16] + key[16:] for key in keys]
+        if trial % 5 == 2:  # a foreign part's keys: any length
+            keys = [key[: rng.randint(1, 40)] for key in keys]
+        half = len(keys) // 2
+        column = pa.chunked_array([pa.array(keys[:half], pa.string()), pa.array(keys[half:], pa.string())],
+                                  pa.string())
+        found = ledger.last_row_indices(column)
+        assert (None if found is None else found.to_pylist()) == expected(keys), keys
+    keys = pa.array([hashlib.md5(str(i % 9).encode()).hexdigest() for i in range(50)]).slice(7, 30)
+    found = ledger.last_row_indices(keys)
+    assert found.to_pylist() == expected(keys.to_pylist())

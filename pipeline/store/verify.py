@@ -179,31 +179,33 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
     named = np.zeros(on_disk.num_rows, dtype=bool)
     with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
         for numbers in _batches(counts):
-            batch = [readable[number] for number in numbers]
-            for number, table in zip(numbers, pool.map(lambda part: ledger.read_part(fs, folder, part, COLUMNS),
-                                                       batch)):
+            tables = pool.map(lambda number: ledger.read_part(fs, folder, readable[number], COLUMNS), numbers)
+            kept_rows = []
+            for number, table in zip(numbers, tables):
                 rows = kept[starts[number]:starts[number + 1]]
                 if table.num_rows != len(rows):  # rewritten since the first pass: by a run verify ran beside
                     raise FluxbatchError(f"{fs.uri(readable[number])} changed while verify read it (a run is "
                                          "writing this OUTPUT); run verify again once it ends")
-                table = (table.select(COLUMNS).append_column("part", pa.repeat(pa.scalar(number, pa.int32()),
-                                                                               table.num_rows))
-                         .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-                         .filter(pa.array(rows)))
-                _check_rows(fs, check, readable, table, on_disk, named)
+                kept_rows.append(table.select(COLUMNS)
+                                 .append_column("part", pa.repeat(pa.scalar(number, pa.int32()), table.num_rows))
+                                 .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+                                 .filter(pa.array(rows)))
+            # One lookup per batch: each builds a hash of the whole listing.
+            _check_rows(fs, check, readable, pa.concat_tables(kept_rows, promote_options="permissive"), on_disk,
+                        named)
     check.orphans = sorted(full_paths(folder, on_disk.column("name").filter(pa.array(~named))))
     return check
 
 
-ROWS_AT_ONCE = 1_000_000  # rows read at once in the second pass (at least one part; at most READ_THREADS parts)
+ROWS_AT_ONCE = 2_000_000  # rows read and looked up at once in the second pass (at least one part)
 
 
 def _batches(counts: np.ndarray) -> list[list[int]]:
-    """The parts' numbers in groups read together: up to ROWS_AT_ONCE rows or READ_THREADS parts a group."""
+    """The parts' numbers in groups read and checked together, up to ROWS_AT_ONCE rows a group."""
     groups: list[list[int]] = []
     rows = 0
     for number, count in enumerate(counts.tolist()):
-        if not groups or rows + count > ROWS_AT_ONCE or len(groups[-1]) >= ledger.READ_THREADS:
+        if not groups or rows + count > ROWS_AT_ONCE:
             groups.append([])
             rows = 0
         groups[-1].append(number)
