@@ -273,6 +273,15 @@ class Storage:
     def rm_file(self, path: str) -> None:
         self.retry(lambda: self.fs.rm_file(path), f"remove {self.uri(path)}")
 
+    def rm_files(self, paths: list[str]) -> None:
+        """Remove many files: on object stores in batched requests (S3's DeleteObjects takes 1,000 keys), on local
+        disk one by one."""
+        if self.local:
+            for path in paths:
+                self.rm_file(path)
+        elif paths:
+            self.retry(lambda: self.fs.rm(paths), f"remove {len(paths)} objects under {self.uri(paths[0])}")
+
     def rmdir(self, path: str) -> None:
         self.retry(lambda: self.fs.rmdir(path), f"remove {self.uri(path)}")
 

@@ -213,3 +213,21 @@ def test_each_keys_last_row_is_found_as_a_dict_would_find_it_for_digests_and_for
     keys = pa.array([hashlib.md5(str(i % 9).encode()).hexdigest() for i in range(50)]).slice(7, 30)
     found = ledger.last_row_indices(keys)
     assert found.to_pylist() == expected(keys.to_pylist())
+
+
+def test_compact_command_on_s3_merges_the_parts_with_batched_deletes_and_verify_stays_clean(
+        output, s3_env, bucket, capsys):
+    fs, _ = filesystem(f"s3://{bucket}/out")
+    fs.fs.put(str(output), f"{bucket}/out", recursive=True)
+    before = rows_by_key(output)
+    count = len(parts(output))
+
+    done = call_cli(capsys, "compact", f"s3://{bucket}/out")
+
+    assert done.returncode == 0, done.stderr
+    assert f"merged {count} metadata parts into 1" in done.stdout
+    left = [p for p in fs.find(f"{bucket}/out/metadata")]
+    assert len(left) == 1 and left[0].endswith("-c00000.parquet")
+    table = ledger.read_table(fs, f"{bucket}/out", "metadata")
+    assert {row["key"]: row["prompt"] for row in table.to_pylist()} == {k: r["prompt"] for k, r in before.items()}
+    assert verify_output(f"s3://{bucket}/out").problems == 0
