@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     compact = sub.add_parser("compact", help="merge OUTPUT's small metadata parts into few large ones",
                              description="Merge the small metadata parts of OUTPUT (and of each version) into parts "
                              "of up to a million rows, one row per key, under OUTPUT's lease: the start of every later "
-                             "run reads fewer, larger parts. Runs do this themselves once 64 small parts pile up; "
+                             "run reads fewer, larger parts. Runs do this themselves once 16 small parts pile up; "
                              "nothing renders, no image is touched.")
     compact.add_argument("output", help="output folder or s3:// prefix")
     add_storage_option_flag(compact)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PART_ROWS = 1_000_000  # rows per compacted part
 SMALL_BYTES = 16 * 2**20  # a part under this is merged again: a run's own parts are ~50 kB each
-AUTO_PARTS = 64  # a run compacts once the tail holds this many parts
+AUTO_PARTS = 16  # a run compacts once the tail holds this many parts: a daily job reads at most 16 small parts
 PREFETCH = 16  # parts read ahead while the new parts are written
 
 
