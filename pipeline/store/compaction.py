@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from flux_worker.storage import Storage, filesystem
 from pipeline.store import compaction_journal, ledger
-from schemas.layout import COMPACTED_SEQ, JOB_FILE, METADATA, PART_RUN_ID, compacted_part
+from schemas.layout import COMPACTED_SEQ, JOB_FILE, PART_RUN_ID, compacted_part
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,10 @@ class Compacted:
 
 def recover(fs: Storage, root: str) -> None:
     """Finish or undo a compaction killed in `root` (see compaction_journal): the caller holds the lease."""
-    journal = compaction_journal.read(fs, root)
+    sizes, journal = ledger.metadata_listing(fs, root)
     if journal is None:
         return
-    found = ledger.parts(fs, f"{root}/{METADATA}")
+    found = sorted(sizes)
     dead = compaction_journal.dead(found, journal)
     log.warning("%s: finishing a compaction that was interrupted (%s %d parts)", fs.uri(root),
                 "removing the merged" if compaction_journal.whole(journal, found) else "removing the unfinished",
@@ -82,8 +82,8 @@ def recover(fs: Storage, root: str) -> None:
 
 def tail(fs: Storage, root: str) -> tuple[list[str], list[str]]:
     """The live parts, and the tail of them a compaction merges (from the first small one on)."""
-    sizes = ledger.part_sizes(fs, f"{root}/{METADATA}")
-    found = ledger.metadata_parts(fs, root, sizes)
+    sizes, journal = ledger.metadata_listing(fs, root)
+    found = compaction_journal.live(sorted(sizes), journal)
     small = [i for i, part in enumerate(found) if sizes[part] < SMALL_BYTES]
     return found, found[small[0]:] if small else []
 

@@ -44,10 +44,12 @@ def path(root: str) -> str:
 def read(fs: Storage, root: str) -> Journal | None:
     """The journal of a compaction that has not finished in `root`, or None."""
     where = path(root)
-    if not fs.exists(where):
+    try:
+        data = fs.read_bytes(where)
+    except FileNotFoundError:
         return None
     try:
-        document = json.loads(fs.read_bytes(where))
+        document = json.loads(data)
         return Journal(merged=tuple(document["merged"]), written=tuple(document["written"]))
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptJournalError(

@@ -49,18 +49,33 @@ def parts(fs: Storage, folder: str) -> list[str]:
 
 def part_sizes(fs: Storage, folder: str) -> dict[str, int]:
     """The Parquet files in `folder` with their sizes in bytes: one listing."""
-    if not fs.exists(folder):
+    return {path: size for path, size in _listing(fs, folder).items() if path.endswith(".parquet")}
+
+
+def _listing(fs: Storage, folder: str) -> dict[str, int]:
+    """Every file under `folder` with its size: one listing, no existence check first (on S3 that is a HEAD and
+    a LIST more for a folder that is not there)."""
+    try:
+        found = fs.find(folder, detail=True)
+    except FileNotFoundError:
         return {}
-    found = fs.find(folder, detail=True)
-    return {path: info["size"] for path, info in found.items() if path.endswith(".parquet")}
+    return {path: info["size"] for path, info in found.items()}
 
 
-def metadata_parts(fs: Storage, root: str, sizes: dict[str, int] | None = None) -> list[str]:
-    """The live metadata parts of `root`, in name order: the listing (`sizes`, when the caller has it), less the
-    parts a compaction's journal says are dead (store/compaction_journal.py). Every reader of the ledger lists
-    through here, so a compaction killed at any step is read as the ledger it started from or the one it made."""
-    found = sizes if sizes is not None else part_sizes(fs, f"{root}/{METADATA}")
-    return compaction_journal.live(sorted(found), compaction_journal.read(fs, root))
+def metadata_listing(fs: Storage, root: str) -> tuple[dict[str, int], compaction_journal.Journal | None]:
+    """The metadata parts of `root` with their sizes, and the journal of an unfinished compaction (None when
+    there is none): one listing of metadata/, which shows the journal too, so it is read only when there."""
+    found = _listing(fs, f"{root}/{METADATA}")
+    journal = compaction_journal.read(fs, root) if compaction_journal.path(root) in found else None
+    return {path: size for path, size in found.items() if path.endswith(".parquet")}, journal
+
+
+def metadata_parts(fs: Storage, root: str) -> list[str]:
+    """The live metadata parts of `root`, in name order: the listing, less the parts a compaction's journal says
+    are dead (store/compaction_journal.py). Every reader of the ledger lists through here, so a compaction killed
+    at any step is read as the ledger it started from or the one it made."""
+    sizes, journal = metadata_listing(fs, root)
+    return compaction_journal.live(sorted(sizes), journal)
 
 
 READ_THREADS = 16  # parts are read in parallel: on object storage each read is a round trip
