@@ -99,7 +99,8 @@ def test_rows_checked_in_small_chunks_fail_as_the_rows_checked_in_one(tmp_path, 
 
     assert in_chunks == in_one
     listed, invalid_rows, by_reason = in_chunks
-    assert [row for row, _, _ in listed] == [1, 2, 2, 4, 8, 10]
+    # The rows' own failures in row order, then the repeated ids in row order (pipeline/manifest.py refuse_repeats).
+    assert [row for row, _, _ in listed] == [1, 2, 2, 8, 10, 4]
     assert invalid_rows == 5
     assert by_reason == {"validate:width": 3, "validate:steps": 2, "validate:id": 1}
 
