@@ -59,11 +59,15 @@ class Compacted:
 
     def line(self, fs: Storage) -> str:
         if not self.merged:
-            return f"{fs.uri(self.folder)}: {self.parts_before} metadata parts, nothing to compact"
+            return f"{fs.uri(self.folder)}: {_count(self.parts_before, 'metadata part')}, nothing to compact"
         dropped = self.rows_before - self.rows_after
         return (f"{fs.uri(self.folder)}: merged {self.merged} metadata parts into {self.written} "
                 f"({self.parts_before} -> {self.parts_after} parts, {self.rows_after:,} rows"
                 + (f", {dropped:,} superseded rows dropped" if dropped else "") + f") in {self.seconds:.1f} s")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
 def recover(fs: Storage, root: str) -> None:

@@ -290,7 +290,9 @@ def _copy_aside(fs: Storage, root: str, quarantine: str, path: str) -> None:
 
 
 def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
-    lines = [f"{fs.uri(check.folder)}: {check.parts} metadata parts, {check.rows} rows, {check.images} images"]
+    counts = (f"{n} {what}{'' if n == 1 else 's'}" for n, what in
+              ((check.parts, "metadata part"), (check.rows, "row"), (check.images, "image")))
+    lines = [f"{fs.uri(check.folder)}: {', '.join(counts)}"]
     kinds = [
         ("unreadable part", [f"{fs.uri(part)}: {why}" for part, why in check.unreadable.items()]),
         ("duplicate key", [f"{key}: {n} rows" for key, n in check.duplicates.items()]),
