@@ -212,6 +212,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     # "start": the checks before anything is written, Ray's start (or joining it) and the lease; apart from reading.
     run_id, seconds = summary.run_id, {"start": time.monotonic() - started}
     mark = time.monotonic()
+    compaction.recover(fs, root)  # a compaction killed in an earlier run: finished or undone before anything else
     # The cheap half of `fluxbatch verify`, before this run deletes or writes anything: an unreadable part
     # stops the run in one line naming it (CorruptLedgerError), with the failures of the last run still there.
     committed = changed_rows.read_committed(fs, root)

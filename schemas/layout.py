@@ -96,6 +96,7 @@ def compacted_part(root: str, run_id: str, seq: int) -> str:
 
 COMPACTED_SEQ = re.compile(rf"/part-({RUN_ID})-c([0-9]{{5}})\.parquet$")
 PART_RUN_ID = re.compile(rf"/part-({RUN_ID})-")
+PART_NAME = re.compile(rf"/part-{RUN_ID}-c?[0-9]{{5}}\.parquet$")  # a metadata part as fluxbatch names it
 
 
 def failure_part(root: str, run_id: str, stage: str, seq: int) -> str:

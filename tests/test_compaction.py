@@ -120,7 +120,8 @@ class DyingStorage(Storage):
 
 def test_a_compaction_killed_at_each_step_loses_and_duplicates_nothing(rendered, output, tmp_path, tiny_model):
     before = rows_by_key(output)
-    steps = len(parts(output)) + 3  # the journal, the new part, each merged part deleted, the journal deleted
+    # the journal, the new part, the journal marked complete, each merged part deleted, the journal deleted
+    steps = len(parts(output)) + 4
     outcomes = set()
     for budget in range(steps):
         copy = tmp_path / f"killed-{budget}"
@@ -231,3 +232,57 @@ def test_compact_command_on_s3_merges_the_parts_with_batched_deletes_and_verify_
     table = ledger.read_table(fs, f"{bucket}/out", "metadata")
     assert {row["key"]: row["prompt"] for row in table.to_pylist()} == {k: r["prompt"] for k, r in before.items()}
     assert verify_output(f"s3://{bucket}/out").problems == 0
+
+
+def test_a_killed_compactions_new_part_emptied_by_a_later_run_brings_no_merged_part_back(output, monkeypatch):
+    """The journal marks the merge complete before any merged part is deleted: a later run retiring every row of
+    one new part (and so deleting it) leaves the merged parts dead, and no key is lost."""
+    monkeypatch.setattr(compaction, "PART_ROWS", 4)
+    before = rows_by_key(output)
+    fs, root = filesystem(str(output))
+    count = len(parts(output))
+    with pytest.raises(Killed):  # journal, 4 new parts, journal complete, one merged part deleted
+        compaction.compact(DyingStorage(fs, 1 + 4 + 1 + 1), root)
+    emptied = output / "metadata" / json.loads((output / "metadata" / "_compaction.json").read_text())["written"][-1]
+    # A later run re-renders the keys of the last new part: its rows supersede those, settle empties that part.
+    later = pq.read_table(emptied)
+    pq.write_table(later, output / "metadata" / "part-29991231T000000-abcdef-00000.parquet")
+    ledger.rewrite_part(fs, root, str(emptied), lambda table: pa.array([True] * table.num_rows))
+    assert not emptied.exists()
+
+    assert rows_by_key(output) == before
+    compaction.compact(fs, root)
+    assert rows_by_key(output) == before and len(parts(output)) < count
+    assert verify_output(str(output)).problems == 0
+
+
+def test_compaction_leaves_parquet_files_it_did_not_name_where_they_are(output):
+    fs, root = filesystem(str(output))
+    names = [p.name for p in parts(output)]
+    foreign = output / "metadata" / "backup.parquet"  # sorts before every part
+    shutil.copy(parts(output)[0], foreign)
+    late = output / "metadata" / "zz-export.parquet"  # sorts after every part
+    shutil.copy(parts(output)[1], late)
+    compaction.compact(fs, root)
+    assert foreign.exists() and late.exists()
+    assert sorted(p.name for p in parts(output)) == sorted(["backup.parquet", "zz-export.parquet", *names])
+
+
+def test_parts_rewritten_by_another_tool_are_verified_and_compacted(output):
+    """A part rewritten by polars (keys as large_string) and a row whose size another tool nulled: verify still
+    hashes that row's image and names it when it was altered; compaction merges the part."""
+    first = parts(output)[0]
+    table = pq.read_table(first)
+    table = table.set_column(table.schema.get_field_index("key"), "key", table.column("key").cast(pa.large_string()))
+    table = table.set_column(table.schema.get_field_index("bytes"), "bytes", pa.nulls(table.num_rows, pa.int64()))
+    pq.write_table(table, first)
+    assert verify_output(str(output)).problems == 0
+    image = next((output / "images").rglob(Path(table.column("image_uri")[0].as_py()).name))
+    image.write_bytes(image.read_bytes()[:-1] + b"\0")  # altered in place, its size unchanged (PNG ends 0x82)
+    check = verify_output(str(output))
+    assert list(check.checks[0].altered) == [table.column("key")[0].as_py()]
+
+    fs, root = filesystem(str(output))
+    count = len(parts(output))
+    assert (compaction.compact(fs, root).merged, len(parts(output))) == (count, 1)
+    assert len(rows_by_key(output)) == len(ROWS)

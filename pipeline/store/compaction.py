@@ -12,14 +12,17 @@ catalog job hundreds a year; every run start reads them all. Compaction keeps th
 - in bounded memory: a first pass reads only the keys (column projection) to find the rows kept, a second
   streams the parts, PART_ROWS rows at a time, into the new parts.
 
-Atomic through a journal (store/compaction_journal.py): journal, new parts, delete the merged parts, delete the
-journal. A kill at any step leaves a ledger every reader reads as before or as after, and the next compaction
-(`recover`, first thing under the lease) finishes or undoes it. Rows are copied, never changed, and images are
+Atomic through a journal (store/compaction_journal.py): journal, new parts, journal marked complete, delete the
+merged parts, delete the journal. A kill at any step leaves a ledger every reader reads as before or as after,
+and the next run, compaction or `verify --repair` (`recover`, first thing under the lease) finishes or undoes it;
+a compaction that fails (an error, not a kill) undoes itself at once. Rows are copied, never changed, and images are
 not touched: a compaction neither renders nor retires anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,7 +37,7 @@ import pyarrow as pa
 
 from flux_worker.storage import Storage, filesystem
 from pipeline.store import compaction_journal, ledger
-from schemas.layout import COMPACTED_SEQ, JOB_FILE, PART_RUN_ID, compacted_part
+from schemas.layout import COMPACTED_SEQ, JOB_FILE, PART_NAME, PART_RUN_ID, compacted_part
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def recover(fs: Storage, root: str) -> None:
     found = sorted(sizes)
     dead = compaction_journal.dead(found, journal)
     log.warning("%s: finishing a compaction that was interrupted (%s %d parts)", fs.uri(root),
-                "removing the merged" if compaction_journal.whole(journal, found) else "removing the unfinished",
+                "removing the merged" if journal.complete else "removing the unfinished",
                 len(dead))
     _remove(fs, dead)
     fs.rm_file(compaction_journal.path(root))
@@ -88,7 +91,11 @@ def tail(fs: Storage, root: str) -> tuple[list[str], list[str]]:
     """The live parts, and the tail of them a compaction merges (from the first small one on)."""
     sizes, journal = ledger.metadata_listing(fs, root)
     found = compaction_journal.live(sorted(sizes), journal)
-    small = [i for i, part in enumerate(found) if sizes[part] < SMALL_BYTES]
+    # A Parquet file in metadata/ that fluxbatch did not name is read like a part but never merged, moved or
+    # deleted: the tail starts after the last of them, so merging never reorders a part around it.
+    foreign = [i for i, part in enumerate(found) if not PART_NAME.search(part)]
+    first = foreign[-1] + 1 if foreign else 0
+    small = [i for i in range(first, len(found)) if sizes[found[i]] < SMALL_BYTES]
     return found, found[small[0]:] if small else []
 
 
@@ -118,12 +125,18 @@ def compact(fs: Storage, root: str, check: Callable[[], None] | None = None, lea
     journal = compaction_journal.Journal(merged=names, written=tuple(map(compaction_journal.name, written)))
     _check(check)
     compaction_journal.write(fs, root, journal)
-    for path, table in zip(written, _merged_tables(fs, root, merging, keep), strict=True):
+    try:
+        for path, table in zip(written, _merged_tables(fs, root, merging, keep), strict=True):
+            _check(check)
+            fs.write_bytes(path, ledger.parquet_bytes(table))
         _check(check)
-        fs.write_bytes(path, ledger.parquet_bytes(table))
-    _check(check)
-    _remove(fs, merging)
-    fs.rm_file(compaction_journal.path(root))
+        compaction_journal.write(fs, root, dataclasses.replace(journal, complete=True))
+        _remove(fs, merging)
+        fs.rm_file(compaction_journal.path(root))
+    except Exception:  # a failure, not a kill: put the ledger back in one piece now, not at the next run
+        with contextlib.suppress(Exception):  # the store failing again: the journal stays, and says what is live
+            recover(fs, root)
+        raise
     result.merged, result.written = len(merging), len(written)
     result.parts_after = len(found) - len(merging) + len(written)
     result.rows_before, result.rows_after = rows_before, kept
@@ -158,7 +171,8 @@ def _rows_kept(fs: Storage, root: str, merging: list[str]) -> tuple[list[np.ndar
     """For each part merged, the indices of the rows kept (each key's latest row over the tail; a key of an
     earlier part that is not merged keeps its row there, superseded by this one as before), and the rows read."""
     with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
-        tables = list(pool.map(lambda part: ledger.read_part(fs, root, part, ["key"]), merging))
+        tables = list(pool.map(lambda part: ledger.read_part(fs, root, part, ["key"]).cast(
+            pa.schema([("key", pa.string())])), merging))
     counts = np.array([table.num_rows for table in tables], np.int64)
     keys = pa.chunked_array([table.column("key") for table in tables], pa.string())
     del tables

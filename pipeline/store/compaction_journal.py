@@ -1,12 +1,16 @@
-"""A compaction's journal, `metadata/_compaction.json`: which parts it merges and which it writes.
+"""A compaction's journal, `metadata/_compaction.json`: which parts it merges, which it writes, and whether it
+has written them all.
 
-A compaction (store/compaction.py) writes its journal first, then its new parts, then deletes the parts it merged,
-then the journal. Killed at any step, it leaves the journal, and the journal says which parts are live:
-- every new part it names exists: the merge is whole, and the merged parts still there are dead;
-- some do not: the merge is not whole, and the new parts already written are dead.
-Every reader of the ledger lists parts through `ledger.metadata_parts`, which applies this rule, so a reader
-sees the ledger the compaction started from or the one it made, never both (no key twice, none lost). The next
-compaction (under the lease) finishes or undoes the interrupted one and removes the journal.
+A compaction (store/compaction.py) writes its journal first, then its new parts, then the journal again marked
+`complete`, then deletes the parts it merged, then the journal. Killed at any step, it leaves the journal, and the
+journal says which parts are live:
+- not complete: the new parts already written are dead (the merged parts still hold every row);
+- complete: the merged parts still there are dead (the new parts hold every row).
+The mark is written, not inferred from which new parts exist: a later run may retire every row of a new part and
+delete it (ledger.rewrite_part), which must not bring the merged parts back to life. Every reader of the ledger
+lists parts through `ledger.metadata_parts`, which applies this rule, so a reader sees the ledger the compaction
+started from or the one it made, never both (no key twice, none lost). The next run, compaction or `verify
+--repair` (under the lease) finishes or undoes the interrupted one and removes the journal.
 
 Readers outside fluxbatch that read metadata/ as a Parquet folder see both sets of parts during that window:
 the rows are the same (a merged row is copied, never changed), so such a reader sees some rows twice until the
@@ -31,6 +35,7 @@ class Journal:
 
     merged: tuple[str, ...]
     written: tuple[str, ...]
+    complete: bool = False  # every part in `written` was written whole
 
 
 class CorruptJournalError(FluxbatchError):
@@ -50,7 +55,8 @@ def read(fs: Storage, root: str) -> Journal | None:
         return None
     try:
         document = json.loads(data)
-        return Journal(merged=tuple(document["merged"]), written=tuple(document["written"]))
+        return Journal(merged=tuple(document["merged"]), written=tuple(document["written"]),
+                       complete=document["complete"] is True)
     except (ValueError, KeyError, TypeError) as error:
         raise CorruptJournalError(
             f"{fs.uri(where)} is not a compaction journal fluxbatch wrote ({type(error).__name__}), so which "
@@ -59,7 +65,7 @@ def read(fs: Storage, root: str) -> Journal | None:
 
 
 def write(fs: Storage, root: str, journal: Journal) -> None:
-    body = {"merged": list(journal.merged), "written": list(journal.written)}
+    body = {"merged": list(journal.merged), "written": list(journal.written), "complete": journal.complete}
     fs.write_bytes(path(root), (json.dumps(body, indent=1) + "\n").encode())
 
 
@@ -67,17 +73,12 @@ def name(part: str) -> str:
     return part.rsplit("/", 1)[-1]
 
 
-def whole(journal: Journal, found: list[str]) -> bool:
-    """Whether every part the compaction writes exists: then the merge is done, and its merged parts are dead."""
-    return set(journal.written) <= {name(part) for part in found}
-
-
 def dead(found: list[str], journal: Journal | None) -> list[str]:
-    """The parts of `found` an unfinished compaction left dead: those it merged if it is whole, else those it
+    """The parts of `found` an unfinished compaction left dead: those it merged if it is complete, else those it
     wrote."""
     if journal is None:
         return []
-    names = set(journal.merged) if whole(journal, found) else set(journal.written)
+    names = set(journal.merged) if journal.complete else set(journal.written)
     return [part for part in found if name(part) in names]
 
 

@@ -30,6 +30,7 @@ from flux_worker.storage import Storage
 from pipeline.store.ledger import parquet_bytes
 from pipeline.store.report import write_report
 from schemas import ActorStart, RunSummary
+from schemas.errors import first_line
 from schemas.layout import ACTORS, RUN_HISTORY, RUN_ID, RUNS, SUCCESS_FILE, SUMMARY_FILE, describes, run_folder
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def write(fs: Storage, root: str, summary: RunSummary) -> None:
         fs.write_bytes(latest, body)
         write_report(fs, root, summary)
     fs.write_bytes(f"{root}/{SUCCESS_FILE}", body)
-    retain(fs, root)
+    try:
+        retain(fs, root)
+    except Exception as error:  # noqa: BLE001 - the run is recorded; old run folders wait for the next run
+        log.warning("older run records in %s were not rolled into %s (%s); the next run tries again", fs.uri(root),
+                    RUN_HISTORY, first_line(error, typed=True))
 
 
 RUNS_KEPT = 100  # run folders kept under runs/; older runs live on as rows of runs/history.parquet

@@ -46,6 +46,9 @@ from schemas.errors import FluxbatchError
 from schemas.layout import JOB_FILE, QUARANTINE, quarantine_folder
 
 COLUMNS = ["key", "image_uri", "sha256", "bytes"]
+# The columns' types as fluxbatch writes them; a part another tool rewrote (large_string, int32) is read as these.
+KEPT_SCHEMA = pa.schema([("key", pa.string()), ("image_uri", pa.string()), ("sha256", pa.string()),
+                         ("bytes", pa.int64())])
 SHOWN = 5  # offenders named per kind of problem; the counts cover all
 HASH_THREADS = 16  # images are hashed in parallel: on object storage each read is a round trip
 HASH_CHUNK = 10_000  # images hashed per round: their paths are the only Python objects per image verify holds
@@ -130,6 +133,19 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
+    """`check_folder_once`; again from a fresh listing when a part vanished while it was read (a compaction
+    running beside this verify, which holds no lease, merged it)."""
+    for attempt in range(3):
+        listed = ledger.metadata_parts(fs, folder)
+        try:
+            return check_folder_once(fs, folder)
+        except FileNotFoundError:
+            if attempt == 2 or set(ledger.metadata_parts(fs, folder)) >= set(listed):
+                raise
+    raise AssertionError("unreachable")
+
+
+def check_folder_once(fs: Storage, folder: str) -> FolderCheck:
     """Every check on one ledger folder; reads every part twice (its keys, then its rows) and every image once.
 
     In bounded memory: the first pass keeps every key (about 40 bytes each) to find each key's last row and the
@@ -143,7 +159,7 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
 
     def keys_of(part: str) -> pa.Table | ledger.CorruptLedgerError:
         try:
-            return ledger.read_part(fs, folder, part, COLUMNS).select(["key"])
+            return ledger.read_part(fs, folder, part, COLUMNS).select(["key"]).cast(pa.schema([("key", pa.string())]))
         except ledger.CorruptLedgerError as error:
             return error
 
@@ -186,7 +202,7 @@ def check_folder(fs: Storage, folder: str) -> FolderCheck:
                 if table.num_rows != len(rows):  # rewritten since the first pass: by a run verify ran beside
                     raise FluxbatchError(f"{fs.uri(readable[number])} changed while verify read it (a run is "
                                          "writing this OUTPUT); run verify again once it ends")
-                kept_rows.append(table.select(COLUMNS)
+                kept_rows.append(table.select(COLUMNS).cast(KEPT_SCHEMA)
                                  .append_column("part", pa.repeat(pa.scalar(number, pa.int32()), table.num_rows))
                                  .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
                                  .filter(pa.array(rows)))
@@ -231,13 +247,15 @@ def _check_rows(fs: Storage, check: FolderCheck, parts: list[str], kept: pa.Tabl
     kept = kept.append_column("size_on_disk", size)
     missing = kept.filter(pc.is_null(size))
     check.missing.update(zip(missing.column("key").to_pylist(), full_paths(check.folder, missing.column("name"))))
-    other = kept.filter(pc.not_equal(size, kept.column("bytes")).fill_null(False))
+    other = kept.filter(pc.not_equal(size, kept.column("bytes")).fill_null(False))  # a null size: not known
     check.altered.update({key: (path, f"{on} bytes, the ledger says {recorded}") for key, path, on, recorded in zip(
         other.column("key").to_pylist(), full_paths(check.folder, other.column("name")),
         *(other.column(c).to_pylist() for c in ("size_on_disk", "bytes")))})
     _drop(check, parts, missing)
     _drop(check, parts, other)
-    _check_contents(fs, check, parts, kept.filter(pc.equal(size, kept.column("bytes")).fill_null(False)))
+    # Hashed: every image there whose recorded size matches, or whose row records none (its sha256 still says).
+    there = pc.and_(pc.is_valid(size), pc.invert(pc.not_equal(size, kept.column("bytes")).fill_null(False)))
+    _check_contents(fs, check, parts, kept.filter(there))
 
 
 def _check_contents(fs: Storage, check: FolderCheck, parts: list[str], present: pa.Table) -> None:
