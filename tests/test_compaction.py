@@ -286,3 +286,22 @@ def test_parts_rewritten_by_another_tool_are_verified_and_compacted(output):
     count = len(parts(output))
     assert (compaction.compact(fs, root).merged, len(parts(output))) == (count, 1)
     assert len(rows_by_key(output)) == len(ROWS)
+
+
+def test_verify_beside_a_compaction_that_merges_the_part_it_is_reading_starts_again_and_is_clean(output, monkeypatch):
+    """`fluxbatch verify` holds no lease: a compaction may delete a part between verify's listing and its read."""
+    fs, root = filesystem(str(output))
+    read_part = ledger.read_part
+    merged = []
+
+    def compacting_first(*args, **kwargs):
+        if not merged:
+            merged.append(None)  # the compaction reads parts through here too: once
+            monkeypatch.setattr(ledger, "read_part", read_part)
+            merged[0] = compaction.compact(fs, root)  # the part about to be read goes away
+        return read_part(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "read_part", compacting_first)
+    check = verify_output(str(output))
+    assert merged[0].merged > 1
+    assert check.problems == 0 and check.checks[0].parts == 1 and check.checks[0].rows == len(ROWS)
