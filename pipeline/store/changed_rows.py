@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
+from pipeline.store.committed_images import file_names
 from schemas.errors import FluxbatchError
 
 # Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
@@ -57,8 +58,7 @@ def for_planning(committed: pa.Table | None) -> pa.Table | None:
 def _file_names(part: pa.Table) -> pa.Table:
     """A part with `image_uri` cut to the file name: all that is looked up (committed_images.image_names), and
     half the bytes of a whole URL, for millions of rows."""
-    names = pc.replace_substring_regex(part.column("image_uri").fill_null(""), pattern=r"^.*/", replacement="")
-    return part.set_column(part.schema.get_field_index("image_uri"), "image_uri", names)
+    return part.set_column(part.schema.get_field_index("image_uri"), "image_uri", file_names(part.column("image_uri")))
 
 
 def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -67,8 +67,13 @@ def image_listing(fs: Storage, root: str, expected: int = 0) -> pa.Table:
 def image_names(rows: pa.Table) -> pa.ChunkedArray:
     """Where each row's image lies under images/ (`<kk>/<file name>`, as `committed_image_path`), column at a
     time. `image_uri` may be whole URLs or, as `read_committed` keeps them, file names alone."""
-    names = pc.replace_substring_regex(rows.column("image_uri").fill_null(""), pattern=r"^.*/", replacement="")
-    return pc.binary_join_element_wise(pc.utf8_slice_codeunits(rows.column("key"), 0, 2), names, "/")
+    return pc.binary_join_element_wise(pc.utf8_slice_codeunits(rows.column("key"), 0, 2),
+                                       file_names(rows.column("image_uri")), "/")
+
+
+def file_names(image_uris: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Each image URI's file name (what follows its last '/'), column at a time; a null is ''."""
+    return pc.replace_substring_regex(image_uris.fill_null(""), pattern=r"^.*/", replacement="")
 
 
 def full_paths(root: str, names: pa.ChunkedArray | pa.Array) -> list[str]:

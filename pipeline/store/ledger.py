@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +35,7 @@ from schemas.layout import FAILURES, JOB_FILE, METADATA, VERSIONS, failure_part,
 from schemas.records import signed_seeds
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JobMismatchError(FluxbatchError, ValueError):
@@ -89,15 +90,14 @@ def read_metadata(fs: Storage, root: str, columns: list[str] | None, locate: boo
 
     CorruptLedgerError on an unreadable part. A part that vanishes while being read was merged by a compaction
     running beside this reader (`fluxbatch verify` holds no lease): the listing is read again."""
-    for attempt in range(3):
+    def read_all() -> pa.Table | None:
         found = metadata_parts(fs, root)
-        try:
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                tables = list(pool.map(lambda part: (each or _same)(read_part(fs, root, part, columns)), found))
-        except (FileNotFoundError, StorageError):
-            if attempt == 2 or set(metadata_parts(fs, root)) >= set(found):
-                raise
-            continue
+        def read_one(part: str) -> pa.Table:
+            table = read_part(fs, root, part, columns)
+            return each(table) if each is not None else table  # shrunk as it is read, not once all are
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            tables = list(pool.map(read_one, found))
         if not tables:
             return None
         if locate:
@@ -106,6 +106,21 @@ def read_metadata(fs: Storage, root: str, columns: list[str] | None, locate: boo
                 .append_column("index", pa.array(np.arange(table.num_rows, dtype=np.int64)))
                 for part, table in zip(found, tables)]
         return pa.concat_tables(tables, promote_options="permissive")
+
+    return again_if_parts_vanish(fs, root, read_all)
+
+
+def again_if_parts_vanish(fs: Storage, root: str, read: Callable[[], T]) -> T:
+    """`read()` (which lists the live parts and reads them), again from a fresh listing when a part it listed
+    vanished meanwhile: a compaction running beside a reader that holds no lease (`fluxbatch verify`) merged it.
+    Any other missing file is raised as it is."""
+    for attempt in range(3):
+        listed = metadata_parts(fs, root)
+        try:
+            return read()
+        except (FileNotFoundError, StorageError):
+            if attempt == 2 or set(metadata_parts(fs, root)) >= set(listed):
+                raise
     raise AssertionError("unreachable")
 
 
@@ -137,10 +152,6 @@ def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = Non
     raise CorruptLedgerError(
         f"metadata part {fs.uri(part)} {reason}; run `fluxbatch verify {fs.uri(root)} --repair` to move it "
         "aside (its images render again), then run again", part, reason)
-
-
-def _same(table: pa.Table) -> pa.Table:
-    return table
 
 
 def done_keys(fs: Storage, root: str) -> set[str]:

@@ -135,14 +135,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
     """`check_folder_once`; again from a fresh listing when a part vanished while it was read (a compaction
     running beside this verify, which holds no lease, merged it)."""
-    for attempt in range(3):
-        listed = ledger.metadata_parts(fs, folder)
-        try:
-            return check_folder_once(fs, folder)
-        except FileNotFoundError:
-            if attempt == 2 or set(ledger.metadata_parts(fs, folder)) >= set(listed):
-                raise
-    raise AssertionError("unreachable")
+    return ledger.again_if_parts_vanish(fs, folder, lambda: check_folder_once(fs, folder))
 
 
 def check_folder_once(fs: Storage, folder: str) -> FolderCheck:
