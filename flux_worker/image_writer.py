@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from flux_worker.encode import encode_image
 from flux_worker.metrics import RendererMetrics
+from flux_worker.provenance import ImageMarks
 from flux_worker.storage import filesystem
 from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat, RenderOptions
 from schemas.errors import first_line
@@ -60,6 +61,7 @@ class ImageWriter:
         self.device = device
         self.metrics = RendererMetrics(identity["model_id"], options.output_uri)
         self.counter = options.image_counter
+        self.marks = ImageMarks(options.provenance, identity, options.signing)  # schemas/provenance.py
         # Encoding and uploads run here while the next image renders; a batch returns once all are written.
         self._writes = ThreadPoolExecutor(max_workers=options.write_threads, thread_name_prefix="fluxbatch-write")
 
@@ -85,8 +87,10 @@ class ImageWriter:
     def _write(self, item: Rendered) -> dict[str, Any]:
         row = item.row
         fmt = OutputFormat(row["output_format"])
-        data = encode_image(item.image, fmt, **self.quality)
         path = image_path(self.root, row["key"], fmt.extension, row.get("revision"))
+        # The watermark goes into the pixels, XMP into the encoded file, and a C2PA signature over all of it.
+        data = encode_image(self.marks.pixels(item.image), fmt, **self.quality, xmp=self.marks.xmp(row))
+        data = self.marks.sign(data, fmt, title=path.rsplit("/", 1)[-1])
         self.fs.write_bytes(path, data)
         if self.counter is not None:  # the driver's bar moves per image (pipeline/progress.py); no reply awaited
             self.counter.add.remote(1)
@@ -102,6 +106,7 @@ class ImageWriter:
             "finished_at": datetime.now(timezone.utc),
             "error": None,
             "attempts": item.attempts,
+            "provenance": self.marks.recorded,
         }
 
 

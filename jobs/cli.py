@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Read and validate MANIFEST; exit 1 if any row is bad.")
     validate.add_argument("manifest", nargs="?", metavar="MANIFEST",
                           help="Parquet file, folder or glob; local path or s3:// (job file: manifest)")
-    # A row's size limits and adapter names come from the model; its reference images must lie in the roots.
-    _add_job_flags(validate, ("model.", "reference_roots"))
+    # A row's size limits and adapter names come from the model (and a watermark's smallest image); its reference
+    # images must lie in the roots.
+    _add_job_flags(validate, ("model.", "reference_roots", "provenance.watermark"))
 
     from jobs.storage_options import add_storage_option_flag
 
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true",
                         help="move unreadable parts and orphan or altered images aside into OUTPUT/_quarantine/, "
                         "drop duplicate rows and rows without their image (those keys render again next run)")
+    verify.add_argument("--provenance", action="store_true",
+                        help="also read each image's marks back (XMP, C2PA validation, watermark bits) and name every "
+                        "image lacking what its ledger row records, or recording none")
     add_storage_option_flag(verify)
 
     compact = sub.add_parser("compact", help="merge OUTPUT's small metadata parts into few large ones",
@@ -242,7 +246,7 @@ def check_model_defaults(args: argparse.Namespace, job: Any) -> Any:
     from schemas.job import check_defaults
 
     preset = resolve_preset(job.model.name, job.storage_options)
-    check_defaults(job, preset.limits, source=args.job, flags=flags_as_typed(args))
+    check_defaults(job, job.row_limits(preset.limits), source=args.job, flags=flags_as_typed(args))
     return preset
 
 
@@ -267,8 +271,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     preset = check_model_defaults(args, job)
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
-    manifest = read_manifest(job.manifest, job.storage_options, limits=preset.limits, model_name=job.model.name,
-                             adapter_names=set(job.model.adapters), sink=_print_failure, columns=VALIDATE_COLUMNS)
+    manifest = read_manifest(job.manifest, job.storage_options, limits=job.row_limits(preset.limits),
+                             model_name=job.model.name, adapter_names=set(job.model.adapters), sink=_print_failure,
+                             columns=VALIDATE_COLUMNS)
     # Reference images are listed and read as `render` reads them on the driver (one listing per folder).
     check_manifest(manifest, job, sink=_print_failure, tensor_parallel=job.most_gpus_per_replica() > 1)
     images = manifest.image_count  # counted by columns: no per-row objects for a million-row manifest
@@ -354,9 +359,10 @@ def _url_storage_options(args: argparse.Namespace, urls: dict[str, str]) -> dict
 def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.store.verify import verify_output
 
-    result = verify_output(args.output, _url_storage_options(args, {"OUTPUT": args.output}), repair=args.repair)
+    result = verify_output(args.output, _url_storage_options(args, {"OUTPUT": args.output}), repair=args.repair,
+                           provenance=args.provenance)
     print(result.report())
-    return 1 if result.problems and not args.repair else 0
+    return 1 if (result.problems and not args.repair) or result.unmarked else 0
 
 
 def cmd_compact(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ def check_model_defaults(spec: Any, args: argparse.Namespace) -> None:
     from schemas.job import check_defaults
 
     job = spec.job_for("manifest.parquet")
-    check_defaults(job, resolve_preset(job.model.name, job.storage_options).limits, source=args.spec)
+    check_defaults(job, job.row_limits(resolve_preset(job.model.name, job.storage_options).limits), source=args.spec)
 
 
 def _synthesize(args: argparse.Namespace) -> int:

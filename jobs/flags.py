@@ -24,9 +24,11 @@ from schemas import JobSpec
 NOT_FLAGS = {"manifest", "output.uri", "storage_options", "output.storage_options"}
 # Flag names older than this module, kept so command lines and scripts keep working.
 NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter",
-         "reference_roots": "--reference-root", "model.cache_dir": "--model-cache-dir"}
+         "reference_roots": "--reference-root", "model.cache_dir": "--model-cache-dir",
+         "provenance.enabled": "--provenance"}
 METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH",
-            "gpus_per_replica": "N|auto|TYPE=N,...", "reference_roots": "URL"}
+            "gpus_per_replica": "N|auto|TYPE=N,...", "reference_roots": "URL",
+            "provenance.c2pa_certificate": "URL", "provenance.c2pa_key": "URL", "provenance.watermark": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def _bound(info: Any, *names: str) -> float | None:
 
 
 # In --help and the README: what to render first, where to write last.
-SECTIONS = ("model", "defaults", "", "output")
+SECTIONS = ("model", "defaults", "", "output", "provenance")
 JOB_FLAGS: tuple[JobFlag, ...] = tuple(sorted(
     (_flag(f, i) for f, i in job_leaf_fields().items() if f not in NOT_FLAGS),
     key=lambda flag: SECTIONS.index(flag.field.split(".")[0] if "." in flag.field else "")))

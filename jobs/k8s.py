@@ -225,7 +225,7 @@ def _preflight(job: Any, source: str | None, flags: dict[str, str]) -> None:
             print(f"note: model {name} could not be read from here ({first_line(error)}), so it is not checked; "
                   "the cluster's pods fetch it when the job starts", file=sys.stderr)
             return
-        check_defaults(job, preset.limits, source=source, flags=flags)
+        check_defaults(job, job.row_limits(preset.limits), source=source, flags=flags)
         return
     if name.startswith("/") and not Path(name).exists():
         print(f"note: model {name!r} is not a folder on this machine; the cluster's pods must mount it there",
@@ -241,7 +241,7 @@ def _preflight(job: Any, source: str | None, flags: dict[str, str]) -> None:
         except HubUnreachableError as error:
             print(f"note: model {name!r} is not in the local Hugging Face cache and {error.why}, so it is not "
                   f"checked here; the cluster's pods download it when the job starts{error.hint}", file=sys.stderr)
-    check_defaults(job, preset.limits, source=source, flags=flags)
+    check_defaults(job, job.row_limits(preset.limits), source=source, flags=flags)
 
 
 def _refuse_credentials(names: list[str], where: str | None = None) -> None:

@@ -7,7 +7,8 @@ no `_job.json` records a job that never ran, so the corrected run is not refused
    with (flux_worker/weights.py), or a hub id in the local cache or known to the hub (flux_worker/hub.py);
 2. every adapter is a readable safetensors file (flux_worker/weights.py: what "allowed" means for adapters);
 3. the manifest names Parquet files (listed only; the run reads and validates them under its lease);
-4. OUTPUT can be reached, holds nothing foreign (pipeline/store/ownership.py), and can be written: a probe file,
+4. a C2PA certificate and key the job names can sign (pipeline/signing.py);
+5. OUTPUT can be reached, holds nothing foreign (pipeline/store/ownership.py), and can be written: a probe file,
    named as fluxbatch's own temp files so that a run killed in between has it swept, is written and deleted.
 
 Storage is asked with botocore's retries capped (storage.probe_options), so an endpoint nobody listens on is
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from importlib.util import find_spec
 from pathlib import Path
 
 from flux_worker.hub import check_hub_model
@@ -27,8 +29,10 @@ from flux_worker.presets import PRESETS, ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline.manifest import list_manifest_files
+from pipeline.signing import signing_credentials
 from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
+from schemas.errors import FluxbatchError
 from schemas.job import check_defaults
 from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
 
@@ -36,10 +40,25 @@ from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     """Raise the first mistake found in `job` as one FluxbatchError; returns the model's preset."""
     preset = check_model(job.model, job.storage_options)
-    check_defaults(job, preset.limits)  # each default by the rule of a row's value, with this model's limits
+    # each default by the rule of a row's value, with this model's limits (and a watermark's smallest image)
+    check_defaults(job, job.row_limits(preset.limits))
     list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
+    check_provenance_packages(job)
+    signing_credentials(job)  # a C2PA certificate and key that can sign (pipeline/signing.py)
     check_output(job, allow_non_empty_output)
     return preset
+
+
+def check_provenance_packages(job: JobSpec) -> None:
+    """A watermark needs invisible-watermark on the renderers: missing here, it is one line, not a failed image
+    per row (the container image and the test extra have it)."""
+    if job.provenance.enabled and job.provenance.watermark is not None and find_spec("imwatermark") is None:
+        raise ProvenancePackageError("--watermark needs the invisible-watermark package: pip install "
+                                     "'fluxbatch[provenance]'")
+
+
+class ProvenancePackageError(FluxbatchError):
+    """A mark the job asks for needs a package that is not installed."""
 
 
 def check_model(model: ModelSpec, storage_options: dict | None = None) -> ModelPreset:

@@ -23,6 +23,7 @@ from flux_worker.model_folder import is_model_url
 from flux_worker.storage import credential_options
 from pipeline.cluster.resources import ReplicaAsk
 from pipeline.replica_shape import group_options
+from pipeline.signing import signing_credentials
 from schemas import JobSpec, ModelSpec, RenderOptions
 
 
@@ -136,6 +137,7 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
         model_storage_options=model_storage_options(job),
         hub_token=hub_token(job),
         image_counter=image_counter,
+        signing=signing_credentials(job),  # like the hub token: in the arguments, never the runtime_env
     )
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
                        num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,

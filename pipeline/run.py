@@ -224,7 +224,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     manifest = read_manifest(
         job.manifest,
         job.storage_options,
-        limits=preset.limits,
+        limits=job.row_limits(preset.limits),
         model_name=job.model.name,
         adapter_names=set(job.model.adapters),
         output=job.output.uri,  # never read as a manifest; a version folder's OUTPUT is excluded by its _job.json

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from schemas.overrides import load_spec, validate_spec
+from schemas.provenance import WATERMARK_MIN_PIXELS, ProvenanceSpec
 from schemas.request import ANY_MODEL, ModelLimits, OutputFormat, RenderRequest, row_value
 from schemas.urls import manifest_url, storage_url
 
@@ -130,6 +131,7 @@ class JobSpec(BaseModel):
     output: OutputSpec
     model: ModelSpec = Field(default_factory=ModelSpec)
     defaults: RenderDefaults = Field(default_factory=RenderDefaults)
+    provenance: ProvenanceSpec = Field(default_factory=ProvenanceSpec)
     replicas: int = Field(default=1, ge=1, le=4096, description="renderer actors: the size of the pool")
     batch_size: int = Field(default=4, ge=1, le=256, description="images per batch sent to a replica")
     gpus_per_replica: float | Literal["auto"] | dict[str, float | Literal["auto"]] = Field(
@@ -242,7 +244,14 @@ class JobSpec(BaseModel):
             "defaults": self.defaults.model_dump(mode="json"),
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),
+            "provenance": self.provenance.identity(),
         }
+
+    def row_limits(self, limits: ModelLimits) -> ModelLimits:
+        """The limits this job's rows are checked with: the model's, and a watermark's smallest image."""
+        if self.provenance.watermark is None or limits.min_side ** 2 >= WATERMARK_MIN_PIXELS:
+            return limits
+        return limits.model_copy(update={"min_side": int(WATERMARK_MIN_PIXELS ** 0.5)})
 
 
 def check_defaults(job: JobSpec, limits: ModelLimits, *, source: str | None = None,

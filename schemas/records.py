@@ -57,6 +57,9 @@ IMAGE_RECORD_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        # The marks the image carries (schemas/provenance.py): "xmp+c2pa+watermark", "" for none; null in parts
+        # written before fluxbatch marked images.
+        ("provenance", pa.string()),
     ]
 )
 

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.job import JobSpec, OutputSpec
+from schemas.provenance import ProvenanceSpec
 
 _JOB, _OUTPUT = JobSpec.model_fields, OutputSpec.model_fields
 
@@ -44,16 +45,23 @@ class RenderOptions(BaseModel):
     write_threads: int = Field(default=4, ge=1, description="images encoded and written while the next renders")
     image_counter: Any = Field(default=None, repr=False,
                                description="a Ray actor handle counting written images (pipeline/progress.py)")
+    provenance: ProvenanceSpec = Field(default_factory=ProvenanceSpec)
+    # The C2PA certificate chain and private key as the driver read them (pipeline/signing.py): they travel like
+    # storage credentials, in the actor's arguments, never in a runtime_env, a repr, a log or OUTPUT.
+    signing: dict[str, str] | None = Field(default=None, repr=False,
+                                           description="certificate (PEM chain), key (PEM), algorithm (es256 ...)")
 
     @classmethod
     def for_job(cls, job: JobSpec, *, storage_options: dict[str, Any], threads: int | None, run_id: str | None,
                 compile_cache_options: dict[str, Any] | None = None,
                 reference_storage_options: dict[str, Any] | None = None, model_storage_options: dict[str, Any] | None
-                = None, hub_token: str | None = None, image_counter: Any = None) -> RenderOptions:
+                = None, hub_token: str | None = None, image_counter: Any = None,
+                signing: dict[str, str] | None = None) -> RenderOptions:
         """The options a renderer of `job` gets; the storage options are resolved by the driver (credentials)."""
         return cls(output_uri=job.output.uri, storage_options=storage_options, batch_invariant=job.batch_invariant,
                    max_retries=job.max_retries, jpeg_quality=job.output.jpeg_quality,
                    webp_quality=job.output.webp_quality, threads=threads, run_id=run_id,
                    compile_cache_options=compile_cache_options,
                    reference_storage_options=reference_storage_options or {},
-                   model_storage_options=model_storage_options or {}, hub_token=hub_token, image_counter=image_counter)
+                   model_storage_options=model_storage_options or {}, hub_token=hub_token, image_counter=image_counter,
+                   provenance=job.provenance, signing=signing)

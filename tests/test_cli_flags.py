@@ -246,6 +246,11 @@ def test_each_generated_flag_reaches_the_job_spec_over_the_job_file(field, tmp_p
     base = ["render", "--job", str(tmp_path / "job.yaml")]
     if field == "model.quantize":  # fp8 renders on GPUs only (JobSpec refuses it on CPU)
         base += ["--gpus-per-replica", "1"]
+    # C2PA signing takes a certificate and its key together (ProvenanceSpec refuses one alone)
+    if field == "provenance.c2pa_certificate":
+        words += ["--c2pa-key", "signer.key"]
+    if field == "provenance.c2pa_key":
+        words += ["--c2pa-certificate", "signer.pem"]
     job = job_from_args(build_parser().parse_args([*base, *words]))
     assert _get(job, field) == expected
     before = job_from_args(build_parser().parse_args(base))

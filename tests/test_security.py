@@ -60,10 +60,17 @@ def test_ray_cluster_started_by_fluxbatch_refuses_calls_without_the_token_even_i
 @pytest.mark.slow
 def test_credentials_never_appear_in_logs_job_file_metadata_summary_or_ray_logs(tmp_path, tiny_model, s3_server,
                                                                                   bucket):
+    """Storage credentials, and a C2PA signing key kept in the bucket (read by the driver, signing on the
+    renderers)."""
     import boto3
+
+    from tests.signing_certs import make_signer
 
     client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing-key-id",
                           aws_secret_access_key="testing-secret-never-logged", region_name="us-east-1")
+    signer = make_signer(tmp_path / "keys")
+    client.upload_file(str(signer.certificate), bucket, "keys/signer.pem")
+    client.upload_file(str(signer.key), bucket, "keys/signer.key")
     client.upload_file(str(write_manifest(tmp_path / "m.parquet", [
         {"id": "a", "prompt": "a cat", "width": 64, "height": 64},
         {"id": "b", "prompt": "bad", "width": 70, "height": 64},
@@ -73,7 +80,9 @@ def test_credentials_never_appear_in_logs_job_file_metadata_summary_or_ray_logs(
     try:
         result = ray.run(["-v", "render", f"s3://{bucket}/in/m.parquet", out, "--model", str(tiny_model),
                           "--no-progress", "--storage-option", f"secret={OPTION_SECRET}",
-                          "--storage-option", "key=testing-key-id"],
+                          "--storage-option", "key=testing-key-id",
+                          "--c2pa-certificate", f"s3://{bucket}/keys/signer.pem",
+                          "--c2pa-key", f"s3://{bucket}/keys/signer.key"],
                          # Credentials travel the same path to any renderer; the stand-in's is seconds faster.
                          module="tests.stand_in_cli", AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing-key-id",
                          AWS_SECRET_ACCESS_KEY=ENV_SECRET, AWS_DEFAULT_REGION="us-east-1")
@@ -90,7 +99,8 @@ def test_credentials_never_appear_in_logs_job_file_metadata_summary_or_ray_logs(
     assert any(k.startswith("secret-run/metadata/") for k in written)
     assert any(k.startswith("secret-run/failures/") for k in written)
     assert ray_logs, "the subprocess's Ray wrote no logs where expected"
-    for secret in (ENV_SECRET, OPTION_SECRET):
+    assert [k for k, data in written.items() if k.startswith("secret-run/images/") and b"c2pa" in data]  # signed
+    for secret in (ENV_SECRET, OPTION_SECRET, signer.key_body):
         assert secret not in result.stdout and secret not in result.stderr
         assert not [k for k, data in written.items() if secret.encode() in data]
         assert not [k for k, data in ray_logs.items() if secret.encode() in data]

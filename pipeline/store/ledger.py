@@ -247,6 +247,11 @@ def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, 
     return (pa.concat_tables(tables, promote_options="permissive") if tables else None), total
 
 
+# Identity sections newer than some OUTPUTs: a `_job.json` written before one existed records nothing for it, and a
+# re-run goes on in that OUTPUT (its older images carry no marks: `fluxbatch verify --provenance` names them).
+ADDED_SINCE = ("provenance",)
+
+
 def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -> tuple[str, bool]:
     """The folder this job renders into (OUTPUT or the version whose `_job.json` matches the job), and whether this
     call wrote its `_job.json`.
@@ -262,7 +267,8 @@ def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -
     differences: list[str] = []
     for _, folder in recorded_versions:
         recorded = recorded_identity(fs, folder)
-        differences = _differences(recorded, identity)
+        differences = _differences(recorded, {name: value for name, value in identity.items()
+                                              if name in recorded or name not in ADDED_SINCE})
         if not differences:
             return folder, False
     latest, folder = recorded_versions[-1]

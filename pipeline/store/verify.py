@@ -1,4 +1,4 @@
-"""`fluxbatch verify OUTPUT [--repair]`: check the ledger against the images, and put right what it finds.
+"""`fluxbatch verify OUTPUT [--repair] [--provenance]`: check the ledger against the images, put right what it finds.
 
 The metadata parts are the ledger (pipeline/store/ledger.py): a run renders only the keys no part holds, so a
 damaged ledger either stops every run or silently claims images that are not there. Verify checks, in
@@ -7,7 +7,8 @@ OUTPUT and in each OUTPUT/_versions/<n>/:
 - every row's image exists in this OUTPUT with the recorded byte count and sha256 (the image is looked
   up under OUTPUT/images/<kk>/ by the file name in image_uri, so a copied or moved OUTPUT verifies too);
 - no key is held by two rows;
-- no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it).
+- no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it);
+- with `--provenance`, every image carries the marks its row records (pipeline/store/provenance_check.py).
 Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: schemas/layout.py);
 any other file is not ours and is neither reported nor touched.
 
@@ -42,6 +43,7 @@ from flux_worker.storage import Storage, filesystem
 from pipeline.store import compaction, ledger
 from pipeline.store.committed_images import full_paths, image_listing, image_names, move_aside
 from pipeline.store.lease import hold
+from pipeline.store.provenance_check import check_folder_provenance
 from schemas.errors import FluxbatchError
 from schemas.layout import JOB_FILE, QUARANTINE, quarantine_folder
 
@@ -71,12 +73,13 @@ class FolderCheck:
     missing: dict[str, str] = field(default_factory=dict)  # key -> image path expected
     altered: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, how it differs)
     orphans: list[str] = field(default_factory=list)  # image paths no row names
+    unmarked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, the mark it lacks)
     drop: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # part -> rows repair drops
 
     @property
     def problems(self) -> int:
         return (len(self.unreadable) + len(self.duplicates) + len(self.missing) + len(self.altered)
-                + len(self.orphans))
+                + len(self.orphans) + len(self.unmarked))
 
 
 @dataclass
@@ -93,6 +96,11 @@ class Verification:
     def problems(self) -> int:
         return sum(check.problems for check in self.checks)
 
+    @property
+    def unmarked(self) -> int:
+        """Images lacking a provenance mark: repair cannot add one, so these are problems after it too."""
+        return sum(len(check.unmarked) for check in self.checks)
+
     def report(self) -> str:
         """The short report `fluxbatch verify` prints: counts per problem kind and the first offenders."""
         lines: list[str] = []
@@ -100,6 +108,8 @@ class Verification:
             lines += _folder_report(self.fs, check)
         if not self.problems:
             lines.append(f"{self.output}: clean")
+        elif self.quarantine is None and self.problems == self.unmarked:
+            pass
         elif self.quarantine is None:
             lines.append(f"{self.problems} problems; `fluxbatch verify {self.output} --repair` moves unreadable parts "
                          f"and orphan or altered images aside into {self.output}/{QUARANTINE}/ and drops duplicate "
@@ -108,11 +118,17 @@ class Verification:
             dropped = sum(len(rows) for c in self.checks for rows in c.drop.values())
             lines.append(f"repaired: {self.moved} files moved aside into {self.fs.uri(self.quarantine)}, {dropped} "
                          "ledger rows dropped; the keys no longer in the ledger render again on the next run")
+        if self.unmarked:
+            lines.append(f"{self.unmarked} images lack provenance marks; neither --repair nor a re-run marks a "
+                         "committed image: render those rows into a new OUTPUT to have them marked "
+                         "(docs/provenance.md)")
         return "\n".join(lines)
 
 
-def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False) -> Verification:
-    """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease."""
+def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False,
+                  provenance: bool = False) -> Verification:
+    """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease; with
+    `provenance`, also read each image's marks back (repair leaves those findings as they are)."""
     fs, root = filesystem(url, storage_options)
     if not fs.exists(f"{root}/{JOB_FILE}"):
         raise NotAnOutputError(f"{fs.uri(root)} is not a fluxbatch OUTPUT (no {JOB_FILE}); nothing checked")
@@ -120,6 +136,8 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     result = Verification(output=fs.uri(root), checks=[], fs=fs)
     if not repair:
         result.checks = [check_folder(fs, folder) for folder in folders]
+        if provenance:
+            _check_marks(fs, result.checks)
         return result
     repair_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-repair-" + uuid.uuid4().hex[:6]
     result.quarantine = quarantine_folder(root, repair_id)
@@ -129,7 +147,16 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
             check = check_folder(fs, folder)
             result.moved += repair_folder(fs, root, check, result.quarantine)
         result.checks.append(check)
+    if provenance:  # of the images repair left in the ledger
+        _check_marks(fs, result.checks)
     return result
+
+
+def _check_marks(fs: Storage, checks: list[FolderCheck]) -> None:
+    """Each folder's images lacking a mark, with the watermark text its `_job.json` records."""
+    for check in checks:
+        watermark = ledger.recorded_identity(fs, check.folder).get("provenance", {}).get("watermark")
+        check.unmarked = check_folder_provenance(fs, check.folder, watermark)
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
@@ -310,6 +337,7 @@ def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
         ("missing image", [f"{key}: no {fs.uri(path)}" for key, path in check.missing.items()]),
         ("altered image", [f"{key}: {fs.uri(path)}: {how}" for key, (path, how) in check.altered.items()]),
         ("orphan image", [f"{fs.uri(path)}: no ledger row names it" for path in check.orphans]),
+        ("image lacking provenance", [f"{key}: {fs.uri(path)}: {why}" for key, (path, why) in check.unmarked.items()]),
     ]
     for kind, offenders in kinds:
         if offenders:

@@ -1,0 +1,98 @@
+"""What each image says about where it came from (`provenance:` in a job file): the marks and their names.
+
+By default every image carries XMP (PNG iTXt, JPEG APP1, WebP XMP chunk) with the IPTC digital source type
+trainedAlgorithmicMedia, the software and the model; C2PA Content Credentials are added when the job names a
+signing certificate and key, an invisible watermark when it names a message. The renderer makes the marks
+(flux_worker/provenance.py), the ledger records which an image carries (the `provenance` column), and
+`fluxbatch verify --provenance` reads them back (pipeline/store/provenance_check.py). docs/provenance.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.urls import storage_url
+
+# IPTC NewsCodes: "the digital creation of a model trained on samples" (EU AI Act art. 50(2) marking, platforms).
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# The marks, as the ledger's `provenance` column lists them ("xmp+c2pa+watermark"; "" for none).
+XMP, C2PA, WATERMARK = "xmp", "c2pa", "watermark"
+MARK_SEPARATOR = "+"
+# dwtDct spreads each bit over the image's 4x4 blocks: invisible-watermark refuses fewer than 256x256 pixels, and
+# more than 8 bytes would leave too few blocks a bit at 256x256 to survive a JPEG re-encode.
+WATERMARK_MAX_BYTES = 8
+WATERMARK_MIN_PIXELS = 256 * 256
+
+
+class ProvenanceSpec(BaseModel):
+    """Marks every image carries: XMP by default, C2PA Content Credentials and an invisible watermark on request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        default=True,
+        description="mark every image as AI-generated: IPTC DigitalSourceType trainedAlgorithmicMedia in XMP, with "
+        "fluxbatch and the model (off: bare images, no mark of any kind)",
+    )
+    include_prompt: bool = Field(
+        default=False, description="also write each image's prompt into its XMP (prompts may be confidential)")
+    c2pa_certificate: str | None = Field(
+        default=None,
+        description="C2PA Content Credentials: the signing certificate chain (PEM, leaf first), any fsspec URL; "
+        "needs --c2pa-key",
+    )
+    c2pa_key: str | None = Field(
+        default=None,
+        description="the private key (PEM) of --c2pa-certificate, any fsspec URL; read by the driver, handed to "
+        "renderers like storage credentials, never logged or written to OUTPUT",
+    )
+    watermark: str | None = Field(
+        default=None,
+        description=f"an invisible watermark (invisible-watermark's dwtDct) holding this text, 1-{WATERMARK_MAX_BYTES} "
+        "bytes; images must be at least 256x256",
+    )
+
+    @field_validator("c2pa_certificate", "c2pa_key")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else storage_url(value)
+
+    @field_validator("watermark")
+    @classmethod
+    def _watermark(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value.encode()) <= WATERMARK_MAX_BYTES:
+            raise ValueError(f"{value!r} is {len(value.encode())} bytes in UTF-8; a watermark holds 1 to "
+                             f"{WATERMARK_MAX_BYTES}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProvenanceSpec:
+        if (self.c2pa_certificate is None) != (self.c2pa_key is None):
+            raise ValueError("C2PA signing needs both c2pa_certificate and c2pa_key (--c2pa-certificate URL "
+                             "--c2pa-key URL)")
+        if not self.enabled and (self.c2pa_certificate or self.watermark or self.include_prompt):
+            raise ValueError("--no-provenance turns every mark off: drop it, or drop c2pa_certificate, c2pa_key, "
+                             "watermark and include_prompt")
+        return self
+
+    @property
+    def signs(self) -> bool:
+        return self.c2pa_certificate is not None
+
+    def marks(self) -> str:
+        """The marks each image of this job carries, as the ledger's `provenance` column records them."""
+        if not self.enabled:
+            return ""
+        return MARK_SEPARATOR.join([XMP] + [C2PA] * self.signs + [WATERMARK] * (self.watermark is not None))
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the images' bytes (`_job.json`): the marks, the prompt's presence, the watermark's text.
+        Not the certificate: renewing it changes no pixel and must not make every OUTPUT another job."""
+        return {"marks": self.marks(), "include_prompt": self.include_prompt, "watermark": self.watermark}
+
+
+def marks_of(recorded: str | None) -> set[str]:
+    """The marks a ledger row's `provenance` value names (None: a row written before fluxbatch recorded them)."""
+    return set(recorded.split(MARK_SEPARATOR)) - {""} if recorded else set()

@@ -1,0 +1,198 @@
+"""Provenance: every image says it is AI-generated and what made it (XMP by default, C2PA on request, a watermark on
+request), the ledger records what each carries, and `fluxbatch verify --provenance` reads it back.
+
+The driver tests render with the stand-in renderer (its images go through the real ImageWriter, so the marks are
+the real ones); the watermark's read-back uses the real tiny pipeline's images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import c2pa
+import pytest
+from PIL import Image
+
+from flux_worker.provenance import embedded_xmp, xmp_fields
+from pipeline import render
+from schemas.provenance import TRAINED_ALGORITHMIC_MEDIA
+from tests.conftest import write_manifest
+from tests.helpers import make_job, metadata
+from tests.signing_certs import make_signer
+from tests.test_cli import call_cli
+
+pytestmark = pytest.mark.usefixtures("ray_cluster", "stand_in_renderer")
+
+FORMATS = ["png", "jpeg", "webp"]
+ROWS = [{"id": f"r-{fmt}", "prompt": f"a confidential {fmt} prompt", "width": 64, "height": 64, "steps": 2,
+         "output_format": fmt} for fmt in FORMATS]
+
+
+def _images(output: Path) -> dict[str, tuple[bytes, dict]]:
+    """Each committed image's bytes and its ledger row, by the row's output format."""
+    return {row["output_format"]: (Path(row["image_uri"].removeprefix("file://")).read_bytes(), row)
+            for row in metadata(str(output)).to_pylist()}
+
+
+def _xmp(data: bytes) -> dict[str, str]:
+    return xmp_fields(embedded_xmp(Image.open(io.BytesIO(data))) or b"")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_manifest(tmp_path_factory.mktemp("provenance") / "m.parquet", ROWS)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory):
+    return make_signer(tmp_path_factory.mktemp("certificates"))
+
+
+def test_every_image_carries_xmp_saying_ai_generated_by_which_model_and_same_bytes_again(manifest, tiny_model,
+                                                                                       tmp_path):
+    for name in ("first", "second"):
+        summary = render(make_job(str(manifest), str(tmp_path / name), str(tiny_model)), progress=False)
+        assert summary.images_rendered == 3
+    first, second = _images(tmp_path / "first"), _images(tmp_path / "second")
+    for fmt in FORMATS:
+        data, row = first[fmt]
+        fields = _xmp(data)  # read back with Pillow from the PNG iTXt, the JPEG APP1, the WebP XMP chunk
+        assert fields["Iptc4xmpExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA, fmt
+        assert fields["Iptc4xmpExt:AISystemUsed"] == row["model_id"]
+        assert fields["xmp:CreatorTool"].startswith("fluxbatch ")
+        assert "Iptc4xmpExt:AIPromptInformation" not in fields and b"confidential" not in data  # not asked
+        assert row["provenance"] == "xmp"
+        assert second[fmt][0] == data, f"{fmt}: XMP must keep the same row's bytes the same"
+
+
+def test_the_prompt_goes_into_the_xmp_only_when_the_job_asks(manifest, tiny_model, tmp_path):
+    render(make_job(str(manifest), str(tmp_path / "out"), str(tiny_model), provenance={"include_prompt": True}),
+           progress=False)
+    for fmt, (data, row) in _images(tmp_path / "out").items():
+        assert _xmp(data)["Iptc4xmpExt:AIPromptInformation"] == row["prompt"], fmt
+
+
+def test_no_provenance_writes_bare_images_and_verify_provenance_names_each(manifest, tiny_model, tmp_path, capsys):
+    out = tmp_path / "bare"
+    result = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-provenance",
+                      "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for fmt, (data, row) in _images(out).items():
+        assert _xmp(data) == {} and row["provenance"] == "", fmt
+    assert call_cli(capsys, "verify", str(out)).returncode == 0  # the ledger and the images agree
+    checked = call_cli(capsys, "verify", str(out), "--provenance")
+    assert checked.returncode == 1
+    assert "image lacking provenance: 3" in checked.stdout
+    for row in metadata(str(out)).to_pylist():
+        assert f"{row['key']}: {row['image_uri']}: no provenance marks: rendered with --no-provenance" in checked.stdout
+    assert "3 images lack provenance marks" in checked.stdout
+
+
+def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(manifest, tiny_model, signer, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "signed"
+    result = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
+                      "--c2pa-certificate", str(signer.certificate), "--c2pa-key", str(signer.key))
+    assert result.returncode == 0, result.stderr
+    images = _images(out)
+    for fmt, (data, row) in images.items():
+        assert row["provenance"] == "xmp+c2pa"
+        with c2pa.Reader(f"image/{fmt}", io.BytesIO(data)) as reader:
+            assert reader.get_validation_state() == "Valid", (fmt, reader.get_validation_results())
+            manifest_json = reader.get_active_manifest()
+        actions = [a for assertion in manifest_json["assertions"] if assertion["label"].startswith("c2pa.actions")
+                   for a in assertion["data"]["actions"]]
+        assert actions[0]["action"] == "c2pa.created"
+        assert actions[0]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
+        assert actions[0]["softwareAgent"]["name"] == "fluxbatch"
+        assert [i["title"] for i in manifest_json["ingredients"]] == [row["model_id"]]
+        assert manifest_json["ingredients"][0]["relationship"] == "inputTo"
+        assert _xmp(data)["Iptc4xmpExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA  # XMP survives signing
+    assert call_cli(capsys, "verify", str(out), "--provenance").stdout.strip().endswith(": clean")
+
+    data, row = images["png"]
+    tampered = bytearray(data)
+    tampered[len(tampered) // 2] ^= 0xFF  # one byte of the image data changed after signing
+    Path(row["image_uri"].removeprefix("file://")).write_bytes(bytes(tampered))
+    checked = call_cli(capsys, "verify", str(out), "--provenance")
+    assert checked.returncode == 1
+    assert f"{row['key']}: {row['image_uri']}: C2PA manifest invalid (" in checked.stdout
+    assert "altered image: 1" in checked.stdout  # plain verify's finding too: its sha256 differs
+
+
+@pytest.mark.parametrize("mistake", ["expired", "other key", "not PEM", "missing", "no key"])
+def test_a_bad_signing_certificate_is_one_line_before_anything_is_written(mistake, manifest, tiny_model, signer,
+                                                                         tmp_path, capsys):
+    old = make_signer(tmp_path / "old", days=-3)
+    certificate, key = {"expired": (old.certificate, old.key), "other key": (signer.certificate, old.key),
+                        "not PEM": (manifest, signer.key), "missing": (tmp_path / "none.pem", signer.key),
+                        "no key": (signer.certificate, None)}[mistake]
+    out = tmp_path / "out"
+    args = ["render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
+            "--c2pa-certificate", str(certificate)] + (["--c2pa-key", str(key)] if key else [])
+    result = call_cli(capsys, *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert {"expired": "the certificate expired on", "other key": "is not the key of", "missing": "no such file",
+            "not PEM": "not a PEM certificate chain", "no key": "needs both c2pa_certificate and c2pa_key"
+            }[mistake] in lines[0]
+    assert not out.exists()
+    assert signer.key_body not in result.stderr and old.key_body not in result.stderr
+
+
+def test_changing_the_marks_is_another_job_and_an_output_made_before_marks_goes_on(manifest, tiny_model, tmp_path,
+                                                                                  capsys):
+    out = tmp_path / "out"
+    assert render(make_job(str(manifest), str(out), str(tiny_model)), progress=False).images_rendered == 3
+    refused = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
+                       "--watermark", "fb")
+    assert refused.returncode == 2
+    assert "provenance.marks was 'xmp', now 'xmp+watermark'" in refused.stderr
+
+    # An OUTPUT whose _job.json was written before fluxbatch marked images: a re-run goes on in it.
+    job_file = out / "_job.json"
+    document = json.loads(job_file.read_text())
+    del document["identity"]["provenance"]
+    job_file.write_text(json.dumps(document))
+    write_manifest(manifest.parent / "more" / "m.parquet", ROWS + [dict(ROWS[0], id="new")])
+    again = render(make_job(str(manifest.parent / "more" / "m.parquet"), str(out), str(tiny_model)), progress=False)
+    assert (again.images_rendered, again.images_already_done) == (1, 3)
+
+
+def test_a_watermark_refuses_rows_smaller_than_256x256_by_row_and_field(manifest, tiny_model, capsys):
+    result = call_cli(capsys, "validate", str(manifest), "--model", str(tiny_model), "--watermark", "fb")
+    assert result.returncode == 1
+    assert f"{manifest} row 0 (id 'r-png'): field 'width': width must be between 256 and" in result.stdout
+
+
+def test_a_watermark_reads_back_from_an_image_the_real_pipeline_rendered(tmp_path, tiny_model):
+    """The tiny pipeline's own 512x512 image (a Renderer in this process, no Ray), watermarked as the job asks.
+    Bit accuracy after a JPEG re-encode at quality 80 is printed, not asserted: random weights render texture that
+    such a re-encode wipes out (about 0.5, chance); smooth images keep about 0.8 (benchmarks/README.md)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from flux_worker.renderer import Renderer
+    from flux_worker.watermark import bit_accuracy
+    from schemas import PLAN_SCHEMA, RenderOptions
+    from schemas.provenance import ProvenanceSpec
+
+    text = "fb-2026"
+    renderer = Renderer({"name": str(tiny_model)}, RenderOptions(
+        output_uri=str(tmp_path / "out"), provenance=ProvenanceSpec(watermark=text)))
+    row = {"key": hashlib.blake2b(b"w", digest_size=16).hexdigest(), "request_id": "w", "variant": 0,
+           "prompt": "a lighthouse", "width": 512, "height": 512, "steps": 2, "guidance": 3.5, "seed": 7,
+           "max_sequence_length": 32, "adapters": [], "output_format": "png", "source": "m.parquet", "row": 0}
+    result = renderer(pa.Table.from_pylist([row], schema=PLAN_SCHEMA)).to_pylist()[0]
+    assert (result["error"], result["provenance"]) == (None, "xmp+watermark")
+    image = Image.open(result["image_uri"])
+    recompressed = io.BytesIO()
+    image.convert("RGB").save(recompressed, format="JPEG", quality=80)
+    as_rendered, after_jpeg = bit_accuracy(image, text), bit_accuracy(Image.open(recompressed), text)
+    print(f"watermark bit accuracy: as rendered {as_rendered:.3f}, after JPEG q80 {after_jpeg:.3f}")
+    assert as_rendered == 1.0
+    assert bit_accuracy(image, "other!") < 0.8  # another text is not found in it
