@@ -1,4 +1,4 @@
-"""The `fluxbatch` command line: demo, render, validate, verify, compact, failures, model build, plan.
+"""The `fluxbatch` command line: demo, render, validate, verify, compact, failures, provenance, model build, plan.
 
 Every subcommand fills a `JobSpec` (from --job YAML, then flags) and calls the same Python API.
 User errors print one line saying what to fix and exit 2; no traceback.
@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also read each image's marks back (XMP, C2PA validation, watermark bits) and name every "
                         "image lacking what its ledger row records, or recording none")
     add_storage_option_flag(verify)
+
+    marks = sub.add_parser("provenance", help="show the provenance marks of image files (any, not only OUTPUT's)",
+                           description="Print what each image says about itself: its XMP digital source type, "
+                           "creator tool and model, whether its C2PA manifest validates, and with --watermark whether "
+                           "that watermark reads back. Exit 1 if an image carries no mark saying it is AI-generated.")
+    marks.add_argument("images", nargs="+", metavar="IMAGE", help="image file or URL (s3://...)")
+    marks.add_argument("--watermark", metavar="TEXT", help="also look for this invisible watermark (the job's text)")
+    add_storage_option_flag(marks)
 
     compact = sub.add_parser("compact", help="merge OUTPUT's small metadata parts into few large ones",
                              description="Merge the small metadata parts of OUTPUT (and of each version) into parts "
@@ -376,6 +384,30 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provenance(args: argparse.Namespace) -> int:
+    from PIL import UnidentifiedImageError
+
+    from flux_worker.storage import filesystem
+    from pipeline.store.provenance_check import image_marks
+    from schemas.errors import first_line
+
+    unmarked = 0
+    options = _url_storage_options(args, {f"IMAGE {number}": url for number, url in enumerate(args.images, 1)})
+    for url in args.images:
+        fs, path = filesystem(url, options)
+        try:
+            lines, marked = image_marks(fs.read_bytes(path), args.watermark)
+        except FileNotFoundError:
+            lines, marked = ["no such file"], False
+        except (UnidentifiedImageError, OSError) as error:
+            why = "Pillow cannot read it" if isinstance(error, UnidentifiedImageError) else first_line(error)
+            lines, marked = [f"not an image ({why})"], False
+        unmarked += not marked
+        print(f"{url}: " + ("marked as AI-generated" if marked else "NOT marked as AI-generated"))
+        print("\n".join(f"  {line}" for line in lines))
+    return 1 if unmarked else 0
+
+
 def cmd_model_build(args: argparse.Namespace) -> int:
     from flux_worker.model_build import build_full_model, build_model
     from jobs.errors import UsageError
@@ -439,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_failures(args)
         if args.command == "compact":
             return cmd_compact(args)
+        if args.command == "provenance":
+            return cmd_provenance(args)
         if args.command == "model" and args.model_command == "mirror":
             return cmd_model_mirror(args)
         if args.command == "model":

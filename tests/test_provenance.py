@@ -88,6 +88,9 @@ def test_no_provenance_writes_bare_images_and_verify_provenance_names_each(manif
     for row in metadata(str(out)).to_pylist():
         assert f"{row['key']}: {row['image_uri']}: no provenance marks: rendered with --no-provenance" in checked.stdout
     assert "3 images lack provenance marks" in checked.stdout
+    bare = call_cli(capsys, "provenance", metadata(str(out)).column("image_uri")[0].as_py())
+    assert bare.returncode == 1
+    assert "NOT marked as AI-generated" in bare.stdout and "xmp: no DigitalSourceType" in bare.stdout
 
 
 def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(manifest, tiny_model, signer, tmp_path,
@@ -111,6 +114,11 @@ def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(
         assert manifest_json["ingredients"][0]["relationship"] == "inputTo"
         assert _xmp(data)["Iptc4xmpExt:DigitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA  # XMP survives signing
     assert call_cli(capsys, "verify", str(out), "--provenance").stdout.strip().endswith(": clean")
+    shown = call_cli(capsys, "provenance", *[row["image_uri"] for _, row in images.values()])
+    assert shown.returncode == 0
+    assert shown.stdout.count("marked as AI-generated") == 3
+    assert shown.stdout.count("c2pa: valid manifest, created as trainedAlgorithmicMedia") == 3
+    assert shown.stdout.count("xmp: trainedAlgorithmicMedia, by fluxbatch") == 3
 
     data, row = images["png"]
     tampered = bytearray(data)
@@ -120,6 +128,9 @@ def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(
     assert checked.returncode == 1
     assert f"{row['key']}: {row['image_uri']}: C2PA manifest invalid (" in checked.stdout
     assert "altered image: 1" in checked.stdout  # plain verify's finding too: its sha256 differs
+    shown = call_cli(capsys, "provenance", row["image_uri"])
+    assert "c2pa: C2PA manifest invalid (" in shown.stdout
+    assert shown.returncode == 0  # its XMP still says AI-generated
 
 
 @pytest.mark.parametrize("mistake", ["expired", "other key", "not PEM", "missing", "no key"])

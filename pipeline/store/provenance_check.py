@@ -114,3 +114,35 @@ def c2pa_problems(data: bytes, fmt: OutputFormat) -> list[str]:
         return ["C2PA manifest has no c2pa.created action with digitalSourceType trainedAlgorithmicMedia"]
     return []
 
+
+
+def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
+    """What one image file says about itself (`fluxbatch provenance IMAGE`): a line per mark looked for, and
+    whether any of them marks it as AI-generated. For an image found anywhere, not only in an OUTPUT."""
+    image = Image.open(io.BytesIO(data))
+    lines, marked = [], False
+    fields = xmp_fields(embedded_xmp(image) or b"")
+    source = fields.get("Iptc4xmpExt:DigitalSourceType")
+    if source is None:
+        lines.append("xmp: no DigitalSourceType")
+    else:
+        marked |= source == TRAINED_ALGORITHMIC_MEDIA
+        model = fields.get("Iptc4xmpExt:AISystemUsed", "?")
+        revision = fields.get("Iptc4xmpExt:AISystemVersionUsed")
+        lines.append(f"xmp: {source.rsplit('/', 1)[-1]}, by {fields.get('xmp:CreatorTool', '?')}, model {model}"
+                     + (f" at {revision}" if revision else ""))
+    fmt = {"PNG": OutputFormat.png, "JPEG": OutputFormat.jpeg, "WEBP": OutputFormat.webp}.get(image.format or "")
+    if fmt is None:
+        lines.append(f"c2pa: not checked ({image.format} is not a format fluxbatch writes)")
+    else:
+        problems = c2pa_problems(data, fmt)
+        marked |= not problems
+        lines.append(f"c2pa: {problems[0]}" if problems else "c2pa: valid manifest, created as trainedAlgorithmicMedia")
+    if watermark is not None:
+        from flux_worker.watermark import bit_accuracy
+
+        found_bits = bit_accuracy(image, watermark)
+        marked |= found_bits >= WATERMARK_BITS_FOUND
+        verdict = "found" if found_bits >= WATERMARK_BITS_FOUND else "not found"
+        lines.append(f"watermark {watermark!r}: {verdict} ({found_bits:.0%} of its bits read back)")
+    return lines, marked
