@@ -90,6 +90,7 @@ class ImageWriter:
         path = image_path(self.root, row["key"], fmt.extension, row.get("revision"))
         # The watermark goes into the pixels, XMP into the encoded file, and a C2PA signature over all of it.
         data = encode_image(self.marks.pixels(item.image), fmt, **self.quality, xmp=self.marks.xmp(row))
+        marks = self.marks.recorded(data, row["key"])
         data = self.marks.sign(data, fmt, title=path.rsplit("/", 1)[-1])
         self.fs.write_bytes(path, data)
         if self.counter is not None:  # the driver's bar moves per image (pipeline/progress.py); no reply awaited
@@ -106,7 +107,7 @@ class ImageWriter:
             "finished_at": datetime.now(timezone.utc),
             "error": None,
             "attempts": item.attempts,
-            "provenance": self.marks.recorded,
+            "provenance": marks,
         }
 
 

@@ -10,6 +10,7 @@ do not (docs/guarantees.md).
 from __future__ import annotations
 
 import io
+import logging
 import re
 import threading
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,9 @@ from xml.sax.saxutils import quoteattr
 from PIL import Image
 
 from schemas import OutputFormat
-from schemas.provenance import TRAINED_ALGORITHMIC_MEDIA, ProvenanceSpec
+from schemas.provenance import TRAINED_ALGORITHMIC_MEDIA, WATERMARK_BITS_FOUND, ProvenanceSpec
+
+log = logging.getLogger("flux_worker.renderer")
 
 IPTC_EXT = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
 XMP_BASIC = "http://ns.adobe.com/xap/1.0/"
@@ -119,7 +122,6 @@ class ImageMarks:
 
     def __init__(self, spec: ProvenanceSpec, identity: dict[str, Any], signing: dict[str, str] | None):
         self.spec, self.identity = spec, identity
-        self.recorded = spec.marks()  # the ledger's `provenance` value for every image of this job
         self.signer = Signer(signing) if spec.enabled and spec.signs and signing else None
         if spec.enabled and spec.signs and self.signer is None:
             raise ValueError("provenance names a C2PA certificate, but no credentials reached this renderer")
@@ -131,6 +133,21 @@ class ImageMarks:
         from flux_worker.watermark import embed
 
         return embed(image, self.spec.watermark)
+
+    def recorded(self, encoded: bytes, key: str) -> str:
+        """The ledger's `provenance` value for an image encoded as `encoded`: the job's marks, less the watermark
+        when it does not read back from these very bytes (a flat background, a small picture, a low JPEG quality
+        can fail to hold it), so the ledger never claims a watermark the file does not carry."""
+        if not self.spec.enabled or self.spec.watermark is None:
+            return self.spec.marks()
+        from flux_worker.watermark import bit_accuracy
+
+        found = bit_accuracy(Image.open(io.BytesIO(encoded)), self.spec.watermark)
+        if found >= WATERMARK_BITS_FOUND:
+            return self.spec.marks()
+        log.warning("image %s could not hold the watermark (%.0f%% of its bits read back): recorded without it",
+                    key, found * 100)
+        return self.spec.marks(watermark_held=False)
 
     def xmp(self, row: dict[str, Any]) -> bytes | None:
         """The XMP packet for `row`'s image; None when the job marks nothing."""

@@ -1,9 +1,11 @@
 """The invisible watermark: Black Forest Labs' reference scheme (invisible-watermark's dwtDct), with the job's text.
 
-dwtDct writes each bit of the message into the DCT of 4x4 blocks of the image's luma and one chroma plane after a
-Haar wavelet, repeated over every block, so a bit survives what averages out over blocks: a JPEG re-encode at
-quality 80 keeps it (benchmarks/README.md, "Provenance"). It does not survive a crop that shifts the block grid, a
-rotation or a strong resize (docs/provenance.md). Deterministic: the same pixels and text give the same pixels.
+dwtDct writes each bit of the message into the DCT of 4x4 blocks of the image's U (blue-difference) chroma plane
+after a Haar wavelet, repeated over every block, so a bit survives what averages out over blocks: on smooth
+pictures a JPEG re-encode at quality 80 keeps most bits; fine texture, flat white and small pictures hold it poorly
+(benchmarks/README.md, "Provenance"), so the writer reads every watermark back before recording it. It does not
+survive a crop that shifts the block grid, a rotation or a strong resize (docs/provenance.md). Deterministic:
+the same pixels and text give the same pixels.
 """
 
 from __future__ import annotations

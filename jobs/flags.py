@@ -26,6 +26,8 @@ NOT_FLAGS = {"manifest", "output.uri", "storage_options", "output.storage_option
 NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.adapters": "--adapter",
          "reference_roots": "--reference-root", "model.cache_dir": "--model-cache-dir",
          "provenance.enabled": "--provenance"}
+# Fields whose value an error never repeats: a PEM pasted where its URL belongs would put a private key in the line.
+UNSHOWN = {"provenance.c2pa_key", "provenance.c2pa_certificate"}
 METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH",
             "gpus_per_replica": "N|auto|TYPE=N,...", "reference_roots": "URL",
             "provenance.c2pa_certificate": "URL", "provenance.c2pa_key": "URL", "provenance.watermark": "TEXT"}
@@ -218,6 +220,8 @@ def flags_as_typed(args: argparse.Namespace) -> dict[str, str]:
             typed.update({f"{flag.field}.{k}": f"{flag.names[0]} {k}={v}" for k, v in value})
         elif flag.kind == "list":
             typed[flag.field] = " ".join(f"{flag.names[0]} {item}" for item in value)
+        elif flag.field in UNSHOWN:
+            typed[flag.field] = flag.names[0]
         else:
             typed[flag.field] = f"{flag.names[0]} {value}"
     return typed

@@ -32,7 +32,7 @@ from pipeline.manifest import list_manifest_files
 from pipeline.signing import signing_credentials
 from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
-from schemas.errors import FluxbatchError
+from schemas.errors import FluxbatchError, first_line
 from schemas.job import check_defaults
 from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
 
@@ -52,9 +52,16 @@ def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
 def check_provenance_packages(job: JobSpec) -> None:
     """A watermark needs invisible-watermark on the renderers: missing here, it is one line, not a failed image
     per row (the container image and the test extra have it)."""
-    if job.provenance.enabled and job.provenance.watermark is not None and find_spec("imwatermark") is None:
+    if not job.provenance.enabled or job.provenance.watermark is None:
+        return
+    if find_spec("imwatermark") is None:
         raise ProvenancePackageError("--watermark needs the invisible-watermark package: pip install "
                                      "'fluxbatch[provenance]'")
+    try:  # imported for real: OpenCV needs system libraries (libGL) an image may lack
+        import imwatermark  # noqa: F401
+    except (ImportError, OSError) as error:
+        raise ProvenancePackageError(f"--watermark: invisible-watermark does not import here ({first_line(error)}); "
+                                     "install the system libraries OpenCV needs (libGL)") from None
 
 
 class ProvenancePackageError(FluxbatchError):

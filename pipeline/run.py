@@ -240,6 +240,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     plan = plan_images(manifest, job, preset, committed, rerender_changed=rerender_changed, stale=stale,
                        run_id=run_id)
     undo.plan_made()
+    ledger.record_added_sections(fs, root, job)  # an OUTPUT older than its identity's newest sections gets them
     del committed, stale
     seconds["plan"] = time.monotonic() - mark
     _compact_if_due(fs, root, held, shown)  # a run killed after writing thousands of parts left them

@@ -24,6 +24,9 @@ MARK_SEPARATOR = "+"
 # more than 8 bytes would leave too few blocks a bit at 256x256 to survive a JPEG re-encode.
 WATERMARK_MAX_BYTES = 8
 WATERMARK_MIN_PIXELS = 256 * 256
+# A watermark counts as there when this share of its bits reads back: random bits agree half the time, so 0.8 of
+# 16 or more bits by chance is under 1%, of 64 bits about one in 10^6. The writer checks each image it marks.
+WATERMARK_BITS_FOUND = 0.8
 
 
 class ProvenanceSpec(BaseModel):
@@ -57,6 +60,9 @@ class ProvenanceSpec(BaseModel):
     @field_validator("c2pa_certificate", "c2pa_key")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
+        if value is not None and ("-----BEGIN" in value or "\n" in value):
+            # A PEM given where its URL belongs: never echoed (a key must not reach a log or an error).
+            raise ValueError("takes the URL of a PEM file (a path, s3://...), not the PEM text itself")
         return None if value is None else storage_url(value)
 
     @field_validator("watermark")
@@ -81,11 +87,13 @@ class ProvenanceSpec(BaseModel):
     def signs(self) -> bool:
         return self.c2pa_certificate is not None
 
-    def marks(self) -> str:
-        """The marks each image of this job carries, as the ledger's `provenance` column records them."""
+    def marks(self, watermark_held: bool = True) -> str:
+        """The marks each image of this job carries, as the ledger's `provenance` column records them; without
+        `watermark` for an image whose picture could not hold it (read back below WATERMARK_BITS_FOUND)."""
         if not self.enabled:
             return ""
-        return MARK_SEPARATOR.join([XMP] + [C2PA] * self.signs + [WATERMARK] * (self.watermark is not None))
+        watermarked = self.watermark is not None and watermark_held
+        return MARK_SEPARATOR.join([XMP] + [C2PA] * self.signs + [WATERMARK] * watermarked)
 
     def identity(self) -> dict[str, Any]:
         """What decides the images' bytes (`_job.json`): the marks, the prompt's presence, the watermark's text.
@@ -93,6 +101,14 @@ class ProvenanceSpec(BaseModel):
         return {"marks": self.marks(), "include_prompt": self.include_prompt, "watermark": self.watermark}
 
 
-def marks_of(recorded: str | None) -> set[str]:
-    """The marks a ledger row's `provenance` value names (None: a row written before fluxbatch recorded them)."""
-    return set(recorded.split(MARK_SEPARATOR)) - {""} if recorded else set()
+MARKS = (XMP, C2PA, WATERMARK)
+
+
+def marks_of(recorded: str | None) -> set[str] | None:
+    """The marks a ledger row's `provenance` value names: set() for "" (a job with --no-provenance); None when
+    it records none (null: a row written before fluxbatch recorded marks; anything else: a manifest's own column
+    named `provenance` that an older fluxbatch kept under that name)."""
+    if recorded is None:
+        return None
+    marks = set(recorded.split(MARK_SEPARATOR)) - {""}
+    return marks if marks <= set(MARKS) else None

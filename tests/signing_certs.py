@@ -32,8 +32,8 @@ def _name(common: str) -> x509.Name:
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fluxbatch tests")])
 
 
-def make_signer(folder: Path, days: int = 30, name: str = "signer") -> TestSigner:
-    """A chain and key under `folder` (`<name>.pem`, `<name>.key`)."""
+def make_signer(folder: Path, days: float = 30, name: str = "signer") -> TestSigner:
+    """A chain and key under `folder` (`<name>.pem`, `<name>.key`), the leaf valid until `days` from now."""
     now = datetime.datetime.now(datetime.timezone.utc)
     start = now - datetime.timedelta(days=1) if days > 0 else now - datetime.timedelta(days=400)
     end = now + datetime.timedelta(days=days)

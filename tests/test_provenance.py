@@ -126,20 +126,21 @@ def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(
     Path(row["image_uri"].removeprefix("file://")).write_bytes(bytes(tampered))
     checked = call_cli(capsys, "verify", str(out), "--provenance")
     assert checked.returncode == 1
-    assert f"{row['key']}: {row['image_uri']}: C2PA manifest invalid (" in checked.stdout
+    assert f"{row['key']}: {row['image_uri']}: C2PA manifest invalid (" in checked.stdout, checked.stdout
     assert "altered image: 1" in checked.stdout  # plain verify's finding too: its sha256 differs
     shown = call_cli(capsys, "provenance", row["image_uri"])
     assert "c2pa: C2PA manifest invalid (" in shown.stdout
     assert shown.returncode == 0  # its XMP still says AI-generated
 
 
-@pytest.mark.parametrize("mistake", ["expired", "other key", "not PEM", "missing", "no key"])
+@pytest.mark.parametrize("mistake", ["expired", "other key", "not PEM", "missing", "no key", "PEM text as URL"])
 def test_a_bad_signing_certificate_is_one_line_before_anything_is_written(mistake, manifest, tiny_model, signer,
                                                                          tmp_path, capsys):
     old = make_signer(tmp_path / "old", days=-3)
     certificate, key = {"expired": (old.certificate, old.key), "other key": (signer.certificate, old.key),
                         "not PEM": (manifest, signer.key), "missing": (tmp_path / "none.pem", signer.key),
-                        "no key": (signer.certificate, None)}[mistake]
+                        "no key": (signer.certificate, None),
+                        "PEM text as URL": (signer.certificate, signer.key.read_text())}[mistake]
     out = tmp_path / "out"
     args = ["render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
             "--c2pa-certificate", str(certificate)] + (["--c2pa-key", str(key)] if key else [])
@@ -148,7 +149,8 @@ def test_a_bad_signing_certificate_is_one_line_before_anything_is_written(mistak
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert {"expired": "the certificate expired on", "other key": "is not the key of", "missing": "no such file",
-            "not PEM": "not a PEM certificate chain", "no key": "needs both c2pa_certificate and c2pa_key"
+            "not PEM": "not a PEM certificate chain", "no key": "needs both c2pa_certificate and c2pa_key",
+            "PEM text as URL": "--c2pa-key: takes the URL of a PEM file (a path, s3://...), not the PEM text itself",
             }[mistake] in lines[0]
     assert not out.exists()
     assert signer.key_body not in result.stderr and old.key_body not in result.stderr
@@ -171,6 +173,10 @@ def test_changing_the_marks_is_another_job_and_an_output_made_before_marks_goes_
     write_manifest(manifest.parent / "more" / "m.parquet", ROWS + [dict(ROWS[0], id="new")])
     again = render(make_job(str(manifest.parent / "more" / "m.parquet"), str(out), str(tiny_model)), progress=False)
     assert (again.images_rendered, again.images_already_done) == (1, 3)
+    # That run recorded its marks: from now on they are this OUTPUT's, as for one made with them.
+    assert json.loads(job_file.read_text())["identity"]["provenance"]["marks"] == "xmp"
+    assert call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
+                    "--no-provenance").returncode == 2
 
 
 def test_a_watermark_refuses_rows_smaller_than_256x256_by_row_and_field(manifest, tiny_model, capsys):
@@ -207,3 +213,105 @@ def test_a_watermark_reads_back_from_an_image_the_real_pipeline_rendered(tmp_pat
     print(f"watermark bit accuracy: as rendered {as_rendered:.3f}, after JPEG q80 {after_jpeg:.3f}")
     assert as_rendered == 1.0
     assert bit_accuracy(image, "other!") < 0.8  # another text is not found in it
+
+
+def test_an_image_whose_picture_cannot_hold_the_watermark_is_recorded_without_it_and_named(tmp_path, tiny_model,
+                                                                                         capsys):
+    """Noise (as random weights render) written as JPEG at quality 95 loses dwtDct's bits; as PNG it keeps them.
+    The writer reads each watermark back from the bytes it wrote, so the ledger never claims one a file lacks."""
+    rows = [{"id": f"w-{fmt}", "prompt": "noise", "width": 256, "height": 256, "steps": 2, "output_format": fmt}
+            for fmt in ("png", "jpeg")]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    render(make_job(str(manifest), str(out), str(tiny_model), provenance={"watermark": "fb"}), progress=False)
+    images = _images(out)
+    assert images["png"][1]["provenance"] == "xmp+watermark"
+    assert images["jpeg"][1]["provenance"] == "xmp"
+    checked = call_cli(capsys, "verify", str(out), "--provenance")
+    assert checked.returncode == 1
+    assert f"{images['jpeg'][1]['key']}: {images['jpeg'][1]['image_uri']}: no watermark 'fb': the picture could " \
+           "not hold it" in checked.stdout
+    assert "image lacking provenance: 1" in checked.stdout
+
+
+def test_verify_provenance_reports_beside_an_unreadable_part_and_a_truncated_image(manifest, tiny_model, tmp_path,
+                                                                                  capsys):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    render(make_job(str(manifest), str(out), str(tiny_model), commit_seconds=0, batch_size=1), progress=False)
+    # (a truncated PNG's header and XMP still read; a truncated JPEG, WebP or C2PA check names what it cannot read)
+    parts = sorted((out / "metadata").glob("*.parquet"))
+    assert len(parts) >= 2
+    truncated = Path(pq.read_table(parts[-1]).column("image_uri")[0].as_py().removeprefix("file://"))
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    parts[0].write_bytes(b"")  # an emptied part
+    checked = call_cli(capsys, "verify", str(out), "--provenance")
+    assert checked.returncode == 1, checked.stderr
+    assert "unreadable part: 1" in checked.stdout and "altered image: 1" in checked.stdout
+    assert str(truncated) in checked.stdout and not checked.stderr  # named, and no traceback
+
+
+def test_a_signature_whose_certificate_expired_since_is_not_called_tampering(tmp_path):
+    import time
+
+    from pipeline.signing import check_credentials
+    from pipeline.store.provenance_check import c2pa_findings, image_marks
+    from schemas import OutputFormat
+
+    short = make_signer(tmp_path, days=3 / 86400)  # valid for three more seconds
+    credentials = check_credentials(short.certificate.read_bytes(), short.key.read_bytes(), "cert", "key")
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(image, format="PNG")
+    from flux_worker.provenance import Signer, c2pa_manifest
+
+    signed = Signer(credentials).sign(image.getvalue(), OutputFormat.png, c2pa_manifest({"model_id": "m"}, "x.png"))
+    assert c2pa_findings(signed, OutputFormat.png) == []
+    time.sleep(4)
+    findings = c2pa_findings(signed, OutputFormat.png)
+    assert [tampered for _, tampered in findings] == [False], findings
+    assert "signingCredential.expired" in findings[0][0] and "the image is as signed" in findings[0][0]
+    lines, marked = image_marks(signed, None)
+    assert marked, lines
+    tampered = bytearray(signed)
+    tampered[len(tampered) // 2] ^= 0xFF
+    assert [t for _, t in c2pa_findings(bytes(tampered), OutputFormat.png)] == [True]
+
+
+def test_marks_of_reads_only_fluxbatchs_mark_names():
+    from schemas.provenance import marks_of
+
+    assert marks_of("xmp+c2pa+watermark") == {"xmp", "c2pa", "watermark"}
+    assert marks_of("") == set()
+    assert marks_of(None) is None
+    assert marks_of("licensed-stock") is None  # a manifest's own `provenance` column, kept by an older fluxbatch
+
+
+def test_packed_shards_made_before_the_provenance_column_are_packed_again_with_it(tmp_path, tiny_model):
+    import datasets
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"p{i}", "prompt": f"a bowl {i}", "width": 64, "height": 64, "steps": 2} for i in range(4)]
+    out = tmp_path / "out"
+    first = write_manifest(tmp_path / "first" / "m.parquet", rows[:2])
+    from schemas import JobSpec
+
+    def job(manifest: Path) -> JobSpec:
+        return JobSpec.model_validate({"manifest": str(manifest), "model": {"name": str(tiny_model)},
+                                       "output": {"uri": str(out), "layout": "hf-parquet", "shard_size": 2}})
+
+    render(job(first), progress=False)
+    # As an older fluxbatch left it: parts and the full first shard without the column.
+    for path in list((out / "metadata").glob("*.parquet")) + list((out / "hf").glob("*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["provenance"]), path)
+    from pipeline.store.pack import pack_images
+
+    pack_images(job(first), set(metadata(str(out)).column("key").to_pylist()))
+    assert "provenance" not in pq.read_schema(out / "hf" / "00000.parquet").names
+    second = write_manifest(tmp_path / "second" / "m.parquet", rows)
+    render(job(second), progress=False)
+    shards = sorted(str(p) for p in (out / "hf").glob("*.parquet"))
+    assert len(shards) == 2
+    assert all("provenance" in pq.read_schema(shard).names for shard in shards)
+    assert datasets.load_dataset("parquet", data_files=shards, split="train").num_rows == 4

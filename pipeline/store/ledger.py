@@ -248,7 +248,8 @@ def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, 
 
 
 # Identity sections newer than some OUTPUTs: a `_job.json` written before one existed records nothing for it, and a
-# re-run goes on in that OUTPUT (its older images carry no marks: `fluxbatch verify --provenance` names them).
+# re-run goes on in that OUTPUT (its older images carry no marks: `fluxbatch verify --provenance` names them); the
+# first such run records its own section (record_added_sections), which later runs must then match.
 ADDED_SINCE = ("provenance",)
 
 
@@ -337,6 +338,23 @@ def versions(fs: Storage, root: str) -> list[tuple[int, str]]:
         if name.isdigit() and fs.exists(f"{folder}/{JOB_FILE}"):
             found.append((int(name), folder))
     return sorted(found)
+
+
+def record_added_sections(fs: Storage, folder: str, job: JobSpec) -> None:
+    """Write into `folder/_job.json` the identity sections (ADDED_SINCE) it was recorded without, once a run is
+    under way there: from then on a re-run must match them, so marks once chosen for an older OUTPUT stay chosen.
+    Called after the plan is made, so a refused run leaves `_job.json` as it was."""
+    path = f"{folder}/{JOB_FILE}"
+    document = json.loads(fs.read_bytes(path))
+    identity = document.get("identity", {})
+    missing = [name for name in ADDED_SINCE if name not in identity]
+    if not missing:
+        return
+    ours = job_identity(job)
+    identity.update({name: ours[name] for name in missing})
+    log.warning("%s was recorded before fluxbatch recorded %s; recording this run's: %s", fs.uri(path),
+                ", ".join(missing), "; ".join(f"{name} {ours[name]}" for name in missing))
+    fs.write_bytes(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _write_job(fs: Storage, folder: str, job: JobSpec, version: int) -> None:

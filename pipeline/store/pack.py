@@ -75,7 +75,7 @@ def pack_images(job: JobSpec, keys: set[str]) -> PackResult:
     written = unchanged = 0
     stats: list[dict[str, Any]] = []
     for index, records in enumerate(shards):
-        digest = _digest(layout, records)
+        digest = _digest(layout, records, table.schema)
         name = shard_name(index, suffix)
         previous = _read_stats(fs, f"{folder}/{STATS}/{index:05d}.json")
         if previous and previous.get("digest") == digest and fs.exists(f"{folder}/{name}"):
@@ -123,9 +123,11 @@ def _shards(layout: str, table: pa.Table, size: int) -> list[pa.Table]:
     return [group.slice(start, size) for group in groups for start in range(0, group.num_rows, size)]
 
 
-def _digest(layout: str, records: pa.Table) -> str:
-    """Names a shard's content: its layout and each image's key and sha256, in order."""
+def _digest(layout: str, records: pa.Table, schema: pa.Schema) -> str:
+    """Names a shard's content: its layout, its columns (a shard packed before a column was added to the ledger is
+    packed again, so every shard of a data set has the same columns) and each image's key and sha256, in order."""
     digest = hashlib.sha256(layout.encode())
+    digest.update(str(schema.remove_metadata()).encode())
     for key, sha in zip(records.column("key").to_pylist(), records.column("sha256").to_pylist()):
         digest.update(f"\x1f{key}:{sha}".encode())
     return digest.hexdigest()

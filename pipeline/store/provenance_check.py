@@ -5,10 +5,13 @@ column records (schemas/provenance.py):
 - a row recording no mark (rendered with --no-provenance, or by a fluxbatch that did not mark images) is named;
 - xmp: the file's XMP holds IPTC DigitalSourceType trainedAlgorithmicMedia;
 - c2pa: c2pa-python finds a manifest, validates it (a changed byte anywhere it covers makes it Invalid), and its
-  c2pa.created action says trainedAlgorithmicMedia;
+  c2pa.created action says trainedAlgorithmicMedia; a signer whose certificate has expired since, or that no
+  trust list holds, is not a finding: the image is as it was signed;
 - watermark: the job's text (from `_job.json`) is read back from the pixels with at least WATERMARK_BITS_FOUND of
-  its bits right (a JPEG re-encode at quality 80 keeps about 0.8: benchmarks/README.md, "Provenance").
-A missing image is plain verify's finding (pipeline/store/verify.py), not repeated here. Nothing is changed.
+  its bits right; an image whose row records no watermark although the job asked for one (the writer found its
+  picture could not hold it) is named too.
+A missing, unreadable or altered image or part is plain verify's finding (pipeline/store/verify.py); an unreadable
+part is left out here. Nothing is changed.
 """
 
 from __future__ import annotations
@@ -18,25 +21,46 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from flux_worker.provenance import MIME_TYPES, embedded_xmp, xmp_fields
 from flux_worker.storage import Storage
 from pipeline.store import ledger
 from pipeline.store.committed_images import full_paths, image_names
 from schemas import OutputFormat
-from schemas.provenance import C2PA, TRAINED_ALGORITHMIC_MEDIA, WATERMARK, XMP, marks_of
+from schemas.errors import FluxbatchError, first_line
+from schemas.provenance import (
+    C2PA,
+    TRAINED_ALGORITHMIC_MEDIA,
+    WATERMARK,
+    WATERMARK_BITS_FOUND,
+    WATERMARK_MIN_PIXELS,
+    XMP,
+    marks_of,
+)
 
 COLUMNS = ["key", "image_uri", "output_format", "provenance"]
 READ_THREADS = 16  # images are read in parallel: on object storage each read is a round trip
 CHUNK = 10_000  # rows checked per round
-# Random bits agree half the time: 0.8 of 16 or more bits by chance is under 1%, of 64 bits about one in 10^6.
-WATERMARK_BITS_FOUND = 0.8
+# Validation codes about the signer, not the bytes: an expired certificate, or a CA no trust list holds. The image
+# is as it was signed; these are reported apart from a manifest that no longer matches its image.
+SIGNER_CODES = ("signingCredential.", "timeStamp.")
 
 
-def check_folder_provenance(fs: Storage, folder: str, watermark: str | None) -> dict[str, tuple[str, str]]:
-    """Each image of `folder` that lacks a mark its row records, or whose row records none: key -> (path, why)."""
-    table = ledger.read_metadata(fs, folder, None, each=_marks_columns)
+class ProvenanceToolsError(FluxbatchError):
+    """Reading a mark back needs a package that is not installed (the provenance extra)."""
+
+
+def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
+                            unreadable: set[str] | frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
+    """Each image of `folder` that lacks a mark its row records, or the job's watermark, or whose row records no
+    mark: key -> (path, why). Parts in `unreadable` (plain verify names them) are left out."""
+    def read_all() -> pa.Table | None:
+        parts = [part for part in ledger.metadata_parts(fs, folder) if part not in unreadable]
+        tables = [_marks_columns(ledger.read_part(fs, folder, part)) for part in parts]
+        return pa.concat_tables(tables) if tables else None
+
+    table = ledger.again_if_parts_vanish(fs, folder, read_all)
     if table is None:
         return {}
     last = ledger.last_row_indices(table.column("key"))
@@ -63,57 +87,91 @@ def _marks_columns(table: pa.Table) -> pa.Table:
 
 
 def _lacks(fs: Storage, path: str, row: dict[str, Any], watermark: str | None) -> str | None:
-    """Why the image at `path` lacks what `row` records, or None when it carries all of it."""
+    """Why the image at `path` lacks what `row` records (or the job's watermark), or None when it carries all."""
     marks = marks_of(row["provenance"])
+    if marks is None:
+        return "no provenance marks recorded: rendered before fluxbatch marked images"
     if not marks:
-        return ("no provenance marks: rendered with --no-provenance" if row["provenance"] == ""
-                else "no provenance marks recorded: rendered before fluxbatch marked images")
+        return "no provenance marks: rendered with --no-provenance"
     try:
         data = fs.read_bytes(path)
     except FileNotFoundError:
         return None  # plain verify names it missing
+    try:  # the header only: XMP is there, C2PA reads the bytes, only the watermark needs the pixels
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as error:  # plain verify names it altered too (its sha256)
+        return f"its marks cannot be read: not an image ({first_line(error)})"
     problems = []
-    image = Image.open(io.BytesIO(data))
     if XMP in marks:
         found = xmp_fields(embedded_xmp(image) or b"").get("Iptc4xmpExt:DigitalSourceType")
         if found != TRAINED_ALGORITHMIC_MEDIA:
             problems.append("no XMP DigitalSourceType trainedAlgorithmicMedia" if found is None
                             else f"XMP DigitalSourceType is {found!r}")
     if C2PA in marks:
-        problems += c2pa_problems(data, OutputFormat(row["output_format"]))
-    if WATERMARK in marks and watermark is not None:
-        from flux_worker.watermark import bit_accuracy
-
-        found_bits = bit_accuracy(image, watermark)
-        if found_bits < WATERMARK_BITS_FOUND:
-            problems.append(f"no watermark {watermark!r} ({found_bits:.0%} of its bits read back)")
+        problems += [problem for problem, tampered in c2pa_findings(data, OutputFormat(row["output_format"]))
+                     if tampered is not False]
+    if watermark is not None:
+        if WATERMARK not in marks:
+            problems.append(f"no watermark {watermark!r}: the picture could not hold it when it was written (flat "
+                            "colour, fine texture or a small image; docs/provenance.md)")
+        else:
+            try:
+                found_bits = _bit_accuracy(image, watermark)
+            except OSError as error:  # truncated or damaged pixel data
+                problems.append(f"no watermark {watermark!r} read: its pixels cannot be decoded ({first_line(error)})")
+            else:
+                if found_bits < WATERMARK_BITS_FOUND:
+                    problems.append(f"no watermark {watermark!r} ({found_bits:.0%} of its bits read back)")
     return "; ".join(problems) or None
 
 
-def c2pa_problems(data: bytes, fmt: OutputFormat) -> list[str]:
-    """What is wrong with an image's C2PA Content Credentials: none, invalid, or not saying AI-generated."""
-    import c2pa
+def _bit_accuracy(image: Image.Image, watermark: str) -> float:
+    """The watermark's bits read back, 0.0 for an image too small to hold one."""
+    try:
+        from flux_worker.watermark import bit_accuracy
+    except ImportError:
+        raise ProvenanceToolsError("reading a watermark needs the invisible-watermark package: pip install "
+                                   "'fluxbatch[provenance]'") from None
+    if image.width * image.height < WATERMARK_MIN_PIXELS:
+        return 0.0
+    return bit_accuracy(image, watermark)
 
+
+def c2pa_findings(data: bytes, fmt: OutputFormat) -> list[tuple[str, bool | None]]:
+    """What is wrong with an image's C2PA Content Credentials, each with whether it means the image or its
+    manifest changed (True), the signer is expired or untrusted while the image is as signed (False), or the
+    manifest is missing or says other than AI-generated (None). [] for a valid manifest saying so."""
+    try:
+        import c2pa
+    except ImportError:
+        raise ProvenanceToolsError("reading C2PA Content Credentials needs the c2pa-python package: pip install "
+                                   "'fluxbatch[provenance]'") from None
     try:
         reader = c2pa.Reader.try_create(MIME_TYPES[fmt], io.BytesIO(data))
     except c2pa.C2paError as error:
-        return [f"C2PA manifest unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"]
+        return [(f"C2PA manifest unreadable ({first_line(error)})", True)]
     if reader is None:
-        return ["no C2PA manifest"]
+        return [("no C2PA manifest", None)]
     with reader:
         state = reader.get_validation_state()
         manifest = reader.get_active_manifest() or {}
         results = reader.get_validation_results() or {}
+    findings: list[tuple[str, bool | None]] = []
     if state == "Invalid":
-        failures = (results.get("activeManifest") or {}).get("failure") or [{}]
-        return [f"C2PA manifest invalid ({failures[0].get('code', 'no code')}: the image changed after signing)"]
+        failures = [f.get("code", "") for f in (results.get("activeManifest") or {}).get("failure") or []]
+        changed = [code for code in failures if not code.startswith(SIGNER_CODES)]
+        if changed or not failures:
+            findings.append((f"C2PA manifest invalid ({changed[0] if changed else 'no code'}: the image or its "
+                             "manifest changed after signing)", True))
+        else:
+            findings.append((f"C2PA signer not valid now ({', '.join(failures)}); the image is as signed", False))
     actions = [action for assertion in manifest.get("assertions", []) if assertion.get("label", "").startswith(
         "c2pa.actions") for action in assertion.get("data", {}).get("actions", [])]
     if not any(a.get("action") == "c2pa.created" and a.get("digitalSourceType") == TRAINED_ALGORITHMIC_MEDIA
                for a in actions):
-        return ["C2PA manifest has no c2pa.created action with digitalSourceType trainedAlgorithmicMedia"]
-    return []
-
+        findings.append(("C2PA manifest has no c2pa.created action with digitalSourceType trainedAlgorithmicMedia",
+                         None))
+    return findings
 
 
 def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
@@ -135,13 +193,15 @@ def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
     if fmt is None:
         lines.append(f"c2pa: not checked ({image.format} is not a format fluxbatch writes)")
     else:
-        problems = c2pa_problems(data, fmt)
-        marked |= not problems
-        lines.append(f"c2pa: {problems[0]}" if problems else "c2pa: valid manifest, created as trainedAlgorithmicMedia")
-    if watermark is not None:
-        from flux_worker.watermark import bit_accuracy
-
-        found_bits = bit_accuracy(image, watermark)
+        findings = c2pa_findings(data, fmt)
+        marked |= all(tampered is False for _, tampered in findings)  # an expired signer still says it
+        lines += [f"c2pa: {finding}" for finding, _ in findings] or [
+            "c2pa: valid manifest, created as trainedAlgorithmicMedia"]
+    if watermark is not None and image.width * image.height < WATERMARK_MIN_PIXELS:
+        lines.append(f"watermark {watermark!r}: not looked for ({image.width}x{image.height} is too small to hold "
+                     "one; a watermark needs 256x256)")
+    elif watermark is not None:
+        found_bits = _bit_accuracy(image, watermark)
         marked |= found_bits >= WATERMARK_BITS_FOUND
         verdict = "found" if found_bits >= WATERMARK_BITS_FOUND else "not found"
         lines.append(f"watermark {watermark!r}: {verdict} ({found_bits:.0%} of its bits read back)")

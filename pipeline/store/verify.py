@@ -156,7 +156,7 @@ def _check_marks(fs: Storage, checks: list[FolderCheck]) -> None:
     """Each folder's images lacking a mark, with the watermark text its `_job.json` records."""
     for check in checks:
         watermark = ledger.recorded_identity(fs, check.folder).get("provenance", {}).get("watermark")
-        check.unmarked = check_folder_provenance(fs, check.folder, watermark)
+        check.unmarked = check_folder_provenance(fs, check.folder, watermark, set(check.unreadable))
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
