@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_provenance.py [--sizes 512 1024] [--repeats 5]
 
 Cost: the seconds the image writer spends per image (flux_worker/image_writer.py: watermark, encode with XMP, the
-watermark read back from the encoded bytes, C2PA signature) for each format and each option, against the bare encode, median of `--repeats`, one thread (as one
-writer thread works). The C2PA signer is a test certificate made here (tests/signing_certs.py), ES256.
+watermark read back from the encoded bytes, C2PA signature) for each format and each option, against the bare
+encode, median of `--repeats`, one thread (as one writer thread works). The C2PA signer is a test certificate made
+here (tests/signing_certs.py), ES256.
 
 Survival: the watermark's bit accuracy (1.0 all bits right, about 0.5 chance) as written in each format, and after
 a JPEG re-encode at quality 80, for two kinds of picture: smooth (blurred colour noise, as photographs and most

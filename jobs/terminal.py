@@ -24,6 +24,9 @@ def summary_lines(summary: Any) -> list[str]:
         if len(reasons) > TOP_REASONS:
             rest = sum(count for _, count in reasons[TOP_REASONS:])
             lines.append(f"  and {len(reasons) - TOP_REASONS} more reasons ({rest} failures)")
+    if summary.images_without_watermark:
+        lines.append(f"{summary.images_without_watermark} images could not hold the watermark (flat colour, fine "
+                     f"texture, a small image): written without it; `fluxbatch verify {out} --provenance` names them")
     lines.append(f"report: {out}/report.html")  # a no-op re-run keeps the report of the run that rendered
     lines.append(summary.outcome())
     return lines

@@ -268,6 +268,8 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
                                        session.can_grow, renderer_class, pool_stats)
         summary.pools = pool_stats.summaries()
         rendered = writer.written  # _render_plan flushed the last rows, whatever happened
+        if job.provenance.enabled and job.provenance.watermark is not None:
+            summary.images_without_watermark = writer.marks[job.provenance.marks(watermark_held=False)]
         failures_by_reason.update(render_failures.by_reason)
     seconds["render"] = time.monotonic() - mark
     # Every run ends with the ledger and the images agreeing: one row per key, no image without a row, and every

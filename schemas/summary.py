@@ -65,6 +65,9 @@ class RunSummary(BaseModel):
     images_missing: int = Field(default=0, description="committed images found missing or altered (another size "
                                 "than their ledger row says) when the run ended; each is a failure row of stage "
                                 "'check'")
+    images_without_watermark: int = Field(
+        default=0, description="images this run rendered whose picture could not hold the job's watermark: written "
+        "and committed without it (their ledger rows say so; `fluxbatch verify --provenance` names them)")
     images_per_second: float = 0.0
     seconds: dict[str, float] = Field(default_factory=dict, description="wall seconds per stage")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)

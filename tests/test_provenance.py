@@ -223,7 +223,11 @@ def test_an_image_whose_picture_cannot_hold_the_watermark_is_recorded_without_it
             for fmt in ("png", "jpeg")]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
-    render(make_job(str(manifest), str(out), str(tiny_model), provenance={"watermark": "fb"}), progress=False)
+    result = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
+                      "--watermark", "fb")
+    assert result.returncode == 0  # every image is there, and the run says which could not hold the watermark
+    assert (f"1 images could not hold the watermark (flat colour, fine texture, a small image): written without "
+            f"it; `fluxbatch verify {out} --provenance` names them") in result.stdout
     images = _images(out)
     assert images["png"][1]["provenance"] == "xmp+watermark"
     assert images["jpeg"][1]["provenance"] == "xmp"

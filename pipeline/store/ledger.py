@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -473,6 +474,7 @@ class MetadataWriter:
         self._last_flush = time.monotonic()
         self._seq = 0
         self.written = 0
+        self.marks: Counter[str | None] = Counter()  # committed rows by their `provenance` value
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -492,4 +494,6 @@ class MetadataWriter:
         self.fs.write_bytes(path, parquet_bytes(table))
         self._seq += 1
         self.written += table.num_rows
+        counts = pc.value_counts(table.column("provenance")).to_pylist()
+        self.marks.update({count["values"]: count["counts"] for count in counts})
         self._pending, self._pending_rows = [], 0
