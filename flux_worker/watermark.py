@@ -36,10 +36,3 @@ def bit_accuracy(image: Image.Image, text: str) -> float:
     found = np.asarray(WatermarkDecoder("bits", len(expected)).decode(bgr, METHOD), dtype=np.uint8)
     return float((found == expected).mean())
 
-
-def read(image: Image.Image, length: int) -> bytes:
-    """The `length` bytes the watermark of `image` holds (noise where it holds none)."""
-    from imwatermark import WatermarkDecoder
-
-    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    return WatermarkDecoder("bytes", length * 8).decode(bgr, METHOD)
