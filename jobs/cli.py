@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     marks = sub.add_parser("provenance", help="show the provenance marks of image files (any, not only OUTPUT's)",
                            description="Print what each image says about itself: its XMP digital source type, "
                            "creator tool and model, whether its C2PA manifest validates, and with --watermark whether "
-                           "that watermark reads back. Exit 1 if an image carries no mark saying it is AI-generated.")
+                           "that watermark reads back. Exit 1 if an image carries no mark saying it is AI-generated, "
+                           "or changed since its C2PA manifest was signed.")
     marks.add_argument("images", nargs="+", metavar="IMAGE", help="image file or URL (s3://...)")
     marks.add_argument("--watermark", metavar="TEXT", help="also look for this invisible watermark (the job's text)")
     add_storage_option_flag(marks)
@@ -391,21 +392,22 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     from pipeline.store.provenance_check import image_marks
     from schemas.errors import first_line
 
-    unmarked = 0
+    failing = 0
     options = _url_storage_options(args, {f"IMAGE {number}": url for number, url in enumerate(args.images, 1)})
     for url in args.images:
         fs, path = filesystem(url, options)
         try:
-            lines, marked = image_marks(fs.read_bytes(path), args.watermark)
+            lines, marked, tampered = image_marks(fs.read_bytes(path), args.watermark)
         except FileNotFoundError:
-            lines, marked = ["no such file"], False
+            lines, marked, tampered = ["no such file"], False, False
         except (UnidentifiedImageError, OSError) as error:
             why = "Pillow cannot read it" if isinstance(error, UnidentifiedImageError) else first_line(error)
-            lines, marked = [f"not an image ({why})"], False
-        unmarked += not marked
-        print(f"{url}: " + ("marked as AI-generated" if marked else "NOT marked as AI-generated"))
+            lines, marked, tampered = [f"not an image ({why})"], False, False
+        failing += tampered or not marked
+        verdict = "marked as AI-generated" if marked else "NOT marked as AI-generated"
+        print(f"{url}: {verdict}" + (", and changed since its C2PA manifest was signed" if tampered else ""))
         print("\n".join(f"  {line}" for line in lines))
-    return 1 if unmarked else 0
+    return 1 if failing else 0
 
 
 def cmd_model_build(args: argparse.Namespace) -> int:

@@ -25,8 +25,10 @@ def summary_lines(summary: Any) -> list[str]:
             rest = sum(count for _, count in reasons[TOP_REASONS:])
             lines.append(f"  and {len(reasons) - TOP_REASONS} more reasons ({rest} failures)")
     if summary.images_without_watermark:
-        lines.append(f"{summary.images_without_watermark} images could not hold the watermark (flat colour, fine "
-                     f"texture, a small image): written without it; `fluxbatch verify {out} --provenance` names them")
+        count = summary.images_without_watermark
+        lines.append(f"{count} image{'s' if count > 1 else ''} could not hold the watermark (flat colour, fine "
+                     f"texture, a small image; JPEG and WebP lose more of it than PNG): written without it; "
+                     f"`fluxbatch verify {out} --provenance` names them")
     lines.append(f"report: {out}/report.html")  # a no-op re-run keeps the report of the run that rendered
     lines.append(summary.outcome())
     return lines

@@ -251,7 +251,8 @@ class JobSpec(BaseModel):
         """The limits this job's rows are checked with: the model's, and a watermark's smallest image."""
         if self.provenance.watermark is None or limits.min_side ** 2 >= WATERMARK_MIN_PIXELS:
             return limits
-        return limits.model_copy(update={"min_side": int(WATERMARK_MIN_PIXELS ** 0.5)})
+        return limits.model_copy(update={"min_side": int(WATERMARK_MIN_PIXELS ** 0.5),
+                                         "sides_set_by": f"{limits.sides_set_by} with a watermark (256 at least)"})
 
 
 def check_defaults(job: JobSpec, limits: ModelLimits, *, source: str | None = None,

@@ -76,11 +76,16 @@ class ProvenanceSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ProvenanceSpec:
         if (self.c2pa_certificate is None) != (self.c2pa_key is None):
-            raise ValueError("C2PA signing needs both c2pa_certificate and c2pa_key (--c2pa-certificate URL "
-                             "--c2pa-key URL)")
+            given, missing = (("c2pa_certificate (--c2pa-certificate)", "c2pa_key (--c2pa-key URL)")
+                              if self.c2pa_key is None else
+                              ("c2pa_key (--c2pa-key)", "c2pa_certificate (--c2pa-certificate URL)"))
+            raise ValueError(f"{given} needs {missing} too: C2PA signs with the certificate and its key")
         if not self.enabled and (self.c2pa_certificate or self.watermark or self.include_prompt):
-            raise ValueError("--no-provenance turns every mark off: drop it, or drop c2pa_certificate, c2pa_key, "
-                             "watermark and include_prompt")
+            asked = [name for name, value in (("--c2pa-certificate", self.c2pa_certificate),
+                                              ("--watermark", self.watermark),
+                                              ("--include-prompt", self.include_prompt)) if value]
+            raise ValueError(f"--no-provenance (enabled: false) turns every mark off, and {' and '.join(asked)} "
+                             "asks for one: drop one or the other")
         return self
 
     @property

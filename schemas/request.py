@@ -65,6 +65,8 @@ class ModelLimits(BaseModel):
 
     min_side: int = 256
     max_side: int = 2048
+    # Who set the bounds, as the size message says it: the model's, or the job's ("this job's watermark").
+    sides_set_by: str = "this model"
     max_steps: int = MAX_STEPS
     takes_guidance: bool = True  # False for step-distilled models, whose pipeline ignores guidance
     min_references: int = 0  # reference images a row must give (FLUX.1 Kontext: 1)
@@ -180,7 +182,7 @@ class RenderRequest(BaseModel):
         if not limits.min_side <= value <= limits.max_side:
             raise ValueError(
                 f"{info.field_name} must be between {limits.min_side} and {limits.max_side} "
-                f"for this model, got {value}"
+                f"for {limits.sides_set_by}, got {value}"
             )
         return value
 

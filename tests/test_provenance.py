@@ -100,7 +100,8 @@ def test_no_provenance_writes_bare_images_and_verify_provenance_names_each(manif
     assert "image lacking provenance: 3" in checked.stdout
     for row in metadata(str(out)).to_pylist():
         assert f"{row['key']}: {row['image_uri']}: no provenance marks: rendered with --no-provenance" in checked.stdout
-    assert "3 images lack provenance marks" in checked.stdout
+    assert "3 images as written lack provenance marks: neither --repair nor a re-run marks" in checked.stdout
+    assert "provenance: the marks of 3 images read back" in checked.stdout
     bare = call_cli(capsys, "provenance", metadata(str(out)).column("image_uri")[0].as_py())
     assert bare.returncode == 1
     assert "NOT marked as AI-generated" in bare.stdout and "xmp: no DigitalSourceType" in bare.stdout
@@ -141,9 +142,11 @@ def test_c2pa_signed_images_validate_name_the_model_and_a_tampered_one_is_named(
     assert checked.returncode == 1
     assert f"{row['key']}: {row['image_uri']}: C2PA manifest invalid (" in checked.stdout, checked.stdout
     assert "altered image: 1" in checked.stdout  # plain verify's finding too: its sha256 differs
+    assert "as written lack" not in checked.stdout  # altered: --repair and a re-run render it again, marked
     shown = call_cli(capsys, "provenance", row["image_uri"])
     assert "c2pa: C2PA manifest invalid (" in shown.stdout
-    assert shown.returncode == 0  # its XMP still says AI-generated
+    assert "marked as AI-generated, and changed since its C2PA manifest was signed" in shown.stdout
+    assert shown.returncode == 1
 
 
 @pytest.mark.parametrize("mistake", ["expired", "other key", "not PEM", "missing", "no key", "PEM text as URL"])
@@ -162,7 +165,8 @@ def test_a_bad_signing_certificate_is_one_line_before_anything_is_written(mistak
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert {"expired": "the certificate expired on", "other key": "is not the key of", "missing": "no such file",
-            "not PEM": "not a PEM certificate chain", "no key": "needs both c2pa_certificate and c2pa_key",
+            "not PEM": "not a PEM certificate chain",
+            "no key": "c2pa_certificate (--c2pa-certificate) needs c2pa_key (--c2pa-key URL) too",
             "PEM text as URL": "--c2pa-key: takes the URL of a PEM file (a path, s3://...), not the PEM text itself",
             }[mistake] in lines[0]
     assert not out.exists()
@@ -238,7 +242,8 @@ def test_an_image_whose_picture_cannot_hold_the_watermark_is_recorded_without_it
     result = call_cli(capsys, "render", str(manifest), str(out), "--model", str(tiny_model), "--no-progress",
                       "--watermark", "fb")
     assert result.returncode == 0  # every image is there, and the run says which could not hold the watermark
-    assert (f"1 images could not hold the watermark (flat colour, fine texture, a small image): written without "
+    assert (f"1 image could not hold the watermark (flat colour, fine texture, a small image; JPEG and WebP lose "
+            "more of it than PNG): written without "
             f"it; `fluxbatch verify {out} --provenance` names them") in result.stdout
     images = _images(out)
     assert images["png"][1]["provenance"] == "xmp+watermark"
@@ -286,7 +291,8 @@ def test_a_signature_whose_certificate_expired_since_is_not_called_tampering(tmp
     findings = c2pa_findings(signed, OutputFormat.png)
     assert [tampered for _, tampered in findings] == [False], findings
     assert "signingCredential.expired" in findings[0][0] and "the image is as signed" in findings[0][0]
-    lines, marked = image_marks(signed, None)
+    lines, marked, tampered = image_marks(signed, None)
+    assert not tampered
     assert marked, lines
     tampered = bytearray(signed)
     tampered[len(tampered) // 2] ^= 0xFF

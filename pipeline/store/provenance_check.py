@@ -52,9 +52,11 @@ class ProvenanceToolsError(FluxbatchError):
 
 
 def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
-                            unreadable: set[str] | frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
+                            unreadable: set[str] | frozenset[str] = frozenset()
+                            ) -> tuple[dict[str, tuple[str, str]], int]:
     """Each image of `folder` that lacks a mark its row records, or the job's watermark, or whose row records no
-    mark: key -> (path, why). Parts in `unreadable` (plain verify names them) are left out."""
+    mark (key -> (path, why)), and how many images were checked. Parts in `unreadable` (plain verify names them)
+    are left out."""
     def read_all() -> pa.Table | None:
         parts = [part for part in ledger.metadata_parts(fs, folder) if part not in unreadable]
         tables = [_marks_columns(ledger.read_part(fs, folder, part)) for part in parts]
@@ -62,7 +64,7 @@ def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
 
     table = ledger.again_if_parts_vanish(fs, folder, read_all)
     if table is None:
-        return {}
+        return {}, 0
     last = ledger.last_row_indices(table.column("key"))
     if last is not None:
         table = table.take(last)
@@ -76,7 +78,7 @@ def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
                     lambda row, path: _lacks(fs, path, row, watermark), rows, paths)):
                 if why:
                     lacking[row["key"]] = (path, why)
-    return lacking
+    return lacking, table.num_rows
 
 
 def _marks_columns(table: pa.Table) -> pa.Table:
@@ -174,11 +176,12 @@ def c2pa_findings(data: bytes, fmt: OutputFormat) -> list[tuple[str, bool | None
     return findings
 
 
-def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
-    """What one image file says about itself (`fluxbatch provenance IMAGE`): a line per mark looked for, and
-    whether any of them marks it as AI-generated. For an image found anywhere, not only in an OUTPUT."""
+def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool, bool]:
+    """What one image file says about itself (`fluxbatch provenance IMAGE`): a line per mark looked for, whether
+    any of them marks it as AI-generated, and whether its C2PA manifest says it changed after signing. For an
+    image found anywhere, not only in an OUTPUT."""
     image = Image.open(io.BytesIO(data))
-    lines, marked = [], False
+    lines, marked, tampered = [], False, False
     fields = xmp_fields(embedded_xmp(image) or b"")
     source = fields.get("Iptc4xmpExt:DigitalSourceType")
     if source is None:
@@ -194,7 +197,8 @@ def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
         lines.append(f"c2pa: not checked ({image.format} is not a format fluxbatch writes)")
     else:
         findings = c2pa_findings(data, fmt)
-        marked |= all(tampered is False for _, tampered in findings)  # an expired signer still says it
+        marked |= all(changed is False for _, changed in findings)  # an expired signer still says it
+        tampered = any(changed is True for _, changed in findings)
         lines += [f"c2pa: {finding}" for finding, _ in findings] or [
             "c2pa: valid manifest, created as trainedAlgorithmicMedia"]
     if watermark is not None and image.width * image.height < WATERMARK_MIN_PIXELS:
@@ -205,4 +209,4 @@ def image_marks(data: bytes, watermark: str | None) -> tuple[list[str], bool]:
         marked |= found_bits >= WATERMARK_BITS_FOUND
         verdict = "found" if found_bits >= WATERMARK_BITS_FOUND else "not found"
         lines.append(f"watermark {watermark!r}: {verdict} ({found_bits:.0%} of its bits read back)")
-    return lines, marked
+    return lines, marked, tampered

@@ -74,6 +74,7 @@ class FolderCheck:
     altered: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, how it differs)
     orphans: list[str] = field(default_factory=list)  # image paths no row names
     unmarked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, the mark it lacks)
+    marks_checked: int | None = None  # images whose marks were read back (None: --provenance not asked)
     drop: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # part -> rows repair drops
 
     @property
@@ -118,10 +119,14 @@ class Verification:
             dropped = sum(len(rows) for c in self.checks for rows in c.drop.values())
             lines.append(f"repaired: {self.moved} files moved aside into {self.fs.uri(self.quarantine)}, {dropped} "
                          "ledger rows dropped; the keys no longer in the ledger render again on the next run")
-        if self.unmarked:
-            lines.append(f"{self.unmarked} images lack provenance marks; neither --repair nor a re-run marks a "
-                         "committed image: render those rows into a new OUTPUT to have them marked "
-                         "(docs/provenance.md)")
+        # Altered or missing images render again after --repair, marked; the others are committed as written.
+        kept = sum(1 for check in self.checks for key in check.unmarked
+                   if key not in check.altered and key not in check.missing)
+        if kept:
+            lines.append(f"{kept} image{'s' if kept > 1 else ''} as written lack{'' if kept > 1 else 's'} provenance "
+                         "marks: neither --repair nor a re-run marks a committed image; render those rows into a new "
+                         "OUTPUT to have them marked (a picture that could not hold the watermark: PNG and larger "
+                         "images hold it better; docs/provenance.md)")
         return "\n".join(lines)
 
 
@@ -156,7 +161,8 @@ def _check_marks(fs: Storage, checks: list[FolderCheck]) -> None:
     """Each folder's images lacking a mark, with the watermark text its `_job.json` records."""
     for check in checks:
         watermark = ledger.recorded_identity(fs, check.folder).get("provenance", {}).get("watermark")
-        check.unmarked = check_folder_provenance(fs, check.folder, watermark, set(check.unreadable))
+        check.unmarked, check.marks_checked = check_folder_provenance(fs, check.folder, watermark,
+                                                                      set(check.unreadable))
 
 
 def check_folder(fs: Storage, folder: str) -> FolderCheck:
@@ -331,6 +337,8 @@ def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
     counts = (f"{n} {what}{'' if n == 1 else 's'}" for n, what in
               ((check.parts, "metadata part"), (check.rows, "row"), (check.images, "image")))
     lines = [f"{fs.uri(check.folder)}: {', '.join(counts)}"]
+    if check.marks_checked is not None:
+        lines.append(f"  provenance: the marks of {check.marks_checked} images read back")
     kinds = [
         ("unreadable part", [f"{fs.uri(part)}: {why}" for part, why in check.unreadable.items()]),
         ("duplicate key", [f"{key}: {n} rows" for key, n in check.duplicates.items()]),
