@@ -123,4 +123,6 @@ def _test_sign(credentials: dict[str, str], cert_flag: str) -> None:
         Signer(credentials).sign(probe.getvalue(), OutputFormat.png, manifest)
     except Exception as error:  # noqa: BLE001 - c2pa's own reason, in one line
         raise SigningCredentialsError(f"{cert_flag}: C2PA refuses to sign with this certificate "
-                                      f"({first_line(error)})") from None
+                                      f"({first_line(error)}); it takes an X.509 v3 signer issued by a CA, with "
+                                      "keyUsage digitalSignature and extendedKeyUsage emailProtection or "
+                                      "documentSigning (docs/provenance.md shows one made with openssl)") from None
