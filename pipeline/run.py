@@ -86,7 +86,8 @@ def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: R
         preset = preflight.check(job, allow_non_empty_output)
         summary = RunSummary(output=job.output.uri, run_id=run_id, model_id=preset.name,
                              model_revision=model_revision(preset, job.model, job.storage_options),
-                             model_source=model_source(preset, job.model), started_at=datetime.now(timezone.utc))
+                             model_source=model_source(preset, job.model), marks=job.provenance.marks(),
+                             started_at=datetime.now(timezone.utc))
         # Ray, and the resources check, before anything is written: a replica no node of a cluster that cannot
         # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.

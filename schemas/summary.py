@@ -53,6 +53,8 @@ class RunSummary(BaseModel):
     model_revision: str | None = None
     model_source: str | None = Field(default=None, description="where the weights were loaded from: a model URL, "
                                      "a local folder, or hub:<id>[@<revision>]")
+    marks: str = Field(default="", description="the provenance marks this run's images carry: xmp, xmp+c2pa, "
+                       "xmp+watermark, xmp+c2pa+watermark; empty with --no-provenance (docs/provenance.md)")
     manifest_files: int = 0
     manifest_rows: int = 0
     invalid_rows: int = 0
