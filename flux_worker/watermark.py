@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from schemas.provenance import WATERMARK_MIN_PIXELS
+
 METHOD = "dwtDct"
 
 
@@ -28,9 +30,12 @@ def embed(image: Image.Image, text: str) -> Image.Image:
 
 
 def bit_accuracy(image: Image.Image, text: str) -> float:
-    """The share of `text`'s bits read back from `image` (1.0: all; about 0.5: no watermark of it)."""
+    """The share of `text`'s bits read back from `image` (1.0: all; about 0.5: no watermark of it); 0.0 for an
+    image too small to hold one (invisible-watermark refuses it)."""
     from imwatermark import WatermarkDecoder
 
+    if image.width * image.height < WATERMARK_MIN_PIXELS:
+        return 0.0
     expected = np.unpackbits(np.frombuffer(text.encode(), np.uint8))
     bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
     found = np.asarray(WatermarkDecoder("bits", len(expected)).decode(bgr, METHOD), dtype=np.uint8)

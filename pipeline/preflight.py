@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from importlib.util import find_spec
 from pathlib import Path
 
 from flux_worker.hub import check_hub_model
@@ -32,9 +31,9 @@ from pipeline.manifest import list_manifest_files
 from pipeline.signing import signing_credentials
 from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
-from schemas.errors import FluxbatchError, first_line
 from schemas.job import check_defaults
 from schemas.layout import JOB_FILE, PROBE_NAME, TMP_MARK
+from schemas.provenance import needs_package
 
 
 def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
@@ -51,21 +50,9 @@ def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
 
 def check_provenance_packages(job: JobSpec) -> None:
     """A watermark needs invisible-watermark on the renderers: missing here, it is one line, not a failed image
-    per row (the container image and the test extra have it)."""
-    if not job.provenance.enabled or job.provenance.watermark is None:
-        return
-    if find_spec("imwatermark") is None:
-        raise ProvenancePackageError("--watermark needs the invisible-watermark package: pip install "
-                                     "'fluxbatch[provenance]'")
-    try:  # imported for real: OpenCV needs system libraries (libGL) an image may lack
-        import imwatermark  # noqa: F401
-    except (ImportError, OSError) as error:
-        raise ProvenancePackageError(f"--watermark: invisible-watermark does not import here ({first_line(error)}); "
-                                     "install the system libraries OpenCV needs (libGL)") from None
-
-
-class ProvenancePackageError(FluxbatchError):
-    """A mark the job asks for needs a package that is not installed."""
+    per row (the container image and the test extra have it; C2PA's package is checked with its credentials)."""
+    if job.provenance.enabled and job.provenance.watermark is not None:
+        needs_package("imwatermark", "--watermark")
 
 
 def check_model(model: ModelSpec, storage_options: dict | None = None) -> ModelPreset:

@@ -17,6 +17,7 @@ from typing import Any
 from flux_worker.storage import credential_options, filesystem, probe_options
 from schemas import JobSpec
 from schemas.errors import FluxbatchError, first_line
+from schemas.provenance import needs_package
 
 
 class SigningCredentialsError(FluxbatchError):
@@ -32,11 +33,7 @@ def signing_credentials(job: JobSpec) -> dict[str, str] | None:
     if not (spec.enabled and spec.signs):
         return None
     assert spec.c2pa_certificate is not None and spec.c2pa_key is not None
-    try:
-        import c2pa  # noqa: F401
-    except ImportError:
-        raise SigningCredentialsError("C2PA signing needs the c2pa-python package: pip install "
-                                      "'fluxbatch[provenance]'") from None
+    needs_package("c2pa", "C2PA signing")
     certificate = _read(spec.c2pa_certificate, CERTIFICATE_FLAG, job)
     key = _read(spec.c2pa_key, KEY_FLAG, job)
     return check_credentials(certificate, key, spec.c2pa_certificate, spec.c2pa_key)

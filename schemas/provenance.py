@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.errors import FluxbatchError, first_line
 from schemas.urls import storage_url
 
 # IPTC NewsCodes: "the digital creation of a model trained on samples" (EU AI Act art. 50(2) marking, platforms).
@@ -117,3 +118,25 @@ def marks_of(recorded: str | None) -> set[str] | None:
         return None
     marks = set(recorded.split(MARK_SEPARATOR)) - {""}
     return marks if marks <= set(MARKS) else None
+
+
+class ProvenancePackageError(FluxbatchError):
+    """A mark asked for, or read back, needs a package of the `provenance` extra that is missing or does not
+    import (OpenCV needs system libraries, libGL, that an image may lack)."""
+
+
+def needs_package(module: str, what: str) -> None:
+    """Import `module` (c2pa, imwatermark) for `what` ("C2PA signing"); one line naming the fix if it fails."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ProvenancePackageError(f"{what} needs the {PACKAGES[module]} package: pip install "
+                                     "'fluxbatch[provenance]'") from None
+    except (ImportError, OSError) as error:
+        raise ProvenancePackageError(f"{what}: {PACKAGES[module]} does not import here ({first_line(error)}); "
+                                     "install the system libraries it needs (OpenCV: libGL)") from None
+
+
+PACKAGES = {"c2pa": "c2pa-python", "imwatermark": "invisible-watermark"}  # module -> the package of the extra

@@ -28,7 +28,7 @@ from flux_worker.storage import Storage
 from pipeline.store import ledger
 from pipeline.store.committed_images import full_paths, image_names
 from schemas import OutputFormat
-from schemas.errors import FluxbatchError, first_line
+from schemas.errors import first_line
 from schemas.provenance import (
     C2PA,
     TRAINED_ALGORITHMIC_MEDIA,
@@ -37,6 +37,7 @@ from schemas.provenance import (
     WATERMARK_MIN_PIXELS,
     XMP,
     marks_of,
+    needs_package,
 )
 
 COLUMNS = ["key", "image_uri", "output_format", "provenance"]
@@ -47,10 +48,6 @@ CHUNK = 10_000  # rows checked per round
 SIGNER_CODES = ("signingCredential.", "timeStamp.")
 
 
-class ProvenanceToolsError(FluxbatchError):
-    """Reading a mark back needs a package that is not installed (the provenance extra)."""
-
-
 def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
                             unreadable: set[str] | frozenset[str] = frozenset()
                             ) -> tuple[dict[str, tuple[str, str]], int]:
@@ -59,7 +56,8 @@ def check_folder_provenance(fs: Storage, folder: str, watermark: str | None,
     are left out."""
     def read_all() -> pa.Table | None:
         parts = [part for part in ledger.metadata_parts(fs, folder) if part not in unreadable]
-        tables = [_marks_columns(ledger.read_part(fs, folder, part)) for part in parts]
+        with ThreadPoolExecutor(ledger.READ_THREADS) as pool:
+            tables = list(pool.map(lambda part: _marks_columns(ledger.read_part(fs, folder, part)), parts))
         return pa.concat_tables(tables) if tables else None
 
     table = ledger.again_if_parts_vanish(fs, folder, read_all)
@@ -128,14 +126,10 @@ def _lacks(fs: Storage, path: str, row: dict[str, Any], watermark: str | None) -
 
 
 def _bit_accuracy(image: Image.Image, watermark: str) -> float:
-    """The watermark's bits read back, 0.0 for an image too small to hold one."""
-    try:
-        from flux_worker.watermark import bit_accuracy
-    except ImportError:
-        raise ProvenanceToolsError("reading a watermark needs the invisible-watermark package: pip install "
-                                   "'fluxbatch[provenance]'") from None
-    if image.width * image.height < WATERMARK_MIN_PIXELS:
-        return 0.0
+    """The watermark's bits read back (flux_worker/watermark.py), once its package is known to import."""
+    needs_package("imwatermark", "reading a watermark")
+    from flux_worker.watermark import bit_accuracy
+
     return bit_accuracy(image, watermark)
 
 
@@ -143,11 +137,9 @@ def c2pa_findings(data: bytes, fmt: OutputFormat) -> list[tuple[str, bool | None
     """What is wrong with an image's C2PA Content Credentials, each with whether it means the image or its
     manifest changed (True), the signer is expired or untrusted while the image is as signed (False), or the
     manifest is missing or says other than AI-generated (None). [] for a valid manifest saying so."""
-    try:
-        import c2pa
-    except ImportError:
-        raise ProvenanceToolsError("reading C2PA Content Credentials needs the c2pa-python package: pip install "
-                                   "'fluxbatch[provenance]'") from None
+    needs_package("c2pa", "reading C2PA Content Credentials")
+    import c2pa
+
     try:
         reader = c2pa.Reader.try_create(MIME_TYPES[fmt], io.BytesIO(data))
     except c2pa.C2paError as error:
