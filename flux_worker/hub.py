@@ -55,15 +55,17 @@ def cached_ids(cache: Path) -> list[str]:
     return [name.removeprefix("models--").replace("--", "/", 1) for name in names if name.startswith("models--")]
 
 
-def check_hub_model(repo_id: str, revision: str | None = None, named: str | None = None) -> None:
+def check_hub_model(repo_id: str, revision: str | None = None, named: str | None = None,
+                    file: str = "model_index.json") -> None:
     """Return if `repo_id` (at `revision`) is cached or the hub has it; else UnknownModelError saying which.
-    `named`: the preset name the user gave for `repo_id`, which the message names first."""
+    `named`: the preset name the user gave for `repo_id`, which the message names first; `file`: the file a cached
+    copy holds (a diffusers pipeline's model_index.json, a transformers model's config.json)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     cache = cache_dir()
     try:
-        found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache, revision=revision)
+        found = try_to_load_from_cache(repo_id, file, cache_dir=cache, revision=revision)
     except HFValidationError as error:
         raise UnknownModelError(f"model {repo_id!r} is not a valid hub id: {first_line(error)}") from None
     if isinstance(found, str):

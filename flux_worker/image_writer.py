@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,11 +22,13 @@ import pyarrow as pa
 
 from flux_worker.encode import encode_image
 from flux_worker.metrics import RendererMetrics
+from flux_worker.perceptual_hash import phash
 from flux_worker.provenance import ImageMarks
 from flux_worker.storage import filesystem
 from schemas import PLAN_SCHEMA, RESULT_SCHEMA, OutputFormat, RenderOptions
 from schemas.errors import first_line
-from schemas.layout import image_path
+from schemas.layout import candidate_path, image_path
+from schemas.quality import SCORES
 
 log = logging.getLogger("flux_worker.renderer")  # the renderer's log lines, as before this module was split off
 PLAN_COLUMNS = set(PLAN_SCHEMA.names)
@@ -39,6 +41,12 @@ class Rendered:
     seconds: float
     started_at: datetime
     attempts: int = 1
+    # Quality signals (flux_worker/best_of.py): the image's scores, and for a best-of-n row's image which candidate
+    # it is, every candidate's seed and scores, and the candidates not kept that the job asked to write.
+    scores: dict[str, float] = field(default_factory=dict)
+    candidate: int | None = None
+    candidate_scores: list[dict[str, Any]] | None = None
+    extras: list[tuple[int, Any]] = field(default_factory=list)
 
 
 def failure_row(row: dict[str, Any], reason: str, tries: int) -> dict[str, Any]:
@@ -88,10 +96,9 @@ class ImageWriter:
         row = item.row
         fmt = OutputFormat(row["output_format"])
         path = image_path(self.root, row["key"], fmt.extension, row.get("revision"))
-        # The watermark goes into the pixels, XMP into the encoded file, and a C2PA signature over all of it.
-        data = encode_image(self.marks.pixels(item.image), fmt, **self.quality, xmp=self.marks.xmp(row))
-        marks = self.marks.recorded(data, row["key"])
-        data = self.marks.sign(data, fmt, title=path.rsplit("/", 1)[-1])
+        pixels = self.marks.pixels(item.image)
+        data, marks = self._encode(pixels, row, fmt, path)
+        candidates = self._write_extras(item, fmt)  # before the image: its row names them once it exists
         self.fs.write_bytes(path, data)
         if self.counter is not None:  # the driver's bar moves per image (pipeline/progress.py); no reply awaited
             self.counter.add.remote(1)
@@ -108,7 +115,33 @@ class ImageWriter:
             "error": None,
             "attempts": item.attempts,
             "provenance": marks,
+            "phash": phash(pixels),
+            **{score: item.scores.get(score) for score in SCORES},
+            "candidate": item.candidate,
+            "candidate_scores": candidates,
         }
+
+    def _encode(self, pixels: Any, row: dict[str, Any], fmt: OutputFormat, path: str) -> tuple[bytes, str]:
+        """An image's file bytes and the marks they carry: the watermark is in `pixels` already, XMP goes into the
+        encoded file, and a C2PA signature over all of it."""
+        data = encode_image(pixels, fmt, **self.quality, xmp=self.marks.xmp(row))
+        marks = self.marks.recorded(data, row["key"])
+        return self.marks.sign(data, fmt, title=path.rsplit("/", 1)[-1]), marks
+
+    def _write_extras(self, item: Rendered, fmt: OutputFormat) -> list[dict[str, Any]] | None:
+        """A best-of-n image's record of every candidate, with the file of each candidate not kept that the job
+        asked to write (OUTPUT/candidates/, named after this image's key)."""
+        if item.candidate_scores is None:
+            return None
+        written: dict[int, dict[str, Any]] = {}
+        for candidate, image in item.extras:
+            path = candidate_path(self.root, item.row["key"], candidate, fmt.extension, item.row.get("revision"))
+            row = {**item.row, "seed": next(c["seed"] for c in item.candidate_scores if c["candidate"] == candidate)}
+            data, _ = self._encode(self.marks.pixels(image), row, fmt, path)
+            self.fs.write_bytes(path, data)
+            written[candidate] = {"image_uri": self.fs.uri(path), "sha256": hashlib.sha256(data).hexdigest()}
+        return [{**c, "image_uri": None, "sha256": None, **written.get(c["candidate"], {})}
+                for c in item.candidate_scores]
 
 
 def describe(error: BaseException) -> str:

@@ -29,6 +29,7 @@ import torch
 from diffusers import FluxPipeline
 
 from flux_worker import compile_cache
+from flux_worker.best_of import Keeper, expand
 from flux_worker.cold_start import ColdStart
 from flux_worker.cpu_threads import cpu_threads
 from flux_worker.embedding_cache import EmbeddingCache
@@ -37,10 +38,11 @@ from flux_worker.image_writer import ImageWriter, Rendered, describe, failure_ro
 from flux_worker.loading import load_pipeline
 from flux_worker.presets import ModelPreset, model_revision
 from flux_worker.references import ReferenceReader
+from flux_worker.scorers import Scorers
 from schemas import ModelSpec, RenderOptions
 
-__all__ = ["ImageWriter", "Rendered", "Renderer", "failure_row", "render_rows", "render_same_shape",
-           "run_pipeline"]
+__all__ = ["ImageWriter", "Rendered", "Renderer", "failure_row", "keeper_for", "render_batch", "render_rows",
+           "render_same_shape", "run_pipeline"]
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,15 @@ def _render_with_retries(group: list[dict[str, Any]], render_group: Callable[[li
         yield item
 
 
+def render_batch(rows: list[dict[str, Any]], render_group: Callable[[list[dict[str, Any]]], list[Rendered]], *,
+                 batch_invariant: bool, max_retries: int, keeper: Keeper | None) -> Iterator[Rendered | dict[str, Any]]:
+    """A batch's outcomes: its rows rendered (a best-of-n row's candidates in place of its images, best_of.expand),
+    then scored and each best-of-n row's best kept by `keeper`, on the device holding the images (None on the other
+    ranks of a tensor-parallel group, which render in lock-step and keep nothing)."""
+    outcomes = render_rows(expand(rows), render_group, batch_invariant=batch_invariant, max_retries=max_retries)
+    return keeper.outcomes(outcomes, rows) if keeper is not None else outcomes
+
+
 def render_same_shape(rows: list[dict[str, Any]], encode: Callable[[str, int], Encoding],
                       generate: Callable[[dict[str, Any], Encoding, list[torch.Generator]], list[Any]],
                       ) -> list[Rendered]:
@@ -141,6 +152,7 @@ class Renderer:
         self.spec = ModelSpec.model_validate(model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe, self.preset = pipeline or load_pipeline(self.spec, self.device, options)
+        self.keeper = keeper_for(options, self.device, self.spec)
         self.start.model_loaded()
         # model.compile: each new shape's first call loads (or saves) the shared compile cache's blob.
         self.compile_cache = compile_cache.for_model(self.spec, self.pipe.transformer, self.device,
@@ -158,8 +170,8 @@ class Renderer:
         self.references = ReferenceReader(options.reference_storage_options, self.family.pipeline_class)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        outcomes = render_rows(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,
-                               max_retries=self.max_retries)
+        outcomes = render_batch(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,
+                                max_retries=self.max_retries, keeper=self.keeper)
         result = self.writer.results(batch, outcomes)
         self.start.after_batch(result, self.writer.fs, self.writer.root, self.run_id, self.compile_cache)
         return result
@@ -199,6 +211,13 @@ class Renderer:
         elif self.spec.adapters:
             self.pipe.disable_lora()
         self._active_adapters = wanted
+
+
+def keeper_for(options: RenderOptions, device: str, spec: ModelSpec) -> Keeper:
+    """The scorers the job names, loaded once for this actor on `device` (fetched into the node's model cache when
+    named by URL, like the model), in the Keeper that scores each image and keeps best-of-n rows' best."""
+    scorers = Scorers(options.quality, device, options, spec.cache_dir) if options.quality.scores else None
+    return Keeper(options.quality, scorers)
 
 
 def call_shape(first: dict[str, Any], generators: list[torch.Generator]) -> tuple[int, int, int, int]:

@@ -32,7 +32,15 @@ from flux_worker.embedding_cache import EmbeddingCache
 from flux_worker.families import Encoding, Family, family_of
 from flux_worker.loading import hub_options, local_preset, torch_dtype
 from flux_worker.presets import ModelPreset, model_revision
-from flux_worker.renderer import ImageWriter, Rendered, quiet_libraries, render_rows, render_same_shape, run_pipeline
+from flux_worker.renderer import (
+    ImageWriter,
+    Rendered,
+    keeper_for,
+    quiet_libraries,
+    render_batch,
+    render_same_shape,
+    run_pipeline,
+)
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
 from schemas import ModelSpec, RenderOptions
 from schemas.errors import first_line
@@ -187,15 +195,16 @@ class RankRenderer:
         self.decode = self.family.tp_decode  # flux_worker/latents.py
         self.embed_dtype = self.pipe.transformer.dtype
         self.cache = EmbeddingCache(options.embedding_cache_bytes)  # filled on the encoder rank only
-        self.writer = None
-        if rank == 0:
+        self.writer = self.keeper = None
+        if rank == 0:  # it holds the images: it scores them and keeps best-of-n rows' best
+            self.keeper = keeper_for(options, str(device), spec)
             self.writer = ImageWriter(options, device=device.type, identity={
                 "model_id": preset.name, "model_revision": model_revision(preset, spec),
                 "dtype": str(self.embed_dtype).removeprefix("torch.")})
 
     def __call__(self, batch: pa.Table) -> pa.Table | None:
-        outcomes = render_rows(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,
-                               max_retries=self.max_retries)
+        outcomes = render_batch(batch.to_pylist(), self.render_group, batch_invariant=self.batch_invariant,
+                                max_retries=self.max_retries, keeper=self.keeper)
         if self.writer is None:
             for _ in outcomes:  # the same groups, splits and retries as rank 0; nothing to write or report
                 pass

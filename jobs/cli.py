@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--family", choices=list(FAMILIES), default="flux.1",
                        help="which pipeline to build: " + ", ".join(f"{f.name} ({f.pipeline_class})"
                                                                      for f in FAMILIES.values()))
+    build.add_argument("--scorer", choices=["clip", "aesthetic"],
+                       help="build a scorer instead of a pipeline (--clip, --aesthetic): a CLIP model, or a LAION "
+                            "aesthetic predictor for the CLIP model of the same --size (full: ViT-L/14's shapes)")
 
     from jobs.dataset_commands import add_parsers
 
@@ -414,6 +417,12 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     from flux_worker.model_build import build_full_model, build_model
     from jobs.errors import UsageError
 
+    if args.scorer:
+        from flux_worker.scorer_build import build_scorer
+
+        folder = build_scorer(args.path, args.scorer, args.size, args.seed)
+        print(f"wrote a random-weight {args.size} {args.scorer} scorer to {folder}")
+        return 0
     if args.size == "full":
         if args.family != "flux.1":
             raise UsageError(f"--size full builds FLUX.1 only (schnell or dev), not {args.family}")

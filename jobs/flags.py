@@ -30,7 +30,8 @@ NAMES = {"model.name": "--model", "defaults.output_format": "--format", "model.a
 UNSHOWN = {"provenance.c2pa_key", "provenance.c2pa_certificate"}
 METAVARS = {"model.name": "PRESET|HUB_ID|PATH|URL", "model.adapters": "NAME=PATH",
             "gpus_per_replica": "N|auto|TYPE=N,...", "reference_roots": "URL",
-            "provenance.c2pa_certificate": "URL", "provenance.c2pa_key": "URL", "provenance.watermark": "TEXT"}
+            "provenance.c2pa_certificate": "URL", "provenance.c2pa_key": "URL", "provenance.watermark": "TEXT",
+            "quality.clip": "PRESET|HUB_ID|PATH|URL", "quality.aesthetic": "PATH|URL"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _bound(info: Any, *names: str) -> float | None:
 
 
 # In --help and the README: what to render first, where to write last.
-SECTIONS = ("model", "defaults", "", "output", "provenance")
+SECTIONS = ("model", "defaults", "", "output", "provenance", "quality")
 JOB_FLAGS: tuple[JobFlag, ...] = tuple(sorted(
     (_flag(f, i) for f, i in job_leaf_fields().items() if f not in NOT_FLAGS),
     key=lambda flag: SECTIONS.index(flag.field.split(".")[0] if "." in flag.field else "")))

@@ -22,6 +22,7 @@ from schemas.records import ADAPTERS_TYPE, REFERENCES_TYPE
 from schemas.request import (
     FORMAT_ALIASES,
     ID_CONTROL,
+    MAX_CANDIDATES,
     MAX_GUIDANCE,
     MAX_ID_CHARS,
     MAX_IMAGES_PER_ROW,
@@ -116,6 +117,11 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
     flag(pc.and_(pc.is_valid(steps), pc.or_(pc.less(steps, 1), pc.greater(steps, limits.max_steps))))
     images = pc.fill_null(_integers(column("num_images"), flag, count), _DEFAULT_IMAGES)
     flag(pc.or_(pc.less(images, 1), pc.greater(images, MAX_IMAGES_PER_ROW)))
+    candidates = _integers(column("candidates"), flag, count)
+    wanted = pc.fill_null(candidates, limits.default_candidates) if limits.default_candidates else candidates
+    flag(pc.and_(pc.is_valid(wanted), pc.or_(pc.less(wanted, images), pc.greater(wanted, MAX_CANDIDATES))))
+    if not limits.keeps_best:
+        flag(pc.greater(wanted, 1))  # the per-row check says why
     seed = _seeds(column("seed"), flag, count)
     guidance = _guidance(column("guidance"), flag, count)
     if not limits.takes_guidance:
@@ -141,14 +147,15 @@ def _check(table: pa.Table, source: str, limits: ModelLimits, model_name: str | 
         fmt = _nulls(count, pa.string())
 
     good = pa.array(~bad)
-    normalized = pa.table([ids, prompt, model, width, height, steps, guidance, seed, images, fmt, references],
+    normalized = pa.table([ids, prompt, model, width, height, steps, guidance, seed, images, candidates, fmt,
+                           references],
                           names=["id", "prompt", "model", "width", "height", "steps", "guidance", "seed",
-                                 "num_images", "output_format", "reference_images"])
+                                 "num_images", "candidates", "output_format", "reference_images"])
     if bad.any():  # a filter copies every column: none when every row passed (the common case)
         normalized = normalized.filter(good)
     rows = pa.array(np.flatnonzero(~bad), pa.int64())
     valid = pa.table(
-        [_request_ids(normalized), *normalized.columns[:9], _empty_lists(len(rows), ADAPTERS_TYPE),
+        [_request_ids(normalized), *normalized.columns[:10], _empty_lists(len(rows), ADAPTERS_TYPE),
          normalized.column("output_format"), _as_references(normalized.column("reference_images")),
          pa.DictionaryArray.from_arrays(pa.array(np.zeros(len(rows), np.int32)), pa.array([source])), rows],
         schema=REQUEST_SCHEMA,

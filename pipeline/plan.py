@@ -117,12 +117,19 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     # One image per row (the common case) needs no copy of the manifest's columns.
     images = requests if expected == len(counts) else requests.take(pa.array(rows))
     keys = image_keys(images.column("request_id"), variants, rows, reference_suffixes(requests))
+    candidates = best_of(images.column("candidates"), defaults.candidates)
+    best = candidates.is_valid().to_numpy(zero_copy_only=False)
+    # A best-of-n image's seed is its row's first candidate's (the renderer adds the candidate's index), as variant
+    # 0's: its key, its seed. An image per image: variant v's.
+    seeded_as = np.where(best, 0, variants)
+    seed_keys = keys if not best.any() else image_keys(images.column("request_id"), seeded_as, rows,
+                                                       reference_suffixes(requests))
     seed = images.column("seed")
     given = seed.is_valid().to_numpy(zero_copy_only=False)
     # uint64 addition wraps, which is the modulo 2**64 a row's seed + variant is taken by.
-    seeds = np.where(given, seed.fill_null(0).to_numpy(zero_copy_only=False) + variants.astype(np.uint64), 0)
+    seeds = np.where(given, seed.fill_null(0).to_numpy(zero_copy_only=False) + seeded_as.astype(np.uint64), 0)
     unseeded = np.flatnonzero(~given)
-    for i, key in zip(unseeded.tolist(), keys.take(pa.array(unseeded)).to_pylist()):
+    for i, key in zip(unseeded.tolist(), seed_keys.take(pa.array(unseeded)).to_pylist()):
         seeds[i] = derived_seed(key)  # a done key's too: a row whose seed was removed changed
     fmt = (defaults.output_format or OutputFormat.png).value
     guidance = _first(defaults.guidance, preset.guidance)
@@ -141,16 +148,23 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
         "adapters": images.column("adapters"),
         "output_format": images.column("output_format").fill_null(fmt),
         "reference_images": images.column("reference_images"),
+        "candidates": candidates,
         "source": images.column("source"),
         "row": images.column("row"),
         "revision": pa.nulls(len(keys), pa.string()),
+        "keeps": pc.if_else(pa.array(best), images.column("num_images"), pa.scalar(None, pa.int64())).cast(pa.int32()),
     }
     columns.update({f.name: images.column(f.name) for f in manifest.extra_fields})
     schema = pa.schema(list(PLAN_SCHEMA) + manifest.extra_fields)
     # `source` stays dictionary-encoded until the rows left are taken: decoded for those only.
     building = schema.set(schema.get_field_index("source"), pa.field("source", columns["source"].type))
     table = pa.table([columns[f.name].cast(f.type) for f in building], schema=building)
-    del images, columns, keys
+    # A best-of-n row's images next to each other (the renderer renders its candidates once per batch): sorted by
+    # the row's first key, then variant; an image per image by its own key, as before.
+    group = pa.chunked_array([pa.array(np.where(best, seed_keys.to_numpy(zero_copy_only=False),
+                                                keys.to_numpy(zero_copy_only=False)), pa.string())]) \
+        if best.any() else None
+    del images, columns, keys, seed_keys
     if job.output.layout == "webdataset":
         _refuse_mixed_formats(table)
     changed = restored = 0
@@ -173,8 +187,11 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
     # the rows left, in that order: a filtered copy and then a sorted one would hold the plan three times.
     if len(selected):
         shape = ("width", "height", "steps", "guidance", "key")
-        order = pc.sort_indices(table.select(shape).take(pa.array(selected)),
-                                sort_keys=[(c, "ascending") for c in shape])
+        sorting = table.select(shape)
+        if group is not None:
+            sorting = sorting.append_column("group", group).append_column("variant", table.column("variant"))
+            shape = ("width", "height", "steps", "guidance", "group", "variant")
+        order = pc.sort_indices(sorting.take(pa.array(selected)), sort_keys=[(c, "ascending") for c in shape])
         table = table.take(pa.array(selected[order.to_numpy()]))
     else:
         table = table.slice(0, 0)
@@ -197,6 +214,13 @@ def _refuse_mixed_formats(table: pa.Table) -> None:
         f"(the first image is {first}; {other['source']} row {other['row']} asks for {other['output_format']}): "
         "give every row the same output_format (or none, for the --format default), or use --layout hf-parquet, "
         "which holds any mix")
+
+
+def best_of(column: pa.ChunkedArray, default: int | None) -> pa.ChunkedArray:
+    """Each image's candidates (its row's, else the job's default): null for one candidate, an image per image."""
+    if default is not None:
+        column = column.fill_null(default)
+    return pc.if_else(pc.greater(column, 1), column, pa.scalar(None, column.type)).cast(pa.int32())
 
 
 def _first(*values: Any) -> Any:

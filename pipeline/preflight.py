@@ -7,8 +7,9 @@ no `_job.json` records a job that never ran, so the corrected run is not refused
    with (flux_worker/weights.py), or a hub id in the local cache or known to the hub (flux_worker/hub.py);
 2. every adapter is a readable safetensors file (flux_worker/weights.py: what "allowed" means for adapters);
 3. the manifest names Parquet files (listed only; the run reads and validates them under its lease);
-4. a C2PA certificate and key the job names can sign (pipeline/signing.py);
-5. OUTPUT can be reached, holds nothing foreign (pipeline/store/ownership.py), and can be written: a probe file,
+4. the scorers the job names are there and go together (pipeline/scorer_check.py);
+5. a C2PA certificate and key the job names can sign (pipeline/signing.py);
+6. OUTPUT can be reached, holds nothing foreign (pipeline/store/ownership.py), and can be written: a probe file,
    named as fluxbatch's own temp files so that a run killed in between has it swept, is written and deleted.
 
 Storage is asked with botocore's retries capped (storage.probe_options), so an endpoint nobody listens on is
@@ -28,6 +29,7 @@ from flux_worker.presets import PRESETS, ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline.manifest import list_manifest_files
+from pipeline.scorer_check import check_scorers
 from pipeline.signing import signing_credentials
 from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
@@ -43,6 +45,7 @@ def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     check_defaults(job, job.row_limits(preset.limits))
     list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
     check_provenance_packages(job)
+    check_scorers(job)  # the scorers the job names are there, and go together (pipeline/scorer_check.py)
     signing_credentials(job)  # a C2PA certificate and key that can sign (pipeline/signing.py)
     check_output(job, allow_non_empty_output)
     return preset

@@ -41,7 +41,16 @@ from pipeline.pool_stats import PoolStats
 from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
 from pipeline.replica_shape import fleet_pools, resolve_gpus_per_replica
-from pipeline.store import changed_rows, committed_images, compaction, lease, ledger, ownership, run_records
+from pipeline.store import (
+    changed_rows,
+    committed_images,
+    compaction,
+    lease,
+    ledger,
+    ownership,
+    quality_signals,
+    run_records,
+)
 from pipeline.store.pack import pack_images
 from schemas import FailureRecord, JobSpec, RunSummary
 from schemas.errors import FluxbatchError, first_line
@@ -296,6 +305,17 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         shown.say(f"packing the {job.output.layout} shards ...", phase="packing")
         pack_images(job, expected_keys(manifest))
         seconds["pack"] = time.monotonic() - mark
+
+    mark = time.monotonic()
+    shown.say("finding near-duplicates and score distributions in OUTPUT ...", phase="quality signals")
+    signals = quality_signals.read_signals(fs, root, job.quality.duplicate_distance)
+    summary.near_duplicates, summary.scores = signals.near_duplicates, signals.scores
+    quality_signals.write_groups(fs, root, run_id, signals.groups)
+    if signals.groups:
+        log.warning("%d groups of near-duplicate images (%d images, hashes within %d bits) in %s; none deleted: "
+                    "see summary.json, report.html or runs/%s/near_duplicates.parquet", len(signals.groups),
+                    signals.near_duplicates["images"], job.quality.duplicate_distance, fs.uri(root), run_id)
+    seconds["quality"] = time.monotonic() - mark
 
     summary.manifest_files = len(manifest.files)
     summary.manifest_rows = manifest.total_rows

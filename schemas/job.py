@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from schemas.overrides import load_spec, validate_spec
 from schemas.provenance import WATERMARK_MIN_PIXELS, ProvenanceSpec
+from schemas.quality import QualitySpec
 from schemas.request import ANY_MODEL, ModelLimits, OutputFormat, RenderRequest, row_value
 from schemas.urls import manifest_url, storage_url
 
@@ -82,6 +83,9 @@ class RenderDefaults(BaseModel):
     steps: int | None = Field(default=None, description="steps for rows that give none (default: the preset's)")
     guidance: float | None = Field(default=None, description="guidance for rows that give none (default: the preset's)")
     output_format: OutputFormat = Field(default=OutputFormat.png, description="image format for rows that give none")
+    candidates: int | None = Field(
+        default=None, description="best-of-n: candidates rendered per row that gives none; the row keeps its "
+        "num_images best by --keep-by")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -132,6 +136,7 @@ class JobSpec(BaseModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     defaults: RenderDefaults = Field(default_factory=RenderDefaults)
     provenance: ProvenanceSpec = Field(default_factory=ProvenanceSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
     replicas: int = Field(default=1, ge=1, le=4096, description="renderer actors: the size of the pool")
     batch_size: int = Field(default=4, ge=1, le=256, description="images per batch sent to a replica")
     gpus_per_replica: float | Literal["auto"] | dict[str, float | Literal["auto"]] = Field(
@@ -241,14 +246,20 @@ class JobSpec(BaseModel):
         """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""
         return {
             "model": self.model.model_dump(mode="json", exclude={"compile_cache", "cache_dir"}),
-            "defaults": self.defaults.model_dump(mode="json"),
+            # `candidates` only when set: the defaults of a job before best-of-n existed stay what they were.
+            "defaults": self.defaults.model_dump(mode="json", exclude={"candidates"} if self.defaults.candidates is None
+                                                 else set()),
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),
             "provenance": self.provenance.identity(),
+            "quality": self.quality.identity(),
         }
 
     def row_limits(self, limits: ModelLimits) -> ModelLimits:
-        """The limits this job's rows are checked with: the model's, and a watermark's smallest image."""
+        """The limits this job's rows are checked with: the model's, a watermark's smallest image, and whether a
+        row may ask for candidates (best-of-n needs quality.keep_by)."""
+        limits = limits.model_copy(update={"keeps_best": self.quality.keep_by is not None,
+                                           "default_candidates": self.defaults.candidates})
         if self.provenance.watermark is None or limits.min_side ** 2 >= WATERMARK_MIN_PIXELS:
             return limits
         return limits.model_copy(update={"min_side": int(WATERMARK_MIN_PIXELS ** 0.5),

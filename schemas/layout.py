@@ -34,6 +34,7 @@ REPORT_FILE = "report.html"
 PROBE_NAME = "_write-test"  # pre-flight's test write, a temp name (pipeline/preflight.py)
 IMAGES = "images"
 METADATA = "metadata"
+CANDIDATES = "candidates"  # best-of-n candidates not kept, where the job keeps them (schemas/quality.py)
 COMPACTION_JOURNAL = "_compaction.json"
 RUN_HISTORY = "history.parquet"
 FAILURES = "failures"
@@ -49,7 +50,7 @@ SYNTHESIS_SPEC = "synthesis.json"
 CATALOG = "catalog"
 
 # Folders under a version root that hold only what fluxbatch writes.
-OWN_FOLDERS = (IMAGES, METADATA, FAILURES, RUNS, *(folder for folder, _ in LAYOUTS.values()))
+OWN_FOLDERS = (IMAGES, METADATA, FAILURES, RUNS, CANDIDATES, *(folder for folder, _ in LAYOUTS.values()))
 # Files a run writes at the top of OUTPUT through a temp file (the lease is written in place).
 OWN_TOP_FILES = frozenset({JOB_FILE, SUCCESS_FILE, SUMMARY_FILE, REPORT_FILE, PROBE_NAME})
 # Every name fluxbatch writes at the top of OUTPUT. A foreign folder holding one of these is refused even with
@@ -75,6 +76,13 @@ def image_path(root: str, key: str, extension: str, revision: str | None = None)
     replaces (`revision` is the run id: see PLAN_SCHEMA). Keys are hex digests, so no row can name a path."""
     name = key if revision is None else f"{key}.{revision}"
     return f"{root}/{IMAGES}/{key[:2]}/{name}.{extension}"
+
+
+def candidate_path(root: str, key: str, candidate: int, extension: str, revision: str | None = None) -> str:
+    """OUTPUT/candidates/<kk>/<key>[.<revision>].c<candidate>.<ext>: a best-of-n candidate not kept, written only
+    when the job asks (quality.keep_candidates); `key` is the row's first kept image's."""
+    name = key if revision is None else f"{key}.{revision}"
+    return f"{root}/{CANDIDATES}/{key[:2]}/{name}.c{candidate}.{extension}"
 
 
 def committed_image_path(root: str, key: str, image_uri: str) -> str:
@@ -110,6 +118,11 @@ def is_part_of_run(path: str, run_id: str) -> bool:
 
 def run_folder(root: str, run_id: str) -> str:
     return f"{root}/{RUNS}/{run_id}"
+
+
+def near_duplicates_path(root: str, run_id: str) -> str:
+    """Every near-duplicate group the run found in OUTPUT (pipeline/store/quality_signals.py)."""
+    return f"{run_folder(root, run_id)}/near_duplicates.parquet"
 
 
 def quarantine_folder(root: str, run_id: str) -> str:

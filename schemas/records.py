@@ -39,7 +39,14 @@ RENDER_FIELDS = [
     ("adapters", ADAPTERS_TYPE),
     ("output_format", pa.string()),
     ("reference_images", REFERENCES_TYPE),  # ledger parts written before it lack it: read as null (none)
+    # Best-of-n (schemas/quality.py): the candidates rendered for the image's row, null for one image per image.
+    ("candidates", pa.int32()),
 ]
+# Each candidate of a best-of-n row, recorded on every image the row keeps: its seed, its scores, whether it was
+# kept (and as which variant), and its image where the job keeps candidates (quality.keep_candidates).
+CANDIDATE_TYPE = pa.struct([("candidate", pa.int32()), ("seed", SEED_TYPE), ("clip_score", pa.float64()),
+                            ("aesthetic_score", pa.float64()), ("kept_as", pa.int32()), ("image_uri", pa.string()),
+                            ("sha256", pa.string())])
 # Where a planned image came from: the manifest file and the row's index in it (for its failure rows).
 ORIGIN_FIELDS = [("source", pa.string()), ("row", pa.int64())]
 
@@ -60,8 +67,19 @@ IMAGE_RECORD_SCHEMA = pa.schema(
         # The marks the image carries (schemas/provenance.py): "xmp+c2pa+watermark", "" for none; null in parts
         # written before fluxbatch marked images.
         ("provenance", pa.string()),
+        # Quality signals (schemas/quality.py); null where the job computes none, and in parts written before.
+        ("phash", pa.string()),  # 64-bit DCT perceptual hash, 16 hex (flux_worker/perceptual_hash.py)
+        ("clip_score", pa.float64()),
+        ("aesthetic_score", pa.float64()),
+        ("candidate", pa.int32()),  # best-of-n: which of the row's candidates this image is (its seed is `seed`)
+        ("candidate_scores", pa.list_(CANDIDATE_TYPE)),
     ]
 )
+
+# Columns added to the metadata after its first parts were written: a reader asking for one of a part that lacks it
+# gets nulls of its type (pipeline/store/ledger.py read_part), not a "not a fluxbatch part" error.
+ADDED_COLUMNS = ("reference_images", "candidates", "provenance", "phash", "clip_score", "aesthetic_score",
+                 "candidate", "candidate_scores")
 
 
 class FailureRecord(BaseModel):
@@ -119,7 +137,8 @@ def signed_seeds(table: pa.Table) -> pa.Table:
 # A planned image, as the driver hands it to a renderer; extra manifest columns follow these. `revision` is null
 # for a key's first image and the run id when the key has a committed image already (its row changed, or its
 # image went missing): the new image then gets a path of its own, so a committed image is never overwritten.
-PLAN_SCHEMA = pa.schema(RENDER_FIELDS + ORIGIN_FIELDS + [("revision", pa.string())])
+# `keeps`: a best-of-n row's num_images (its candidates ranked below it are not kept); null for the others.
+PLAN_SCHEMA = pa.schema(RENDER_FIELDS + ORIGIN_FIELDS + [("revision", pa.string()), ("keeps", pa.int32())])
 
 # What a renderer returns per planned image: the record (null on failure), where it came from, and
 # the error of its last try (null on success).

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.job import JobSpec, OutputSpec
 from schemas.provenance import ProvenanceSpec
+from schemas.quality import QualitySpec
 
 _JOB, _OUTPUT = JobSpec.model_fields, OutputSpec.model_fields
 
@@ -46,6 +47,7 @@ class RenderOptions(BaseModel):
     image_counter: Any = Field(default=None, repr=False,
                                description="a Ray actor handle counting written images (pipeline/progress.py)")
     provenance: ProvenanceSpec = Field(default_factory=ProvenanceSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)  # the scorers each renderer loads, best-of-n
     # The C2PA certificate chain and private key as the driver read them (pipeline/signing.py): they travel like
     # storage credentials, in the actor's arguments, never in a runtime_env, a repr, a log or OUTPUT.
     signing: dict[str, str] | None = Field(default=None, repr=False,
@@ -64,4 +66,4 @@ class RenderOptions(BaseModel):
                    compile_cache_options=compile_cache_options,
                    reference_storage_options=reference_storage_options or {},
                    model_storage_options=model_storage_options or {}, hub_token=hub_token, image_counter=image_counter,
-                   provenance=job.provenance, signing=signing)
+                   provenance=job.provenance, quality=job.quality, signing=signing)

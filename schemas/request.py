@@ -26,6 +26,7 @@ from schemas.records import ADAPTERS_TYPE, REFERENCES_TYPE
 MAX_PROMPT_CHARS = 4000
 MAX_ID_CHARS = 256
 MAX_IMAGES_PER_ROW = 64
+MAX_CANDIDATES = 64  # schemas/quality.py: best-of-n
 MAX_ADAPTERS = 8
 MAX_REFERENCE_URL_CHARS = 2048
 MAX_STEPS = 200
@@ -71,6 +72,10 @@ class ModelLimits(BaseModel):
     takes_guidance: bool = True  # False for step-distilled models, whose pipeline ignores guidance
     min_references: int = 0  # reference images a row must give (FLUX.1 Kontext: 1)
     max_references: int = 0  # ... and may give (0: the model renders from text alone)
+    # Best-of-n (schemas/quality.py): whether the job has a score to keep a row's best candidates by, and the
+    # job's default `candidates` for rows that give none (JobSpec.row_limits).
+    keeps_best: bool = True
+    default_candidates: int | None = None
 
 
 # The limits every model shares, for a value checked before its model is known (a job's defaults, as its spec loads):
@@ -105,6 +110,7 @@ MANIFEST_COLUMNS = (
     "guidance",
     "seed",
     "num_images",
+    "candidates",
     "adapters",
     "output_format",
     "reference_images",
@@ -125,6 +131,8 @@ class RenderRequest(BaseModel):
     guidance: float | None = None
     seed: int | None = None
     num_images: int = 1
+    # Best-of-n: render this many candidates and keep the `num_images` best by the job's quality.keep_by.
+    candidates: int | None = Field(default=None, validate_default=True)
     adapters: tuple[AdapterRef, ...] = ()
     output_format: OutputFormat | None = None
     # Checked against the model here; whether each URL may be read, and is an image, on the driver before
@@ -166,7 +174,7 @@ class RenderRequest(BaseModel):
     def _integral(cls, value: Any, info: ValidationInfo) -> Any:
         return _as_int(value, info.field_name)
 
-    @field_validator("steps", "seed", "num_images", mode="before")
+    @field_validator("steps", "seed", "num_images", "candidates", mode="before")
     @classmethod
     def _integral_counts(cls, value: Any, info: ValidationInfo) -> Any:
         return _as_int(value, info.field_name)
@@ -227,6 +235,24 @@ class RenderRequest(BaseModel):
     def _num_images(cls, value: int) -> int:
         if not 1 <= value <= MAX_IMAGES_PER_ROW:
             raise ValueError(f"num_images must be between 1 and {MAX_IMAGES_PER_ROW}, got {value}")
+        return value
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        count = value if value is not None else limits.default_candidates
+        if count is None:
+            return value
+        if not 1 <= count <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be between 1 and {MAX_CANDIDATES}, got {count}")
+        if count > 1 and not limits.keeps_best:
+            raise ValueError("candidates needs a score to keep the best by: set quality.keep_by (--keep-by) and "
+                             "its scorer (--clip)")
+        images = info.data.get("num_images")
+        if isinstance(images, int) and count < images:
+            raise ValueError(f"candidates ({count}) must be at least num_images ({images}): a row keeps its "
+                             "num_images best of its candidates")
         return value
 
     @field_validator("model", mode="before")
@@ -307,6 +333,7 @@ REQUEST_SCHEMA = pa.schema([
     ("guidance", pa.float64()),
     ("seed", pa.uint64()),
     ("num_images", pa.int64()),
+    ("candidates", pa.int64()),  # null: the job's default (defaults.candidates), else one image per image kept
     ("adapters", ADAPTERS_TYPE),
     ("output_format", pa.string()),
     ("reference_images", REFERENCES_TYPE),  # URLs as the row gives them; sha256 null until pipeline/references.py
@@ -324,11 +351,13 @@ def request_id(row: Mapping[str, Any]) -> str:
     """
     if row.get("id") is not None:
         return row["id"]
-    params = {name: row.get(name) for name in MANIFEST_COLUMNS if name not in ("id", "reference_images")}
+    params = {name: row.get(name) for name in MANIFEST_COLUMNS if name not in ("id", "reference_images", "candidates")}
     params["adapters"] = list(params["adapters"] or [])
     references = reference_urls(row.get("reference_images"))
     if references:  # only then: the hash of every row without references stays what it was before them
         params["reference_images"] = references
+    if row.get("candidates") is not None:  # likewise
+        params["candidates"] = row["candidates"]
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=12).hexdigest()
     return f"h-{digest}"
 
@@ -337,6 +366,7 @@ def row_value(field: str, value: Any, limits: ModelLimits) -> Any:
     """`value` of `field` as a manifest row's validator takes it (normalized: 8.0 is 8, jpg is jpeg), or ValueError
     with the row's own message: how a job's defaults obey the rules of a row (schemas/job.py)."""
     row = {"prompt": "-", "reference_images": ["-"] * limits.min_references, field: value}  # else a valid row
+    limits = limits.model_copy(update={"default_candidates": None})  # the row's own value, or none: no default
     try:
         return getattr(RenderRequest.model_validate(row, context={"limits": limits}), field)
     except ValidationError as error:

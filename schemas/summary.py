@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field, computed_field
 
@@ -70,6 +71,13 @@ class RunSummary(BaseModel):
     images_without_watermark: int = Field(
         default=0, description="images this run rendered whose picture could not hold the job's watermark: written "
         "and committed without it (their ledger rows say so; `fluxbatch verify --provenance` names them)")
+    near_duplicates: dict[str, Any] = Field(
+        default_factory=dict, description="OUTPUT's near-duplicate groups (perceptual hashes within max_distance "
+        "bits): how many, how many images, the largest; every group in runs/<run id>/near_duplicates.parquet; "
+        "nothing is deleted")
+    scores: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="each score of OUTPUT's images (clip_score, aesthetic_score): count, "
+        "quantiles, histogram, and the lowest and highest images")
     images_per_second: float = 0.0
     seconds: dict[str, float] = Field(default_factory=dict, description="wall seconds per stage")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)

@@ -116,9 +116,9 @@ def test_each_render_parameter_is_compared_and_no_adapters_equals_an_empty_list(
                           "height": [64] * 7, "steps": [2] * 7, "guidance": [3.5] * 7, "seed": pa.array([7] * 7,
                           pa.uint64()), "max_sequence_length": [256] * 7, "adapters": pa.array(
                           adapters + [None, [], [{"name": "style", "scale": 0.8}], None, None], ADAPTERS_TYPE),
-                          "output_format": ["png"] * 7})
+                          "output_format": ["png"] * 7, "candidates": pa.array([None] * 7, pa.int32())})
     edits = {"a": {}, "b": {"adapters": [{"name": "style", "scale": 0.9}]}, "c": {"adapters": []},
-             "d": {"adapters": None}, "e": {"adapters": []}, "f": {"seed": 8, "output_format": "jpeg"},
+             "d": {"adapters": None}, "e": {"adapters": [], "candidates": 4}, "f": {"seed": 8, "output_format": "jpeg"},
              "g": {"guidance": 3.25}}
     rows = committed.to_pylist()
     planned = pa.Table.from_pylist([{**row, **edits[row["key"]]} for row in rows] + [{**rows[0], "key": "new"}],
@@ -128,4 +128,5 @@ def test_each_render_parameter_is_compared_and_no_adapters_equals_an_empty_list(
 
     assert index.tolist() == [0, 1, 2, 3, 4, 5, 6, -1]
     named = [[f for i, f in enumerate(RENDER_FIELDS) if mask >> i & 1] for mask in fields.tolist()]
-    assert named == [[], ["adapters"], [], [], ["adapters"], ["seed", "output_format"], ["guidance"], []]
+    assert named == [[], ["adapters"], [], [], ["adapters", "candidates"], ["seed", "output_format"], ["guidance"],
+                     []]

@@ -251,6 +251,9 @@ def test_each_generated_flag_reaches_the_job_spec_over_the_job_file(field, tmp_p
         words += ["--c2pa-key", "signer.key"]
     if field == "provenance.c2pa_key":
         words += ["--c2pa-certificate", "signer.pem"]
+    # the aesthetic predictor and best-of-n need the CLIP model that scores (QualitySpec refuses them alone)
+    if field in ("quality.aesthetic", "quality.keep_by"):
+        words += ["--clip", "clip-vit-large-patch14"]
     job = job_from_args(build_parser().parse_args([*base, *words]))
     assert _get(job, field) == expected
     before = job_from_args(build_parser().parse_args(base))

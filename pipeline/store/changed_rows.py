@@ -28,7 +28,7 @@ from schemas.errors import FluxbatchError
 # Every column of a ledger row that decides the image's bytes and can differ per row; model, dtype and the job's
 # defaults are per job and `_job.json` guards them (ledger.check_job).
 RENDER_FIELDS = ("prompt", "width", "height", "steps", "guidance", "seed", "max_sequence_length", "adapters",
-                 "output_format")
+                 "output_format", "candidates")
 FLAG = "--rerender-changed"
 SHOWN = 5  # changed rows named in the refusal; the count says how many more
 COMPARED_AT_ONCE = 1_000_000
@@ -44,7 +44,7 @@ def read_committed(fs: Storage, root: str) -> pa.Table | None:
 
     Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
     """
-    columns = ["key", *RENDER_FIELDS, "image_uri", "bytes"]
+    columns = ["key", *RENDER_FIELDS, "candidate", "image_uri", "bytes"]
     table = ledger.read_metadata(fs, root, columns, each=_file_names)
     return ledger.latest_row_per_key(table) if table is not None else None
 
@@ -52,7 +52,13 @@ def read_committed(fs: Storage, root: str) -> pa.Table | None:
 def for_planning(committed: pa.Table | None) -> pa.Table | None:
     """`committed` with only what `compare` reads (key and RENDER_FIELDS), once `stale_keys` has used the image
     columns: for millions of rows, a quarter of its memory back before the plan is made."""
-    return committed.select(["key", *RENDER_FIELDS]) if committed is not None else None
+    if committed is None:
+        return None
+    # A best-of-n image records its own seed, its row's first candidate's + `candidate`; the plan holds the first's.
+    kept = committed.column("candidate").fill_null(0).cast(pa.int64())
+    planned_seed = pc.subtract(committed.column("seed"), kept)  # wraps, as the renderer's addition does
+    committed = committed.set_column(committed.schema.get_field_index("seed"), "seed", planned_seed)
+    return committed.select(["key", *RENDER_FIELDS])
 
 
 def _file_names(part: pa.Table) -> pa.Table:
@@ -75,7 +81,7 @@ def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndar
         rows = at[start:start + COMPARED_AT_ONCE]
         new_at, old_at = pa.array(rows), pa.array(index[rows])
         for bit, name in enumerate(RENDER_FIELDS):
-            differs = _lists_differ if name == "adapters" else _values_differ
+            differs = {"adapters": _lists_differ, "candidates": _null_is_a_value}.get(name, _values_differ)
             old, new = committed.column(name).take(old_at), planned.column(name).take(new_at)
             changed[rows] |= differs(old.combine_chunks(), new.combine_chunks()) << bit
     return index, changed
@@ -84,6 +90,14 @@ def compare(planned: pa.Table, committed: pa.Table) -> tuple[np.ndarray, np.ndar
 def _values_differ(old: pa.Array, new: pa.Array) -> np.ndarray:
     # A null in the ledger is a value it did not record: nothing to compare against.
     return pc.not_equal(old, new.cast(old.type)).fill_null(False).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _null_is_a_value(old: pa.Array, new: pa.Array) -> np.ndarray:
+    """`candidates`: null is one image per image (in every part, before best-of-n too), so null and 4 differ."""
+    new = new.cast(old.type)
+    differs = pc.not_equal(old, new).fill_null(False).to_numpy(zero_copy_only=False)
+    return (differs | (old.is_null().to_numpy(zero_copy_only=False) != new.is_null().to_numpy(zero_copy_only=False))
+            ).astype(np.int64)
 
 
 def _lists_differ(old: pa.Array, new: pa.Array) -> np.ndarray:

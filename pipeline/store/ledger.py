@@ -33,7 +33,7 @@ from pipeline.store import compaction_journal
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError, first_line
 from schemas.layout import FAILURES, JOB_FILE, METADATA, VERSIONS, failure_part, is_part_of_run, metadata_part
-from schemas.records import signed_seeds
+from schemas.records import ADDED_COLUMNS, signed_seeds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,15 +144,25 @@ def read_part(fs: Storage, root: str, part: str, columns: list[str] | None = Non
     if data:
         try:
             file = pq.ParquetFile(pa.BufferReader(data))
-            missing = [name for name in columns or ["key"] if name not in file.schema_arrow.names]
+            names = file.schema_arrow.names
+            missing = [name for name in columns or ["key"] if name not in names and name not in ADDED_COLUMNS]
             if not missing:
-                return signed_seeds(file.read(columns=columns))
+                return signed_seeds(_with_added(file.read(columns=[c for c in columns or names if c in names]),
+                                                columns))
             reason = f"has no {', '.join(map(repr, missing))} column (not a fluxbatch metadata part)"
         except pa.ArrowException:
             reason = "is not a whole Parquet file (truncated, or another format)"
     raise CorruptLedgerError(
         f"metadata part {fs.uri(part)} {reason}; run `fluxbatch verify {fs.uri(root)} --repair` to move it "
         "aside (its images render again), then run again", part, reason)
+
+
+def _with_added(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    """`table` with each of `columns` its part was written without (ADDED_COLUMNS) as nulls, in `columns`' order."""
+    if columns is None or table.column_names == columns:
+        return table
+    return pa.table({name: table.column(name) if name in table.column_names
+                     else pa.nulls(table.num_rows, IMAGE_RECORD_SCHEMA.field(name).type) for name in columns})
 
 
 def done_keys(fs: Storage, root: str) -> set[str]:
@@ -251,7 +261,7 @@ def first_failures(fs: Storage, root: str, rows: int) -> tuple[pa.Table | None, 
 # Identity sections newer than some OUTPUTs: a `_job.json` written before one existed records nothing for it, and a
 # re-run goes on in that OUTPUT (its older images carry no marks: `fluxbatch verify --provenance` names them); the
 # first such run records its own section (record_added_sections), which later runs must then match.
-ADDED_SINCE = ("provenance",)
+ADDED_SINCE = ("provenance", "quality")
 
 
 def check_job(fs: Storage, root: str, job: JobSpec, new_version: bool = False) -> tuple[str, bool]:

@@ -1,0 +1,87 @@
+"""Quality signals (`quality:` in a job file): scorers run on each image, best-of-n, near-duplicates.
+
+A scorer runs on the renderer actor right after each image is rendered, on the same device, before it is encoded
+(flux_worker/scorers.py); its score is a metadata column. `clip_score` is the prompt-image alignment of a CLIP
+model (torchmetrics' CLIP score: 100 x the cosine of the image and text embeddings, at least 0); `aesthetic_score`
+is the LAION aesthetic predictor (an MLP on the same CLIP model's image embedding). A row with `candidates` n
+renders n candidates and keeps its `num_images` k best by `keep_by` (flux_worker/best_of.py). Every image gets a
+perceptual hash (`phash`), and images within `duplicate_distance` bits of another are reported as near-duplicates
+at the end of a run and by `fluxbatch verify`, never deleted (pipeline/store/near_duplicates.py). docs/quality.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.urls import storage_url
+
+CLIP_SCORE, AESTHETIC_SCORE = "clip_score", "aesthetic_score"
+SCORES = (CLIP_SCORE, AESTHETIC_SCORE)  # the metadata's score columns, in this order
+# Named CLIP models: the hub id each stands for (the aesthetic predictor was trained on ViT-L/14's embeddings).
+CLIP_PRESETS = {"clip-vit-large-patch14": "openai/clip-vit-large-patch14",
+                "clip-vit-base-patch32": "openai/clip-vit-base-patch32"}
+DEFAULT_DUPLICATE_DISTANCE = 4
+
+
+class QualitySpec(BaseModel):
+    """Scores each image gets, which of a row's candidates are kept, and how near a near-duplicate is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip: str | None = Field(
+        default=None,
+        description=f"CLIP model for clip_score (prompt-image alignment): a preset ({', '.join(CLIP_PRESETS)}), "
+        "hub id, local folder or fsspec URL of a transformers folder",
+    )
+    aesthetic: str | None = Field(
+        default=None,
+        description="LAION aesthetic predictor for aesthetic_score: a folder or fsspec URL holding its "
+        "model.safetensors (an MLP on --clip's image embeddings; needs --clip)",
+    )
+    keep_by: Literal["clip_score", "aesthetic_score"] | None = Field(
+        default=None, description="best-of-n: the score that picks the num_images best of a row's candidates")
+    keep_candidates: bool = Field(
+        default=False,
+        description="best-of-n: also write the candidates not kept, under OUTPUT/candidates/ (their scores and "
+        "seeds are recorded either way)",
+    )
+    duplicate_distance: int = Field(
+        default=DEFAULT_DUPLICATE_DISTANCE, ge=0, le=16,
+        description="images whose perceptual hashes differ in at most this many of 64 bits are reported as "
+        "near-duplicates (never deleted)",
+    )
+
+    @field_validator("clip", "aesthetic")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; give a preset, hub id, folder or URL")
+        return storage_url(value) if "://" in value else value
+
+    @model_validator(mode="after")
+    def _scorers_needed(self) -> QualitySpec:
+        if self.aesthetic and not self.clip:
+            raise ValueError("quality.aesthetic scores CLIP image embeddings: name the CLIP model too (--clip, "
+                             "e.g. clip-vit-large-patch14)")
+        if self.keep_by is not None and self.scorer_of(self.keep_by) is None:
+            flag = "--clip" if self.keep_by == CLIP_SCORE else "--aesthetic"
+            raise ValueError(f"quality.keep_by {self.keep_by} needs its scorer: set {flag}")
+        return self
+
+    def scorer_of(self, score: str) -> str | None:
+        """The model the job names for `score`, or None when the job does not compute it."""
+        return {CLIP_SCORE: self.clip, AESTHETIC_SCORE: self.aesthetic}[score]
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The scores this job computes, in column order."""
+        return tuple(score for score in SCORES if self.scorer_of(score))
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the scores and which candidates are kept (so which images a row keeps); the duplicate
+        distance only changes what is reported."""
+        return self.model_dump(mode="json", exclude={"duplicate_distance"})
