@@ -237,6 +237,7 @@ class MemoryPlan:
     cpu_bytes: int  # weights offloaded to host memory, per replica
     note: str = ""
     offload_seconds: dict[str, float] = field(default_factory=dict)  # offloaded component -> host s per image
+    scorer_bytes: int = 0  # the scorers' fp32 weights on GPU 0 (schemas/quality.py)
 
     @property
     def fits(self) -> bool:
@@ -256,6 +257,8 @@ class MemoryPlan:
         for name, comp in self.components.items():
             weight = comp.params * self._weight_bytes(name)
             lines.append(f"{name:<16}{comp.params / 1e9:>11.3f}B{_gib(weight):>12}  {self.where[name]}")
+        if self.scorer_bytes:
+            lines.append(f"{'scorers':<16}{self.scorer_bytes / 4e9:>11.3f}B{_gib(self.scorer_bytes):>12}  GPU 0 (fp32)")
         peaks = ", ".join(f"GPU {i}: {_gib(p)}" for i, p in enumerate(self.peak_per_gpu))
         lines.append(f"predicted peak per GPU: {peaks}")
         if self.cpu_bytes:
@@ -285,8 +288,11 @@ def activation_bytes(dtype: str) -> int:
 
 def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int = 1024, height: int | None = None,
                 batch_size: int = 1, reserve: int = RESERVE_BYTES, max_gpus: int = MAX_GPUS,
-                tp_degree: int | None = None) -> MemoryPlan:
-    """Pick the smallest TP degree whose transformer shard fits (or take `tp_degree`), then place the rest."""
+                tp_degree: int | None = None, scorers: tuple[int, int] = (0, 0)) -> MemoryPlan:
+    """Pick the smallest TP degree whose transformer shard fits (or take `tp_degree`), then place the rest.
+
+    `scorers`: the job's scorers' (weight bytes, activation bytes) (flux_worker/scorer_memory.py); they run on GPU 0,
+    where the images are decoded, so a plan they do not fit beside the transformer's shard and the VAE is no plan."""
     if dtype not in WEIGHT_BYTES:
         raise PlanError(f"dtype {dtype!r}: choose one of {', '.join(WEIGHT_BYTES)}")
     height = height or width
@@ -346,6 +352,18 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     else:
         cpu += vae_w
         where["vae"] = "CPU (offload)"
+
+    scorer_w, scorer_a = scorers
+    if scorer_w:
+        if not fits_on(0, scorer_w, scorer_a):
+            base.tp_degree = None
+            base.note = (f"the scorers (--clip, --aesthetic) need {_gib(scorer_w + scorer_a)} on GPU 0 beside the "
+                         f"transformer{' shard' if degree > 1 else ''} and the VAE, and {_gib(budget - held[0])} is "
+                         "left there; use bigger cards or a smaller CLIP model")
+            return base
+        held[0] += scorer_w
+        acts[0].append(scorer_a)
+        base.scorer_bytes = scorer_w
 
     # The text encoders stay together, on the emptiest GPU that holds them (another GPU than the VAE's first).
     encoders = [n for n in TEXT_ENCODERS if n in comps]

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Parquet file, folder or glob; local path or s3:// (job file: manifest)")
     # A row's size limits and adapter names come from the model (and a watermark's smallest image); its reference
     # images must lie in the roots.
-    _add_job_flags(validate, ("model.", "reference_roots", "provenance.watermark"))
+    _add_job_flags(validate, ("model.", "reference_roots", "provenance.watermark", "defaults.candidates", "quality."))
 
     from jobs.storage_options import add_storage_option_flag
 
@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--provenance", action="store_true",
                         help="also read each image's marks back (XMP, C2PA validation, watermark bits) and name every "
                         "image lacking what its ledger row records, or recording none")
+    from schemas.quality import DEFAULT_DUPLICATE_DISTANCE
+
+    verify.add_argument("--duplicate-distance", type=_bits, default=DEFAULT_DUPLICATE_DISTANCE, metavar="BITS",
+                        help="list groups of images whose perceptual hashes differ in at most BITS of 64 (0-8, "
+                        f"default {DEFAULT_DUPLICATE_DISTANCE}) as near-duplicates; nothing is done to them")
     add_storage_option_flag(verify)
 
     marks = sub.add_parser("provenance", help="show the provenance marks of image files (any, not only OUTPUT's)",
@@ -318,6 +323,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0 if summary.succeeded else 1  # README, "Exit codes"
 
 
+def _bits(text: str) -> int:
+    from schemas.quality import MAX_DUPLICATE_DISTANCE
+
+    if not text.isdigit() or int(text) > MAX_DUPLICATE_DISTANCE:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of bits, 0 to {MAX_DUPLICATE_DISTANCE}")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of 1 or more")
@@ -372,7 +385,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.store.verify import verify_output
 
     result = verify_output(args.output, _url_storage_options(args, {"OUTPUT": args.output}), repair=args.repair,
-                           provenance=args.provenance)
+                           provenance=args.provenance, duplicate_distance=args.duplicate_distance)
     print(result.report())
     return 1 if (result.problems and not args.repair) or result.unmarked else 0
 

@@ -27,14 +27,14 @@ def plan_main(argv: list[str]) -> int:
         if not args.gpu_memory:
             parser.error("--gpu-memory is required (or give --table SIZES)")
         plan = plan_memory(args.model, parse_size(args.gpu_memory), dtype=args.dtype, width=args.resolution,
-                           batch_size=args.batch_size, reserve=parse_size(args.reserve))
+                           batch_size=args.batch_size, reserve=parse_size(args.reserve), scorers=_scorers(args))
     except PlanError as error:
         print(f"error: {error}")
         return 2
     if args.json:
         print(json.dumps({"model": plan.model, "tp_degree": plan.tp_degree, "where": plan.where,
                           "peak_per_gpu": plan.peak_per_gpu, "cpu_bytes": plan.cpu_bytes, "note": plan.note,
-                          "offload_seconds": plan.offload_seconds}))
+                          "offload_seconds": plan.offload_seconds, "scorer_bytes": plan.scorer_bytes}))
     else:
         print(plan.describe())
     return 0 if plan.fits else 1
@@ -65,6 +65,21 @@ def _plan_fleet(args: argparse.Namespace) -> int:
         print(fleet_table(pools))
     return 0 if any(pool.degree for pool in pools) else 1
 
+def _scorers(args: argparse.Namespace) -> tuple[int, int]:
+    """The weights and activations of the scorers `--clip` and `--aesthetic` name (flux_worker/scorer_memory.py)."""
+    if not args.clip:
+        if args.aesthetic:
+            raise PlanError("--aesthetic scores CLIP image embeddings: name the CLIP model too (--clip)")
+        return 0, 0
+    from flux_worker.scorer_memory import scorer_bytes
+    from schemas.quality import QualitySpec
+
+    try:
+        return scorer_bytes(QualitySpec(clip=args.clip, aesthetic=args.aesthetic))
+    except (OSError, ValueError) as error:
+        raise PlanError(f"--clip {args.clip}: cannot count its weights: {error}") from None
+
+
 def plan_parser() -> argparse.ArgumentParser:
     """`fluxbatch plan`'s own flags (tests/test_docs.py parses the docs' `plan` lines with it)."""
     parser = argparse.ArgumentParser(prog="fluxbatch plan", description=plan_main.__doc__)
@@ -75,6 +90,9 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--batch-size", type=int, default=1, help="images per transformer call")
     parser.add_argument("--reserve", default="1GiB", help="per-GPU allowance for CUDA context and workspaces")
+    parser.add_argument("--clip", metavar="MODEL", help="count a CLIP scorer on GPU 0 too (a preset such as "
+                        "clip-vit-large-patch14, or a folder)")
+    parser.add_argument("--aesthetic", metavar="PATH", help="and the aesthetic predictor at PATH")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--table", metavar="SIZES", help="a Markdown table over card sizes, e.g. 8GB,24GB,80GB; "
                         "--model may then list several models, comma-separated")

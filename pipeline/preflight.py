@@ -29,7 +29,7 @@ from flux_worker.presets import PRESETS, ModelPreset, resolve_preset
 from flux_worker.storage import Storage, StorageError, filesystem, probe_options
 from flux_worker.weights import check_adapter, check_model_folder
 from pipeline.manifest import list_manifest_files
-from pipeline.scorer_check import check_scorers
+from pipeline.scorer_check import check_scorers, check_scorers_fit
 from pipeline.signing import signing_credentials
 from pipeline.store import ledger, ownership
 from schemas import JobSpec, ModelSpec
@@ -46,6 +46,7 @@ def check(job: JobSpec, allow_non_empty_output: bool = False) -> ModelPreset:
     list_manifest_files(job.manifest, probe_options(job.manifest, job.storage_options), output=job.output.uri)
     check_provenance_packages(job)
     check_scorers(job)  # the scorers the job names are there, and go together (pipeline/scorer_check.py)
+    check_scorers_fit(job)  # ... and fit beside the model, where the cards' memory is known
     signing_credentials(job)  # a C2PA certificate and key that can sign (pipeline/signing.py)
     check_output(job, allow_non_empty_output)
     return preset

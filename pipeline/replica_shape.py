@@ -17,6 +17,7 @@ from flux_worker.families import family_of
 from flux_worker.fleet_plan import UNTYPED, PoolPlan, fleet_types, memory_table, plan_fleet
 from flux_worker.memory_plan import PlanError, model_configs, placement_of, plan_memory
 from flux_worker.presets import resolve_preset
+from flux_worker.scorer_memory import scorer_bytes
 from flux_worker.tensor_parallel import TensorParallelError, check_divisible, unsupported_family
 from schemas import JobSpec
 
@@ -71,7 +72,8 @@ def _plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
         return None
     return plan_memory(model, memory, dtype=planner_dtype(job), width=job.defaults.width or preset.width,
                        height=job.defaults.height or preset.height,
-                       batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree)
+                       batch_size=1 if job.batch_invariant else job.batch_size, tp_degree=degree,
+                       scorers=scorer_bytes(job.quality, job.storage_options))
 
 
 def resolve_gpus_per_replica(job: JobSpec) -> float:

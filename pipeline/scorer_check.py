@@ -9,11 +9,14 @@ a folder holding model.safetensors, or that file itself; its first layer must ta
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
+from flux_worker.fleet_plan import memory_table
 from flux_worker.hub import check_hub_model
+from flux_worker.memory_plan import PlanError
 from flux_worker.model_folder import ModelFolder, is_model_url
 from flux_worker.presets import UnknownModelError
 from flux_worker.scorers import AESTHETIC_WEIGHTS
@@ -41,6 +44,24 @@ def check_scorers(job: JobSpec) -> None:
             raise ScorerError(f"--aesthetic {quality.aesthetic} takes {takes}-value CLIP embeddings and --clip "
                               f"{quality.clip} makes {width}: pair the predictor with the CLIP model it was trained "
                               "on (LAION's: clip-vit-large-patch14)")
+
+
+def check_scorers_fit(job: JobSpec) -> None:
+    """Where the cards' memory is known before Ray starts (FLUXBATCH_GPU_MEMORY=SIZE) and the job gives its GPUs per
+    replica as a number, the scorers must fit on GPU 0 beside the model (flux_worker/memory_plan.py); `auto` and
+    mixed fleets are planned with the scorers once the cluster is known (pipeline/replica_shape.py)."""
+    memory = memory_table(os.environ.get("FLUXBATCH_GPU_MEMORY")).get("*")
+    gpus = job.gpus_per_replica
+    if not job.quality.clip or memory is None or isinstance(gpus, (str, dict)) or gpus < 1:
+        return
+    from pipeline.replica_shape import _plan_for
+
+    try:
+        plan = _plan_for(job, int(gpus), memory)
+    except PlanError:
+        return  # a model the planner has no configs for: nothing to count against
+    if plan is not None and not plan.fits and plan.scorer_bytes == 0 and "scorers" in plan.note:
+        raise ScorerError(f"gpus_per_replica {int(gpus)} on {os.environ['FLUXBATCH_GPU_MEMORY']} cards: {plan.note}")
 
 
 def _folder(name: str, storage_options: dict[str, Any] | None) -> ModelFolder | None:

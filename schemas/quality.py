@@ -22,7 +22,13 @@ SCORES = (CLIP_SCORE, AESTHETIC_SCORE)  # the metadata's score columns, in this 
 # Named CLIP models: the hub id each stands for (the aesthetic predictor was trained on ViT-L/14's embeddings).
 CLIP_PRESETS = {"clip-vit-large-patch14": "openai/clip-vit-large-patch14",
                 "clip-vit-base-patch32": "openai/clip-vit-base-patch32"}
+# Bits of 64. A phash has 32 bits set (those above the median), so distances are even: 4 is two frequencies that
+# crossed the median. A one-pixel edit, a JPEG re-encode or a slight resize of a rendered-looking picture stays
+# within 2, unrelated ones were 20 or more apart, and at 4 a million random hashes with 32 bits set make about
+# 0.07 chance pairs (at 8: about 360). Grouping a million images takes about 2 s at 4, 13 s at 6, and grows fast
+# past that: 8 at most. benchmarks/README.md, "Near-duplicates".
 DEFAULT_DUPLICATE_DISTANCE = 4
+MAX_DUPLICATE_DISTANCE = 8
 
 
 class QualitySpec(BaseModel):
@@ -48,7 +54,7 @@ class QualitySpec(BaseModel):
         "seeds are recorded either way)",
     )
     duplicate_distance: int = Field(
-        default=DEFAULT_DUPLICATE_DISTANCE, ge=0, le=16,
+        default=DEFAULT_DUPLICATE_DISTANCE, ge=0, le=MAX_DUPLICATE_DISTANCE,
         description="images whose perceptual hashes differ in at most this many of 64 bits are reported as "
         "near-duplicates (never deleted)",
     )

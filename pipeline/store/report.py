@@ -20,7 +20,7 @@ from PIL import Image
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
-from pipeline.store.report_plots import TIMING_COLUMNS, actors_svg, reasons_svg, throughput_svg
+from pipeline.store.report_plots import TIMING_COLUMNS, actors_svg, histogram_svg, reasons_svg, throughput_svg
 from schemas import RunSummary
 from schemas.layout import REPORT_FILE, committed_image_path, is_part_of_run
 
@@ -121,7 +121,15 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         plots=[(title, svg) for title, svg in (
             ("images per second", throughput_svg(timings, summary.started_at) if timings else ""),
             ("busy and idle time per actor", actors_svg(timings) if timings else ""),
-            ("failures by reason", reasons_svg(reasons))) if svg],
+            ("failures by reason", reasons_svg(reasons)),
+            *((f"{name} of OUTPUT's {score['images']} scored images", histogram_svg(name, score["histogram"]))
+              for name, score in summary.scores.items())) if svg],
+        # Each score's lowest and highest images (summary.json holds them: quality_signals.py), as thumbnails.
+        extremes=[(name, end, [{**row, "score": row[name], "src": thumbnail(fs, path), "href": _link(root, path)}
+                               for row in score[end] if row.get("image_uri")
+                               for path in [committed_image_path(root, row["key"], row["image_uri"])]])
+                  for name, score in summary.scores.items() for end in ("lowest", "highest")],
+        duplicates=summary.near_duplicates,
         stages=[(k, f"{v:.2f}") for k, v in summary.seconds.items()],
         reasons=reasons or [("none", 0)],
         actor_header=["actor", "device", "process start", "model load", "compile / warm-up", "first image",

@@ -96,3 +96,22 @@ def reasons_svg(reasons: list[tuple[str, int]]) -> str:
     height = 16 + min(len(reasons), 20) * (BAR_HEIGHT + 6)
     return (f"<svg class='plot' role='img' aria-label='failures by reason' width='{WIDTH}' height='{height}' "
             f"xmlns='http://www.w3.org/2000/svg'>{''.join(body)}</svg>")
+
+
+def histogram_svg(name: str, histogram: dict[str, list]) -> str:
+    """A score's distribution over OUTPUT's images (pipeline/store/quality_signals.py: its bins' edges and counts)."""
+    edges, counts = histogram.get("edges") or [], histogram.get("counts") or []
+    if not counts or not max(counts):
+        return ""
+    height, top = 160, max(counts)
+    width = (WIDTH - 40) / len(counts)
+    body = []
+    for i, count in enumerate(counts):
+        bar = (height - 30) * count / top
+        body.append(f"<rect x='{20 + i * width:.1f}' y='{height - 20 - bar:.1f}' width='{max(width - 1, 1):.1f}' "
+                    f"height='{bar:.1f}' fill='#3c6fc9'><title>{escape(name)} {edges[i]:.4g} to {edges[i + 1]:.4g}: "
+                    f"{count}</title></rect>")
+    body.append(f"<text x='20' y='{height - 4}'>{edges[0]:.4g}</text>"
+                f"<text x='{WIDTH - 20}' y='{height - 4}' text-anchor='end'>{edges[-1]:.4g}</text>")
+    return (f"<svg class='plot' role='img' aria-label='{escape(name)} distribution' width='{WIDTH}' "
+            f"height='{height}' xmlns='http://www.w3.org/2000/svg'>{''.join(body)}</svg>")

@@ -8,7 +8,9 @@ OUTPUT and in each OUTPUT/_versions/<n>/:
   up under OUTPUT/images/<kk>/ by the file name in image_uri, so a copied or moved OUTPUT verifies too);
 - no key is held by two rows;
 - no image under images/ lacks a row (an orphan: a killed driver rendered it but never committed it);
-- with `--provenance`, every image carries the marks its row records (pipeline/store/provenance_check.py).
+- with `--provenance`, every image carries the marks its row records (pipeline/store/provenance_check.py);
+- and it lists the groups of near-duplicate images (perceptual hashes within `--duplicate-distance` bits), which
+  are not problems: nothing is done to them.
 Only names fluxbatch writes count as images (images/<kk>/<key>[.<run id>].<png|jpg|webp>: schemas/layout.py);
 any other file is not ours and is neither reported nor touched.
 
@@ -44,8 +46,10 @@ from pipeline.store import compaction, ledger
 from pipeline.store.committed_images import full_paths, image_listing, image_names, move_aside
 from pipeline.store.lease import hold
 from pipeline.store.provenance_check import check_folder_provenance
+from pipeline.store.quality_signals import read_signals
 from schemas.errors import FluxbatchError
 from schemas.layout import JOB_FILE, QUARANTINE, quarantine_folder
+from schemas.quality import DEFAULT_DUPLICATE_DISTANCE
 
 COLUMNS = ["key", "image_uri", "sha256", "bytes"]
 # The columns' types as fluxbatch writes them; a part another tool rewrote (large_string, int32) is read as these.
@@ -75,6 +79,8 @@ class FolderCheck:
     orphans: list[str] = field(default_factory=list)  # image paths no row names
     unmarked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, the mark it lacks)
     marks_checked: int | None = None  # images whose marks were read back (None: --provenance not asked)
+    # Groups of images whose perceptual hashes are near (pipeline/store/quality_signals.py): reported, not problems.
+    near_duplicates: list[list[str]] = field(default_factory=list)
     drop: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # part -> rows repair drops
 
     @property
@@ -131,9 +137,18 @@ class Verification:
 
 
 def verify_output(url: str, storage_options: dict[str, Any] | None = None, repair: bool = False,
-                  provenance: bool = False) -> Verification:
+                  provenance: bool = False, duplicate_distance: int = DEFAULT_DUPLICATE_DISTANCE) -> Verification:
     """Check OUTPUT and each of its versions; with `repair`, put each folder right under its lease; with
-    `provenance`, also read each image's marks back (repair leaves those findings as they are)."""
+    `provenance`, also read each image's marks back (repair leaves those findings as they are). Each folder's
+    near-duplicate groups (hashes within `duplicate_distance` bits) are reported; nothing is done to them."""
+    result = _verify(url, storage_options, repair, provenance)
+    for check in result.checks:
+        if not check.unreadable:  # else the ledger cannot be read whole: the parts are the problem to fix first
+            check.near_duplicates = read_signals(result.fs, check.folder, duplicate_distance).groups
+    return result
+
+
+def _verify(url: str, storage_options: dict[str, Any] | None, repair: bool, provenance: bool) -> Verification:
     fs, root = filesystem(url, storage_options)
     if not fs.exists(f"{root}/{JOB_FILE}"):
         raise NotAnOutputError(f"{fs.uri(root)} is not a fluxbatch OUTPUT (no {JOB_FILE}); nothing checked")
@@ -339,6 +354,13 @@ def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
     lines = [f"{fs.uri(check.folder)}: {', '.join(counts)}"]
     if check.marks_checked is not None:
         lines.append(f"  provenance: the marks of {check.marks_checked} images read back")
+    if check.near_duplicates:
+        images = sum(len(group) for group in check.near_duplicates)
+        lines.append(f"  near-duplicate groups: {len(check.near_duplicates)} ({images} images; none deleted)")
+        lines += [f"    {', '.join(group[:4])}{f' and {len(group) - 4} more' if len(group) > 4 else ''}"
+                  for group in check.near_duplicates[:SHOWN]]
+        if len(check.near_duplicates) > SHOWN:
+            lines.append(f"    ... and {len(check.near_duplicates) - SHOWN} more groups")
     kinds = [
         ("unreadable part", [f"{fs.uri(part)}: {why}" for part, why in check.unreadable.items()]),
         ("duplicate key", [f"{key}: {n} rows" for key, n in check.duplicates.items()]),

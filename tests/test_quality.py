@@ -1,0 +1,234 @@
+"""Quality signals (issue 27): scores on the renderer, best-of-n, near-duplicates, the report, the planner.
+
+Real parts throughout: the tiny random-weight pipeline renders, random-weight CLIP and aesthetic scorers built
+offline (`fluxbatch model build --scorer`) score on the renderer actor, and the driver finds near-duplicates in
+the ledger. No mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from flux_worker.perceptual_hash import distance, phash
+from flux_worker.scorer_build import build_scorer
+from flux_worker.scorers import Scorers
+from pipeline import render
+from schemas.quality import DEFAULT_DUPLICATE_DISTANCE, QualitySpec
+from tests.conftest import write_manifest
+from tests.helpers import assert_images_match_metadata, make_job, metadata
+from tests.test_cli import call_cli
+
+SIDE = {"width": 64, "height": 64, "steps": 2}
+# CLIP score clamps negative cosines to 0, and random weights make many pairs negative: this weight seed scores the
+# tiny pipeline's images above 0, so the scores differ from image to image.
+CLIP_SEED = 4
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("scorers")
+    return {"clip": str(build_scorer(folder / "clip", "clip", "tiny", CLIP_SEED)),
+            "aesthetic": str(build_scorer(folder / "aesthetic", "aesthetic", "tiny"))}
+
+
+def _by_key(output: Path) -> dict[str, dict]:
+    return {row["key"]: row for row in metadata(str(output)).to_pylist()}
+
+
+# -- scores on every image -------------------------------------------------------------------------------------------
+
+PLAIN = [{"id": f"p{i}", "prompt": prompt, "seed": 11 + i, **SIDE}
+         for i, prompt in enumerate(["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"])]
+# The same prompt and seed under two ids: byte-identical images, which nothing but their hashes ties together.
+TWINS = [{"id": f"twin-{i}", "prompt": "a paper crane", "seed": 5, **SIDE} for i in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_model, scorers) -> tuple[Path, Path]:
+    """Two OUTPUTs of one manifest, one image per batch and all in one batch."""
+    folder = tmp_path_factory.mktemp("scored")
+    manifest = write_manifest(folder / "m.parquet", PLAIN + TWINS)
+    outputs = []
+    for batch_size in (1, 5):
+        out = folder / f"batch-{batch_size}"
+        render(make_job(str(manifest), str(out), str(tiny_model), batch_size=batch_size, quality=scorers),
+               progress=False)
+        outputs.append(out)
+    return outputs[0], outputs[1]
+
+
+def test_each_image_gets_its_scores_as_columns_the_same_whatever_its_batch(scored, scorers):
+    one, five = (_by_key(out) for out in scored)
+    assert one.keys() == five.keys() and len(one) == 5
+    for key, row in one.items():
+        assert row["clip_score"] is not None and row["aesthetic_score"] is not None, key
+        assert (row["clip_score"], row["aesthetic_score"]) == (five[key]["clip_score"], five[key]["aesthetic_score"])
+        assert row["sha256"] == five[key]["sha256"]
+    assert len({row["aesthetic_score"] for row in one.values()}) == 4  # the twins alike, the others not
+    assert len({round(row["clip_score"], 4) for row in one.values()}) > 1
+    # What a user recomputes from a written PNG (the pixels scored, losslessly) is what the ledger says.
+    again = Scorers(QualitySpec(**scorers), "cpu")
+    for row in one.values():
+        image = Image.open(row["image_uri"].removeprefix("file://"))
+        recomputed = again.score(image, row["prompt"])
+        assert recomputed["clip_score"] == pytest.approx(row["clip_score"], abs=1e-4)
+        assert recomputed["aesthetic_score"] == pytest.approx(row["aesthetic_score"], abs=1e-4)
+        assert row["phash"] == phash(image)
+
+
+def test_byte_identical_images_are_reported_as_near_duplicates_and_kept(scored, capsys):
+    out = scored[0]
+    rows = _by_key(out)
+    twins = sorted(key for key, row in rows.items() if row["request_id"].startswith("twin-"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["near_duplicates"]["groups"] == 1
+    assert summary["near_duplicates"]["largest"][0]["keys"] == twins
+    assert_images_match_metadata(str(out))  # nothing deleted
+    groups = next((out / "runs").glob("*/near_duplicates.parquet"))
+    assert sorted(metadata_keys(groups)) == twins
+    report = (out / "report.html").read_text()
+    assert "near-duplicates" in report and twins[0] in report
+    assert "aesthetic_score distribution" in report and "highest clip_score" in report
+    verified = call_cli(capsys, "verify", str(out))
+    assert verified.returncode == 0, verified.stdout
+    assert "near-duplicate groups: 1 (2 images; none deleted)" in verified.stdout and twins[0] in verified.stdout
+
+
+def metadata_keys(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).column("key").to_pylist()
+
+
+def test_a_one_pixel_change_to_a_rendered_image_keeps_its_hash_near(scored):
+    row = next(iter(_by_key(scored[0]).values()))
+    image = Image.open(row["image_uri"].removeprefix("file://")).convert("RGB")
+    changed = image.copy()
+    r, g, b = changed.getpixel((10, 10))
+    changed.putpixel((10, 10), (255 - r, 255 - g, 255 - b))
+    assert changed.tobytes() != image.tobytes()
+    assert distance(phash(changed), row["phash"]) <= DEFAULT_DUPLICATE_DISTANCE
+
+
+# -- best-of-n -------------------------------------------------------------------------------------------------------
+
+BEST_OF = [{"id": "fox", "prompt": "a red fox in snow", "seed": 100, "num_images": 2, "candidates": 4, **SIDE},
+           {"id": "crane", "prompt": "a paper crane", "seed": 200, "candidates": 3, **SIDE}]
+# The fox row's candidates as plain rows: candidate c of a row renders as a plain row with seed + c.
+FOX_CANDIDATES = [{"id": f"fox-c{c}", "prompt": "a red fox in snow", "seed": 100 + c, **SIDE} for c in range(4)]
+
+
+@pytest.fixture(scope="module")
+def best(tmp_path_factory, tiny_model, scorers) -> tuple[Path, Path]:
+    """One best-of-n manifest rendered one image per batch, and three per batch keeping the candidates."""
+    folder = tmp_path_factory.mktemp("best")
+    manifest = write_manifest(folder / "m.parquet", BEST_OF + FOX_CANDIDATES)
+    quality = {**scorers, "keep_by": "aesthetic_score"}
+    one = folder / "batch-1"
+    render(make_job(str(manifest), str(one), str(tiny_model), batch_size=1, quality=quality), progress=False)
+    three = folder / "batch-3"
+    render(make_job(str(manifest), str(three), str(tiny_model), batch_size=3,
+                    quality={**quality, "keep_candidates": True}), progress=False)
+    return one, three
+
+
+def test_best_of_n_keeps_the_k_best_the_same_across_runs_and_batch_sizes(best):
+    one, three = (_by_key(out) for out in best)
+    assert one.keys() == three.keys()
+    kept = {key: row for key, row in one.items() if row["candidates"]}
+    assert sorted((row["request_id"], row["variant"]) for row in kept.values()) == [("crane", 0), ("fox", 0),
+                                                                                   ("fox", 1)]
+    plain = {row["seed"]: row for row in one.values() if row["request_id"].startswith("fox-c")}
+    for key, row in kept.items():
+        assert (row["sha256"], row["candidate"]) == (three[key]["sha256"], three[key]["candidate"]), key
+        recorded = row["candidate_scores"]
+        assert [c["candidate"] for c in recorded] == list(range(row["candidates"]))
+        ranked = sorted(recorded, key=lambda c: (-c["aesthetic_score"], c["candidate"]))
+        # variant j is the candidate ranked j by aesthetic_score, with that candidate's seed and scores
+        assert ranked[row["variant"]]["candidate"] == row["candidate"]
+        assert row["seed"] == BEST_OF[0 if row["request_id"] == "fox" else 1]["seed"] + row["candidate"]
+        assert row["aesthetic_score"] == ranked[row["variant"]]["aesthetic_score"]
+        kept_count = 2 if row["request_id"] == "fox" else 1
+        assert [c["kept_as"] for c in ranked] == [*range(kept_count), *[None] * (len(ranked) - kept_count)]
+        if row["request_id"] == "fox":  # the kept image is the candidate's own render, byte for byte
+            assert row["sha256"] == plain[row["seed"]]["sha256"]
+
+
+def test_candidates_not_kept_are_written_only_when_asked(best):
+    one, three = best
+    assert not (one / "candidates").exists()
+    assert all(c["image_uri"] is None for row in _by_key(one).values() for c in row["candidate_scores"] or ())
+    written = {c["image_uri"]: c["sha256"] for row in _by_key(three).values() if row["variant"] == 0
+               for c in row["candidate_scores"] or () if c["kept_as"] is None}
+    assert len(written) == (4 - 2) + (3 - 1)
+    import hashlib
+
+    for uri, sha in written.items():
+        assert hashlib.sha256(Path(uri.removeprefix("file://")).read_bytes()).hexdigest() == sha
+    assert_images_match_metadata(str(three))
+
+
+def test_resume_renders_and_scores_only_what_is_missing_and_keeps_the_same_candidate(best, tiny_model, scorers,
+                                                                                    tmp_path):
+    out = Path(shutil.copytree(best[0], tmp_path / "out"))
+    manifest = str(next(best[0].parent.glob("m.parquet")))
+    job = make_job(manifest, str(out), str(tiny_model), batch_size=1, quality={**scorers, "keep_by": "aesthetic_score"})
+    before = _by_key(out)
+    again = render(job, progress=False)
+    assert (again.images_rendered, again.images_already_done) == (0, len(before))
+    assert _by_key(out) == before  # not one row rescored or rewritten
+    fox_1 = next(row for row in before.values() if (row["request_id"], row["variant"]) == ("fox", 1))
+    (out / "images" / fox_1["key"][:2] / fox_1["image_uri"].rsplit("/", 1)[-1]).unlink()  # the copy's image
+    restored = render(job, progress=False)
+    assert restored.images_rendered == 1
+    after = _by_key(out)
+    assert (after[fox_1["key"]]["sha256"], after[fox_1["key"]]["candidate"]) == (fox_1["sha256"], fox_1["candidate"])
+    assert {k: r["finished_at"] for k, r in after.items() if k != fox_1["key"]} == \
+        {k: r["finished_at"] for k, r in before.items() if k != fox_1["key"]}
+    assert Path(after[fox_1["key"]]["image_uri"].removeprefix("file://")).parent.parent.parent == out
+
+
+# -- mistakes, each one line -----------------------------------------------------------------------------------------
+
+
+def test_a_missing_or_mismatched_scorer_and_candidates_without_a_score_are_one_line_each(tmp_path, tiny_model,
+                                                                                        scorers, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox", **SIDE}])
+    base = ["render", str(manifest), str(tmp_path / "out"), "--model", str(tiny_model)]
+    other = build_scorer(tmp_path / "bench-aesthetic", "aesthetic", "bench")  # takes 64-value embeddings
+    cases = {
+        ("--clip", str(tmp_path / "no-such-clip")): "--clip " + str(tmp_path / "no-such-clip") + ": no such folder",
+        ("--clip", scorers["clip"], "--aesthetic", str(tmp_path / "nothing")): "no such folder",
+        ("--clip", scorers["clip"], "--aesthetic", str(other)): "takes 64-value CLIP embeddings",
+        ("--keep-by", "clip_score"): "quality.keep_by clip_score needs its scorer: set --clip",
+        ("--candidates", "4"): "candidates needs a score to keep the best by",
+    }
+    for words, message in cases.items():
+        result = call_cli(capsys, *base, *words)
+        assert result.returncode == 2, (words, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (words, result.stderr)
+    assert not (tmp_path / "out").exists()
+    rows = write_manifest(tmp_path / "rows.parquet", [{"id": "a", "prompt": "a fox", "candidates": 3, **SIDE},
+                                                      {"id": "b", "prompt": "a fox", "num_images": 4,
+                                                       "candidates": 2, **SIDE}])
+    checked = call_cli(capsys, "validate", str(rows), "--model", str(tiny_model), "--clip", scorers["clip"],
+                       "--keep-by", "clip_score")
+    assert checked.returncode == 1
+    assert "candidates (2) must be at least num_images (4)" in checked.stdout + checked.stderr
+
+
+def test_the_planner_counts_the_scorers_on_gpu_0(capsys):
+    from jobs.plan_command import plan_main
+
+    assert plan_main(["--gpu-memory", "13GiB", "--dtype", "fp8"]) == 0
+    assert plan_main(["--gpu-memory", "13GiB", "--dtype", "fp8", "--clip", "clip-vit-large-patch14"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit: the scorers (--clip, --aesthetic) need 1.6 GiB on GPU 0" in out
+    assert plan_main(["--gpu-memory", "80GiB", "--clip", "clip-vit-large-patch14"]) == 0
+    assert "scorers               0.428B     1.6 GiB  GPU 0 (fp32)" in capsys.readouterr().out
