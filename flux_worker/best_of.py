@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flux_worker.image_writer import Rendered, failure_row
+from flux_worker.image_writer import Rendered, describe, failure_row
 from flux_worker.scorers import Scorers
 from schemas.quality import QualitySpec
 
@@ -70,9 +70,7 @@ class Keeper:
         for outcome in rendered:
             row = outcome.row if isinstance(outcome, Rendered) else outcome
             if "candidate" not in row:
-                if isinstance(outcome, Rendered):
-                    self._score(outcome)
-                yield outcome
+                yield self._scored(outcome) if isinstance(outcome, Rendered) else outcome
                 continue
             request = _request({**row, "seed": candidate_seed(row["seed"], -row["candidate"])})
             got = pending.setdefault(request, {})
@@ -81,23 +79,28 @@ class Keeper:
                 yield from self._keep(request, got, rows)
                 del pending[request]
 
-    def _score(self, item: Rendered) -> None:
+    def _scored(self, item: Rendered) -> Rendered | dict[str, Any]:
+        """`item` with its scores, or its failure row when a scorer failed on it (out of memory, a bad image): the
+        image is not written, its row renders again on the next run, and the rest of the batch goes on."""
         if self.scorers is not None:
-            item.scores = self.scorers.score(item.image, item.row["prompt"])
+            try:
+                item.scores = self.scorers.score(item.image, item.row["prompt"])
+            except Exception as error:  # noqa: BLE001 - reported per image, never raised into the batch
+                return failure_row(item.row, f"score: {describe(error)}", item.attempts)
+        return item
 
     def _keep(self, request: tuple, candidates: dict[int, Rendered | dict[str, Any]],
               rows: list[dict[str, Any]]) -> Iterator[Rendered | dict[str, Any]]:
         """The row's planned images in this batch, each the candidate its variant ranks; failures if any failed."""
         mine = sorted((row for row in rows if row.get("candidates") and _request(row) == request),
                       key=lambda row: row["variant"])
+        candidates = {c: self._scored(o) if isinstance(o, Rendered) else o for c, o in candidates.items()}
         failed = [(c, o) for c, o in sorted(candidates.items()) if not isinstance(o, Rendered)]
         if failed:
             c, outcome = failed[0]
             for row in mine:
                 yield failure_row(row, f"candidate {c} of {len(candidates)}: {outcome['error']}", outcome["attempts"])
             return
-        for item in candidates.values():
-            self._score(item)
         ranked = sorted(candidates, key=lambda c: (-candidates[c].scores[self.keep_by], c))
         keeps = mine[0]["keeps"]  # the row's num_images: ranks 0..keeps-1 are kept
         recorded = [{"candidate": c, "seed": candidates[c].row["seed"], **candidates[c].scores,
@@ -107,7 +110,8 @@ class Keeper:
             extras = []
             if self.keep_candidates and row["variant"] == 0:
                 extras = [(c, candidates[c].image) for c in sorted(ranked[keeps:])]
+            # The row's render time (all its candidates) shared among the images it keeps: they sum to it.
             yield Rendered({**row, "seed": chosen.row["seed"]}, chosen.image,
-                           sum(item.seconds for item in candidates.values()), chosen.started_at,
+                           sum(item.seconds for item in candidates.values()) / keeps, chosen.started_at,
                            max(item.attempts for item in candidates.values()), scores=dict(chosen.scores),
                            candidate=chosen.row["candidate"], candidate_scores=recorded, extras=extras)

@@ -127,7 +127,8 @@ def transformer_flops(configs: dict[str, dict[str, Any]], text_tokens: int, widt
 
 def plan_fleet(model: str, fleet: dict[str, FleetType], *, memory: dict[str, int] | None = None,
                degrees: dict[str, float | str] | None = None, dtype: str = "bf16", width: int = 1024,
-               height: int | None = None, steps: int = 28, batch_size: int = 1) -> list[PoolPlan]:
+               height: int | None = None, steps: int = 28, batch_size: int = 1,
+               scorers: tuple[int, int] = (0, 0)) -> list[PoolPlan]:
     """A PoolPlan per card type of `fleet` that `degrees` names (all of them when `degrees` is None): the degree
     asked (a number) or the planner's (`auto`), the replicas its nodes hold, and the estimated seconds per image."""
     memory, height = memory or {}, height or width
@@ -157,7 +158,7 @@ def plan_fleet(model: str, fleet: dict[str, FleetType], *, memory: dict[str, int
             continue
         tp = None if asked == "auto" else int(float(asked))
         plan = plan_memory(model, size, dtype=dtype, width=width, height=height, batch_size=batch_size,
-                           max_gpus=max(cards.per_node), tp_degree=tp)
+                           max_gpus=max(cards.per_node), tp_degree=tp, scorers=scorers)
         if not plan.fits:
             pool.note = f"left out: {plan.note}"
             pools.append(pool)

@@ -322,8 +322,19 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
             raise PlanError(f"{tp_degree} GPUs per replica do not divide the transformer's {heads} attention heads; "
                             f"choose one of {degrees}")
         degrees = [tp_degree]  # the user chose; the plan still places the encoders and the VAE around it
-    degree = next((d for d in degrees if sum(transformer_on_rank(d)) <= budget), None)
+    scorer_w, scorer_a = scorers
+
+    def rank0_fits(degree: int) -> bool:  # the scorers run where the images are decoded: beside rank 0's shard
+        weights, activations = transformer_on_rank(degree)
+        return weights + scorer_w + max(activations, scorer_a) <= budget
+
+    degree = next((d for d in degrees if rank0_fits(d)), None)
     base = MemoryPlan(model, gpu_memory, dtype, width, height, batch_size, reserve, comps, degree, {}, [], 0)
+    if degree is None and scorer_w and sum(transformer_on_rank(degrees[-1])) <= budget:
+        base.note = (f"the scorers (--clip, --aesthetic) need {_gib(scorer_w + scorer_a)} on GPU 0 beside the "
+                     f"transformer, which does not leave room for them even over {degrees[-1]} GPU(s); use bigger "
+                     "cards or a smaller CLIP model")
+        return base
     if degree is None:
         need = sum(transformer_on_rank(degrees[-1]))
         base.note = (f"the transformer needs {_gib(need)} per GPU even over {degrees[-1]} GPUs; "
@@ -342,6 +353,18 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     def fits_on(rank: int, weights: int, activations: int) -> bool:
         return held[rank] + weights + max([*acts[rank], activations]) <= budget
 
+    # The scorers first: they run where the images are decoded, on GPU 0 (the VAE may go to the host instead).
+    if scorer_w:
+        if not fits_on(0, scorer_w, scorer_a):
+            base.tp_degree = None
+            base.note = (f"the scorers (--clip, --aesthetic) need {_gib(scorer_w + scorer_a)} on GPU 0 beside the "
+                         f"transformer{' shard' if degree > 1 else ''}, and {_gib(budget - held[0])} is "
+                         "left there; use bigger cards or a smaller CLIP model")
+            return base
+        held[0] += scorer_w
+        acts[0].append(scorer_a)
+        base.scorer_bytes = scorer_w
+
     # The VAE belongs to rank 0, which decodes and writes.
     vae_w = comps["vae"].params * weight_bytes("vae", dtype)
     vae_a = vae_decode_bytes(configs["vae"], width, height, batch_size, act)
@@ -352,18 +375,6 @@ def plan_memory(model: str, gpu_memory: int, *, dtype: str = "bf16", width: int 
     else:
         cpu += vae_w
         where["vae"] = "CPU (offload)"
-
-    scorer_w, scorer_a = scorers
-    if scorer_w:
-        if not fits_on(0, scorer_w, scorer_a):
-            base.tp_degree = None
-            base.note = (f"the scorers (--clip, --aesthetic) need {_gib(scorer_w + scorer_a)} on GPU 0 beside the "
-                         f"transformer{' shard' if degree > 1 else ''} and the VAE, and {_gib(budget - held[0])} is "
-                         "left there; use bigger cards or a smaller CLIP model")
-            return base
-        held[0] += scorer_w
-        acts[0].append(scorer_a)
-        base.scorer_bytes = scorer_w
 
     # The text encoders stay together, on the emptiest GPU that holds them (another GPU than the VAE's first).
     encoders = [n for n in TEXT_ENCODERS if n in comps]

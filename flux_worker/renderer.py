@@ -59,9 +59,12 @@ def group_key(row: dict[str, Any]) -> tuple:
 
 
 def render_rows(rows: list[dict[str, Any]], render_group: Callable[[list[dict[str, Any]]], list[Rendered]], *,
-                batch_invariant: bool, max_retries: int) -> Iterator[Rendered | dict[str, Any]]:
+                batch_invariant: bool, max_retries: int, most: int | None = None,
+                ) -> Iterator[Rendered | dict[str, Any]]:
     """Every row rendered by `render_group` (rows of one shape in, images out), as each is done; a row that
-    failed comes out as its failure row. The ranks of a group run this in lock-step: same groups, same splits."""
+    failed comes out as its failure row. A call takes `most` rows at most (a batch's best-of-n candidates must not
+    make one call of n times the batch the planner counted). The ranks of a group run this in lock-step: same
+    groups, same splits."""
     ordered = sorted(rows, key=group_key)
     if batch_invariant:
         # One image per transformer call: batched matmuls change the last bits of a result, so an image's bytes
@@ -69,6 +72,8 @@ def render_rows(rows: list[dict[str, Any]], render_group: Callable[[list[dict[st
         groups = [[row] for row in ordered]
     else:
         groups = [list(group) for _, group in groupby(ordered, key=group_key)]
+        if most:
+            groups = [group[start:start + most] for group in groups for start in range(0, len(group), most)]
     for group in groups:
         yield from _render_with_retries(group, render_group, max_retries, tries=1)
 
@@ -102,7 +107,8 @@ def render_batch(rows: list[dict[str, Any]], render_group: Callable[[list[dict[s
     """A batch's outcomes: its rows rendered (a best-of-n row's candidates in place of its images, best_of.expand),
     then scored and each best-of-n row's best kept by `keeper`, on the device holding the images (None on the other
     ranks of a tensor-parallel group, which render in lock-step and keep nothing)."""
-    outcomes = render_rows(expand(rows), render_group, batch_invariant=batch_invariant, max_retries=max_retries)
+    outcomes = render_rows(expand(rows), render_group, batch_invariant=batch_invariant, max_retries=max_retries,
+                           most=len(rows))
     return keeper.outcomes(outcomes, rows) if keeper is not None else outcomes
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from flux_worker.model_build import _clip_tokenizer
+from flux_worker.scorer_memory import AESTHETIC_WIDTHS
 from flux_worker.scorers import AESTHETIC_WEIGHTS
 
 # vision (hidden, layers, heads, image side, patch), text (hidden, layers, heads), projection
@@ -23,8 +24,6 @@ CLIP_SIZES = {
     "bench": ((64, 2, 4, 64, 16), (64, 2, 4), 64),
     "full": ((1024, 24, 16, 224, 14), (768, 12, 12), 768),
 }
-# LAION's predictor: linear layers from the embedding down to one value (dropouts between them hold no weights).
-AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
 AESTHETIC_INDICES = (0, 2, 4, 6, 7)  # its checkpoint's layer names: layers.0, layers.2 ...
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]

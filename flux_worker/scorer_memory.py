@@ -7,14 +7,13 @@ parameter count of a preset; activations from the CLIP vision config: one image 
 
 from __future__ import annotations
 
-import json
-import struct
 from math import prod
 from pathlib import Path
 from typing import Any
 
-from flux_worker.model_folder import ModelFolder, is_model_url
-from schemas.quality import CLIP_PRESETS, QualitySpec
+from flux_worker.model_folder import ModelFolder
+from flux_worker.weights import safetensors_header
+from schemas.quality import QualitySpec, scorer_kind
 
 FP32 = 4
 # Parameters of the preset CLIP models (CLIPModel, counted once), and their vision configs.
@@ -23,7 +22,9 @@ PRESET_VISION = {"clip-vit-large-patch14": {"hidden_size": 1024, "num_attention_
                                             "patch_size": 14, "intermediate_size": 4096},
                  "clip-vit-base-patch32": {"hidden_size": 768, "num_attention_heads": 12, "image_size": 224,
                                            "patch_size": 32, "intermediate_size": 3072}}
-AESTHETIC_PARAMS = 768 * 1024 + 1024 * 128 + 128 * 64 + 64 * 16 + 16 + 1024 + 128 + 64 + 16 + 1  # LAION's MLP
+# LAION's predictor: linear layers from the embedding down to one value (dropouts between them hold no weights).
+AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)
+AESTHETIC_PARAMS = sum((a + 1) * b for a, b in zip((768, *AESTHETIC_WIDTHS), AESTHETIC_WIDTHS))  # ViT-L/14's 768
 
 
 def scorer_bytes(quality: QualitySpec, storage_options: dict[str, Any] | None = None) -> tuple[int, int]:
@@ -42,8 +43,8 @@ def scorer_bytes(quality: QualitySpec, storage_options: dict[str, Any] | None = 
 
 
 def _clip(name: str, storage_options: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
-    if name in CLIP_PRESETS or "/" in name and not is_model_url(name) and not Path(name).expanduser().exists():
-        preset = name if name in PRESET_PARAMS else "clip-vit-large-patch14"  # a hub id: counted as the largest
+    if scorer_kind(name) in ("preset", "hub"):
+        preset = name if name in PRESET_PARAMS else "clip-vit-large-patch14"  # a hub id: counted as ViT-L/14
         return PRESET_PARAMS[preset], PRESET_VISION[preset]
     folder = _folder(name, storage_options)
     config = folder.read_json("config.json").get("vision_config", {})
@@ -53,7 +54,7 @@ def _clip(name: str, storage_options: dict[str, Any] | None) -> tuple[int, dict[
 
 
 def _folder(name: str, storage_options: dict[str, Any] | None) -> ModelFolder:
-    return ModelFolder(name, storage_options) if is_model_url(name) else ModelFolder(Path(name).expanduser())
+    return ModelFolder(name, storage_options) if scorer_kind(name) == "url" else ModelFolder(Path(name).expanduser())
 
 
 def _safetensors_params(folder: ModelFolder) -> int:
@@ -62,6 +63,6 @@ def _safetensors_params(folder: ModelFolder) -> int:
     for rel in folder.files:
         if rel.endswith(".safetensors"):
             with folder.open(rel) as handle:
-                header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+                header = safetensors_header(handle)
             total += sum(prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     return total

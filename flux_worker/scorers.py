@@ -20,9 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from flux_worker.model_cache import fetch_model
-from flux_worker.model_folder import is_model_url
 from schemas import RenderOptions
-from schemas.quality import AESTHETIC_SCORE, CLIP_PRESETS, CLIP_SCORE, QualitySpec
+from schemas.quality import AESTHETIC_SCORE, CLIP_PRESETS, CLIP_SCORE, QualitySpec, scorer_kind
 
 AESTHETIC_WEIGHTS = "model.safetensors"
 TEXT_CACHE = 4096  # prompts whose CLIP text embedding an actor keeps (a synthesis job repeats its templates)
@@ -30,12 +29,13 @@ TEXT_CACHE = 4096  # prompts whose CLIP text embedding an actor keeps (a synthes
 
 def scorer_source(name: str, options: RenderOptions | None, cache_dir: str | None = None) -> str:
     """Where `from_pretrained` reads a scorer named `name`: a preset's hub id, the node's copy of a URL, or itself."""
-    if name in CLIP_PRESETS:
+    kind = scorer_kind(name)
+    if kind == "preset":
         return CLIP_PRESETS[name]
-    if is_model_url(name):
+    if kind == "url":
         folder, _ = fetch_model(name, options.model_storage_options if options else {}, cache_dir)
         return str(folder)
-    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    return str(Path(name).expanduser()) if kind == "folder" else name
 
 
 def aesthetic_layers(state: dict[str, torch.Tensor]) -> list[torch.nn.Linear]:

@@ -17,6 +17,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from flux_worker.families import PIPELINE_CLASSES  # the model table's classes, which loading.py loads
 from flux_worker.model_folder import ModelFolder
@@ -108,6 +109,18 @@ def check_adapter(name: str, path: str) -> Path:
     if reason:
         raise UnsafeWeightsError(f"adapter {name!r}: {path} is not a safetensors file ({reason})")
     return file
+
+
+def safetensors_header(handle: Any) -> dict[str, Any]:
+    """The JSON table at the start of an open safetensors file (local or at a URL), without reading a tensor;
+    ValueError when it does not start like one (a header past MAX_HEADER_BYTES included)."""
+    length = int.from_bytes(handle.read(8), "little")
+    if not 2 <= length <= MAX_HEADER_BYTES:
+        raise ValueError("its first 8 bytes are not the length of a safetensors header")
+    header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a table of tensors")
+    return header
 
 
 def _safetensors_header_problem(file: Path) -> str | None:

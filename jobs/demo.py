@@ -64,6 +64,19 @@ def ensure_demo_model(size: str = "tiny") -> Path:
     return folder
 
 
+def ensure_demo_scorers() -> dict[str, str]:
+    """Random-weight CLIP and aesthetic scorers (docs/quality.md), built once beside the model: the demo's images
+    get scores, and its report their distributions."""
+    from flux_worker.scorer_build import build_scorer
+
+    folders = {name: DEMO_HOME / "models" / f"scorer-{name}" for name in ("clip", "aesthetic")}
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            print(f"fluxbatch: building the offline {name} scorer in {folder} ...", file=sys.stderr, flush=True)
+            build_scorer(folder, name, "tiny", seed=4 if name == "clip" else 0)  # seed 4: CLIP scores above 0
+    return {name: str(folder) for name, folder in folders.items()}
+
+
 def run_demo(output: str) -> int:
     from jobs.terminal import summary_lines
     from pipeline import render
@@ -74,7 +87,8 @@ def run_demo(output: str) -> int:
     manifest.parent.mkdir(parents=True, exist_ok=True)
     demo_manifest().to_parquet(manifest, index=False)
     job = JobSpec.model_validate(
-        {"manifest": str(manifest), "output": {"uri": output}, "model": {"name": str(model)}, "batch_size": 4}
+        {"manifest": str(manifest), "output": {"uri": output}, "model": {"name": str(model)}, "batch_size": 4,
+         "quality": ensure_demo_scorers()}
     )
     summary = render(job)
     # A render's own summary (jobs/terminal.py), less its exit line: the demo's bad rows are there on purpose.

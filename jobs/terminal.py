@@ -29,6 +29,13 @@ def summary_lines(summary: Any) -> list[str]:
         lines.append(f"{count} image{'s' if count > 1 else ''} could not hold the watermark (flat colour, fine "
                      f"texture, a small image; JPEG and WebP lose more of it than PNG): written without it; "
                      f"`fluxbatch verify {out} --provenance` names them")
+    for name, score in summary.scores.items():
+        lines.append(f"{name}: median {score['median']:.4g} (p10 {score['p10']:.4g}, p90 {score['p90']:.4g}) over "
+                     f"{score['images']} images")
+    groups = summary.near_duplicates.get("groups")
+    if groups:
+        lines.append(f"near-duplicates: {groups} group{'s' if groups > 1 else ''} of "
+                     f"{summary.near_duplicates['images']} images (none deleted; the report lists them)")
     lines.append(f"report: {out}/report.html")  # a no-op re-run keeps the report of the run that rendered
     lines.append(summary.outcome())
     return lines

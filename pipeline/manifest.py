@@ -38,10 +38,10 @@ from schemas import (
 )
 from schemas.errors import FluxbatchError, first_line
 from schemas.layout import JOB_FILE
-from schemas.records import RESULT_SCHEMA
+from schemas.records import PLAN_SCHEMA, RESULT_SCHEMA
 
 log = logging.getLogger(__name__)
-_RESERVED = set(RESULT_SCHEMA.names)
+_RESERVED = set(RESULT_SCHEMA.names) | set(PLAN_SCHEMA.names)
 # Rows are checked this many at a time: the rows the column checks flag become Python values for pydantic, so a
 # million bad rows are never a million dicts or failure records at once.
 CHUNK_ROWS = 10_000

@@ -200,6 +200,34 @@ def plan_images(manifest: Manifest, job: JobSpec, preset: ModelPreset, committed
                 restored=restored)
 
 
+def split_best_of(table: pa.Table, batch_size: int) -> list[pa.Table]:
+    """The plan as blocks of about `batch_size` images, each one batch (the render stage takes whole blocks), cut
+    only between best-of-n rows: a row's images in one batch render its candidates once (flux_worker/best_of.py),
+    where two batches would render them twice. The planner put a row's images next to each other."""
+    if table.num_rows == 0:
+        return []
+    keeps = table.column("keeps").is_valid().to_numpy(zero_copy_only=False)
+    ids = table.column("request_id").to_numpy(zero_copy_only=False)
+    seeds = table.column("seed").to_numpy(zero_copy_only=False)
+    # Row i goes on the row before it: both best-of-n images of one row (same request, same first seed).
+    same = np.zeros(table.num_rows, bool)
+    same[1:] = keeps[1:] & keeps[:-1] & (ids[1:] == ids[:-1]) & (seeds[1:] == seeds[:-1])
+    starts, at = [0], 0
+    while True:
+        at = starts[-1] + batch_size
+        while at < table.num_rows and same[at]:
+            at += 1
+        if at >= table.num_rows:
+            break
+        starts.append(at)
+    return [table.slice(start, end - start) for start, end in zip(starts, [*starts[1:], table.num_rows])]
+
+
+def has_best_of(table: pa.Table) -> bool:
+    """Whether the plan holds a best-of-n row's images."""
+    return table.column("keeps").null_count < table.num_rows
+
+
 def _refuse_mixed_formats(table: pa.Table) -> None:
     """One format per WebDataset OUTPUT: `datasets.load_dataset` takes the first shard's columns for every shard
     (the images of other formats load as None) and Ray Data's `read_webdataset` cannot cast a column that is

@@ -38,7 +38,7 @@ class RenderStage:
     num_gpus: float | None  # what each pool member reserves; a group's member holds none, its rank actors do
     num_cpus: float
     replicas: int
-    batch_size: int
+    batch_size: int | None  # None: each block is one batch (pipeline/plan.py split_best_of)
     max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
     env_vars: dict[str, str]
     remote_args_fn: Any = None  # a mixed fleet's: each member's resources as it starts (fleet_replica.slot_args)
@@ -179,11 +179,14 @@ def reference_storage_options(job: JobSpec) -> dict[str, Any]:
 
 
 def model_storage_options(job: JobSpec) -> dict[str, Any]:
-    """Storage options for fetching a model URL on workers: the manifest's, with the driver's environment
-    credentials for the URL (as the output's travel: in the constructor arguments, never the runtime_env)."""
-    if not is_model_url(job.model.name):
+    """Storage options for fetching a model URL on workers (the pipeline's, or a scorer's: schemas/quality.py): the
+    manifest's, with the driver's environment credentials for the URL (as the output's travel: in the constructor
+    arguments, never the runtime_env)."""
+    url = next((name for name in (job.model.name, job.quality.clip, job.quality.aesthetic)
+                if name and is_model_url(name)), None)
+    if url is None:
         return {}
-    return {**credential_options(job.model.name), **job.storage_options}
+    return {**credential_options(url), **job.storage_options}
 
 
 def hub_token(job: JobSpec) -> str | None:

@@ -118,7 +118,8 @@ def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
         pools = plan_fleet(job.model.name, fleet, memory=memory_table(os.environ.get("FLUXBATCH_GPU_MEMORY")),
                            degrees=mapping, dtype=planner_dtype(job), width=job.defaults.width or preset.width,
                            height=job.defaults.height or preset.height, steps=job.defaults.steps or preset.steps,
-                           batch_size=1 if job.batch_invariant else job.batch_size)
+                           batch_size=1 if job.batch_invariant else job.batch_size,
+                           scorers=scorer_bytes(job.quality, job.storage_options))
     except PlanError as error:
         raise TensorParallelError(f"gpus_per_replica: {error}") from None
     for name in sorted(set(mapping or {}) - set(fleet)):

@@ -36,7 +36,7 @@ from pipeline.cluster.ray_private import DroppedBatchErrors
 from pipeline.cluster.ray_session import RaySession, connect, job_name, quiet_ray_data, verbose
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
-from pipeline.plan import expected_keys, plan_images, split_blocks
+from pipeline.plan import expected_keys, has_best_of, plan_images, split_best_of, split_blocks
 from pipeline.pool_stats import PoolStats
 from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
@@ -307,7 +307,6 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         seconds["pack"] = time.monotonic() - mark
 
     mark = time.monotonic()
-    shown.say("finding near-duplicates and score distributions in OUTPUT ...", phase="quality signals")
     signals = quality_signals.read_signals(fs, root, job.quality.duplicate_distance)
     summary.near_duplicates, summary.scores = signals.near_duplicates, signals.scores
     quality_signals.write_groups(fs, root, run_id, signals.groups)
@@ -382,7 +381,10 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
     stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
     failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
-    blocks = split_blocks(plan, job.replicas, job.batch_size, most=1 if ask.pools else 4)
+    if has_best_of(plan):  # a best-of-n row's images in one batch: blocks cut between rows, each block one batch
+        blocks, stage = split_best_of(plan, job.batch_size), dataclasses.replace(stage, batch_size=None)
+    else:
+        blocks = split_blocks(plan, job.replicas, job.batch_size, most=1 if ask.pools else 4)
     quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
     bar = quiet.enter_context(shown.rendering(plan.num_rows, min(job.replicas, len(blocks)), count))
     results = _Results(plan, writer, failures, metrics, bar, pool_stats or PoolStats(()))

@@ -8,22 +8,21 @@ a folder holding model.safetensors, or that file itself; its first layer must ta
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from flux_worker.fleet_plan import memory_table
 from flux_worker.hub import check_hub_model
 from flux_worker.memory_plan import PlanError
-from flux_worker.model_folder import ModelFolder, is_model_url
+from flux_worker.model_folder import ModelFolder
 from flux_worker.presets import UnknownModelError
 from flux_worker.scorers import AESTHETIC_WEIGHTS
 from flux_worker.storage import probe_options
+from flux_worker.weights import safetensors_header
 from schemas import JobSpec
 from schemas.errors import FluxbatchError, first_line
-from schemas.quality import CLIP_PRESETS
+from schemas.quality import CLIP_PRESETS, scorer_kind
 
 CLIP_FILES = ("config.json", "preprocessor_config.json")
 
@@ -65,20 +64,18 @@ def check_scorers_fit(job: JobSpec) -> None:
 
 
 def _folder(name: str, storage_options: dict[str, Any] | None) -> ModelFolder | None:
-    """The folder `name` is (local or at a URL), or None for a hub id."""
-    if is_model_url(name):
+    """The folder `name` is (local or at a URL), or None for a preset or hub id."""
+    kind = scorer_kind(name)
+    if kind == "url":
         return ModelFolder(name, probe_options(name, storage_options))
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        return ModelFolder(path)
-    return None
+    return ModelFolder(Path(name).expanduser()) if kind == "folder" else None
 
 
 def _clip_width(name: str, storage_options: dict[str, Any] | None) -> int | None:
     """The CLIP model's embedding width (projection_dim) where its config can be read; ScorerError if it is not
     where the renderers will look."""
     flag = f"--clip {name}"
-    folder = None if name in CLIP_PRESETS else _folder(name, storage_options)
+    folder = _folder(name, storage_options)
     if folder is None:
         repo = CLIP_PRESETS.get(name, name)
         try:
@@ -120,9 +117,7 @@ def _aesthetic_width(name: str, storage_options: dict[str, Any] | None) -> int:
                           "`fluxbatch model build PATH --scorer aesthetic` makes a random-weight one)")
     try:
         with folder.open(rel) as handle:
-            length = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(length))
-        return int(header["layers.0.weight"]["shape"][1])
-    except (OSError, ValueError, KeyError, IndexError, struct.error) as error:
+            return int(safetensors_header(handle)["layers.0.weight"]["shape"][1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise ScorerError(f"{flag}: {rel} is not the LAION predictor's weights (no layers.0.weight): "
                           f"{first_line(error)}") from None

@@ -246,9 +246,9 @@ class JobSpec(BaseModel):
         """The fields that decide an image's bytes; a re-run must match them (written to `_job.json`)."""
         return {
             "model": self.model.model_dump(mode="json", exclude={"compile_cache", "cache_dir"}),
-            # `candidates` only when set: the defaults of a job before best-of-n existed stay what they were.
-            "defaults": self.defaults.model_dump(mode="json", exclude={"candidates"} if self.defaults.candidates is None
-                                                 else set()),
+            # Not `candidates`: a row's candidates are compared per row (pipeline/store/changed_rows.py), so a changed
+            # default is a changed row, refused or rendered again with --rerender-changed as any other.
+            "defaults": self.defaults.model_dump(mode="json", exclude={"candidates"}),
             # How the images are packed afterwards does not change their bytes: a re-run may re-pack them.
             "output": self.output.model_dump(mode="json", exclude={"uri", "layout", "shard_size"}),
             "provenance": self.provenance.identity(),

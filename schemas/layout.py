@@ -35,6 +35,7 @@ PROBE_NAME = "_write-test"  # pre-flight's test write, a temp name (pipeline/pre
 IMAGES = "images"
 METADATA = "metadata"
 CANDIDATES = "candidates"  # best-of-n candidates not kept, where the job keeps them (schemas/quality.py)
+NEAR_DUPLICATES = "near_duplicates.parquet"  # runs/<run id>/: every near-duplicate group the run found
 COMPACTION_JOURNAL = "_compaction.json"
 RUN_HISTORY = "history.parquet"
 FAILURES = "failures"
@@ -122,7 +123,7 @@ def run_folder(root: str, run_id: str) -> str:
 
 def near_duplicates_path(root: str, run_id: str) -> str:
     """Every near-duplicate group the run found in OUTPUT (pipeline/store/quality_signals.py)."""
-    return f"{run_folder(root, run_id)}/near_duplicates.parquet"
+    return f"{run_folder(root, run_id)}/{NEAR_DUPLICATES}"
 
 
 def quarantine_folder(root: str, run_id: str) -> str:
@@ -140,6 +141,8 @@ _PATTERNS = [
     rf"{RUNS}/{re.escape(RUN_HISTORY)}",
     rf"{FAILURES}/part-{RUN_ID}-[a-z]+-[0-9]{{5}}\.parquet",
     rf"{RUNS}/{RUN_ID}/{SUMMARY_FILE}",
+    rf"{RUNS}/{RUN_ID}/{NEAR_DUPLICATES}",
+    rf"{CANDIDATES}/[0-9a-f]{{2}}/[0-9a-f]{{32}}(?:\.{RUN_ID})?\.c[0-9]{{1,2}}\.(?:png|jpg|webp)",
     rf"{RUNS}/{RUN_ID}/{ACTORS}/[^/]+-[0-9]+\.json",
     *(rf"{folder}/{_SHARD}{re.escape(suffix)}" for folder, suffix in LAYOUTS.values()),
     *(rf"{folder}/{re.escape(STATS)}/{_SHARD}\.json" for folder, _ in LAYOUTS.values()),

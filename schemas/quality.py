@@ -11,6 +11,7 @@ at the end of a run and by `fluxbatch verify`, never deleted (pipeline/store/nea
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,6 +30,18 @@ CLIP_PRESETS = {"clip-vit-large-patch14": "openai/clip-vit-large-patch14",
 # past that: 8 at most. benchmarks/README.md, "Near-duplicates".
 DEFAULT_DUPLICATE_DISTANCE = 4
 MAX_DUPLICATE_DISTANCE = 8
+
+
+def scorer_kind(name: str) -> Literal["preset", "url", "folder", "hub"]:
+    """Where a scorer named `name` is: a preset (CLIP_PRESETS), a storage URL, a local folder or file (it exists, or
+    is written as a path), else a hub id (`owner/name`). The driver's checks, the planner and the renderer agree."""
+    if name in CLIP_PRESETS:
+        return "preset"
+    if "://" in name:
+        return "url"
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return "folder"
+    return "hub"
 
 
 class QualitySpec(BaseModel):
@@ -88,6 +101,10 @@ class QualitySpec(BaseModel):
         return tuple(score for score in SCORES if self.scorer_of(score))
 
     def identity(self) -> dict[str, Any]:
-        """What decides the scores and which candidates are kept (so which images a row keeps); the duplicate
-        distance only changes what is reported."""
-        return self.model_dump(mode="json", exclude={"duplicate_distance"})
+        """What decides which images a best-of-n row keeps: the score and the models computing it. Scores alone
+        change no image (a scorer may be added to an OUTPUT later), nor does writing the candidates not kept or the
+        duplicate distance: {} when nothing is kept by a score."""
+        if self.keep_by is None:
+            return {}
+        return {"keep_by": self.keep_by, "clip": self.clip,
+                **({"aesthetic": self.aesthetic} if self.keep_by == AESTHETIC_SCORE else {})}

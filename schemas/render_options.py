@@ -39,7 +39,7 @@ class RenderOptions(BaseModel):
     reference_storage_options: dict[str, Any] = Field(
         default_factory=dict, repr=False, description="storage options for rows' reference images (the manifest's)")
     model_storage_options: dict[str, Any] = Field(
-        default_factory=dict, repr=False, description="storage options for a model URL (the manifest's)")
+        default_factory=dict, repr=False, description="storage options for a model or scorer URL (the manifest's)")
     hub_token: str | None = Field(default=None, repr=False,
                                   description="the driver's Hugging Face token, for a hub model (gated weights)")
     embedding_cache_bytes: int = Field(default=256 * 2**20, ge=0, description="prompt encodings kept per actor")

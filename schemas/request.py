@@ -356,7 +356,7 @@ def request_id(row: Mapping[str, Any]) -> str:
     references = reference_urls(row.get("reference_images"))
     if references:  # only then: the hash of every row without references stays what it was before them
         params["reference_images"] = references
-    if row.get("candidates") is not None:  # likewise
+    if (row.get("candidates") or 1) > 1:  # likewise (1 candidate is a plain row)
         params["candidates"] = row["candidates"]
     digest = hashlib.blake2b(json.dumps(params, sort_keys=True).encode(), digest_size=12).hexdigest()
     return f"h-{digest}"

@@ -227,8 +227,58 @@ def test_the_planner_counts_the_scorers_on_gpu_0(capsys):
     from jobs.plan_command import plan_main
 
     assert plan_main(["--gpu-memory", "13GiB", "--dtype", "fp8"]) == 0
-    assert plan_main(["--gpu-memory", "13GiB", "--dtype", "fp8", "--clip", "clip-vit-large-patch14"]) == 1
+    assert "tensor-parallel degree: 1 GPU per replica" in capsys.readouterr().out
+    # ViT-L/14 in fp32 (1.6 GiB) does not fit beside the fp8 transformer on one 13 GiB card: two are planned
+    assert plan_main(["--gpu-memory", "13GiB", "--dtype", "fp8", "--clip", "clip-vit-large-patch14"]) == 0
     out = capsys.readouterr().out
-    assert "does not fit: the scorers (--clip, --aesthetic) need 1.6 GiB on GPU 0" in out
-    assert plan_main(["--gpu-memory", "80GiB", "--clip", "clip-vit-large-patch14"]) == 0
-    assert "scorers               0.428B     1.6 GiB  GPU 0 (fp32)" in capsys.readouterr().out
+    assert "tensor-parallel degree: 2 GPUs per replica" in out
+    assert "scorers               0.428B     1.6 GiB  GPU 0 (fp32)" in out
+    assert plan_main(["--gpu-memory", "80GiB", "--aesthetic", "/models/aesthetic"]) == 2
+    assert "--aesthetic scores CLIP image embeddings" in capsys.readouterr().out
+
+
+def test_a_best_of_n_rows_images_share_one_batch_and_a_call_holds_no_more_than_the_batch():
+    import pyarrow as pa
+
+    from flux_worker.best_of import expand
+    from flux_worker.renderer import render_rows
+    from pipeline.plan import split_best_of
+
+    rows = [{"request_id": "fox", "seed": 100, "keeps": 3}] * 3 + [{"request_id": "crane", "seed": 200, "keeps": 1},
+                                                                   {"request_id": "plain", "seed": 1, "keeps": None}]
+    plan = pa.Table.from_pylist(rows, schema=pa.schema([("request_id", pa.string()), ("seed", pa.int64()),
+                                                         ("keeps", pa.int32())]))
+    blocks = split_best_of(plan, batch_size=2)
+    assert [b.column("request_id").to_pylist() for b in blocks] == [["fox"] * 3, ["crane", "plain"]]
+
+    calls = []
+    batch = [{"key": f"k{v}", "request_id": "fox", "variant": v, "seed": 100, "candidates": 8, "keeps": 2, "width": 64,
+              "height": 64, "steps": 2, "guidance": 0.0, "max_sequence_length": 32, "adapters": [], "row": 0,
+              "source": "m"} for v in range(2)]
+
+    def render_group(group):
+        calls.append(len(group))
+        return []
+
+    list(render_rows(expand(batch), render_group, batch_invariant=False, max_retries=0, most=len(batch)))
+    assert sum(calls) == 8 and max(calls) == 2  # the row's 8 candidates once, two per call as the batch was
+
+
+def test_a_scorer_failing_on_an_image_fails_that_image_alone():
+    from datetime import datetime, timezone
+
+    from flux_worker.best_of import Keeper
+    from flux_worker.image_writer import Rendered
+
+    class Failing:
+        def score(self, image, prompt):
+            if prompt == "bad":
+                raise RuntimeError("CUDA out of memory")
+            return {"clip_score": 1.0}
+
+    now = datetime.now(timezone.utc)
+    rows = [{"key": k, "prompt": p, "row": 0, "source": "m"} for k, p in (("a", "good"), ("b", "bad"))]
+    out = list(Keeper(QualitySpec(clip="clip-vit-base-patch32"), Failing()).outcomes(
+        [Rendered(row, None, 0.1, now) for row in rows], rows))
+    assert out[0].scores == {"clip_score": 1.0}
+    assert out[1]["error"] == "score: RuntimeError: CUDA out of memory"

@@ -34,16 +34,17 @@ class QualitySignals:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # score -> count, quantiles, histogram, extremes
 
 
-def read_signals(fs: Storage, root: str, max_distance: int) -> QualitySignals:
-    """The signals of every committed image of OUTPUT (a key's latest row)."""
-    columns = ["key", "phash", *SCORES]
+def read_signals(fs: Storage, root: str, max_distance: int, scores: bool = True) -> QualitySignals:
+    """The signals of every committed image of OUTPUT (a key's latest row); the near-duplicates alone without
+    `scores` (`fluxbatch verify`)."""
+    columns = ["key", "phash", *(SCORES if scores else ())]
     table = ledger.read_metadata(fs, root, columns)
     if table is None:
         return QualitySignals(near_duplicates=duplicate_summary([], max_distance))
     table = ledger.latest_row_per_key(table)
     groups = near_duplicate_groups(table.column("key").to_pylist(), table.column("phash").to_pylist(), max_distance)
     signals = QualitySignals(groups, duplicate_summary(groups, max_distance))
-    for score in SCORES:
+    for score in SCORES if scores else ():
         values = table.column(score)
         if values.null_count < len(values):
             signals.scores[score] = _distribution(fs, root, table.select(["key", score]).filter(pc.is_valid(values)),

@@ -144,7 +144,7 @@ def verify_output(url: str, storage_options: dict[str, Any] | None = None, repai
     result = _verify(url, storage_options, repair, provenance)
     for check in result.checks:
         if not check.unreadable:  # else the ledger cannot be read whole: the parts are the problem to fix first
-            check.near_duplicates = read_signals(result.fs, check.folder, duplicate_distance).groups
+            check.near_duplicates = read_signals(result.fs, check.folder, duplicate_distance, scores=False).groups
     return result
 
 
