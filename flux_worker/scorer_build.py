@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from flux_worker.model_build import _clip_tokenizer
 from flux_worker.scorer_memory import AESTHETIC_WIDTHS
-from flux_worker.scorers import AESTHETIC_WEIGHTS
+from schemas.quality import AESTHETIC_WEIGHTS
 
 # vision (hidden, layers, heads, image side, patch), text (hidden, layers, heads), projection
 CLIP_SIZES = {

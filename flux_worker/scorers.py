@@ -21,9 +21,8 @@ from safetensors.torch import load_file
 
 from flux_worker.model_cache import fetch_model
 from schemas import RenderOptions
-from schemas.quality import AESTHETIC_SCORE, CLIP_PRESETS, CLIP_SCORE, QualitySpec, scorer_kind
+from schemas.quality import AESTHETIC_SCORE, AESTHETIC_WEIGHTS, CLIP_PRESETS, CLIP_SCORE, QualitySpec, scorer_kind
 
-AESTHETIC_WEIGHTS = "model.safetensors"
 TEXT_CACHE = 4096  # prompts whose CLIP text embedding an actor keeps (a synthesis job repeats its templates)
 
 

@@ -17,12 +17,11 @@ from flux_worker.hub import check_hub_model
 from flux_worker.memory_plan import PlanError
 from flux_worker.model_folder import ModelFolder
 from flux_worker.presets import UnknownModelError
-from flux_worker.scorers import AESTHETIC_WEIGHTS
 from flux_worker.storage import probe_options
 from flux_worker.weights import safetensors_header
 from schemas import JobSpec
 from schemas.errors import FluxbatchError, first_line
-from schemas.quality import CLIP_PRESETS, scorer_kind
+from schemas.quality import AESTHETIC_WEIGHTS, CLIP_PRESETS, scorer_kind
 
 CLIP_FILES = ("config.json", "preprocessor_config.json")
 

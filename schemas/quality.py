@@ -20,6 +20,7 @@ from schemas.urls import storage_url
 
 CLIP_SCORE, AESTHETIC_SCORE = "clip_score", "aesthetic_score"
 SCORES = (CLIP_SCORE, AESTHETIC_SCORE)  # the metadata's score columns, in this order
+AESTHETIC_WEIGHTS = "model.safetensors"  # the aesthetic predictor's file in its folder
 # Named CLIP models: the hub id each stands for (the aesthetic predictor was trained on ViT-L/14's embeddings).
 CLIP_PRESETS = {"clip-vit-large-patch14": "openai/clip-vit-large-patch14",
                 "clip-vit-base-patch32": "openai/clip-vit-base-patch32"}

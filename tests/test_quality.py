@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -45,31 +46,43 @@ def _by_key(output: Path) -> dict[str, dict]:
 PLAIN = [{"id": f"p{i}", "prompt": prompt, "seed": 11 + i, **SIDE}
          for i, prompt in enumerate(["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen"])]
 # The same prompt and seed under two ids: byte-identical images, which nothing but their hashes ties together.
+BEST_OF = [{"id": "fox", "prompt": "a red fox in snow", "seed": 100, "num_images": 2, "candidates": 4, **SIDE},
+           {"id": "crane", "prompt": "a paper crane", "seed": 200, "candidates": 3, **SIDE}]
+# The fox row's candidates as plain rows: candidate c of a row renders as a plain row with seed + c.
+FOX_CANDIDATES = [{"id": f"fox-c{c}", "prompt": "a red fox in snow", "seed": 100 + c, **SIDE} for c in range(4)]
 TWINS = [{"id": f"twin-{i}", "prompt": "a paper crane", "seed": 5, **SIDE} for i in (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, tiny_model, scorers) -> tuple[Path, Path]:
-    """Two OUTPUTs of one manifest, one image per batch and all in one batch."""
-    folder = tmp_path_factory.mktemp("scored")
-    manifest = write_manifest(folder / "m.parquet", PLAIN + TWINS)
+def rendered(tmp_path_factory, tiny_model, scorers) -> tuple[Path, Path]:
+    """One manifest (plain rows, twins, best-of-n rows and the fox row's candidates as plain rows) rendered twice:
+    one image per batch, and five per batch also writing the candidates not kept."""
+    folder = tmp_path_factory.mktemp("quality")
+    manifest = write_manifest(folder / "m.parquet", PLAIN + TWINS + BEST_OF + FOX_CANDIDATES)
+    quality = {**scorers, "keep_by": "aesthetic_score"}
     outputs = []
-    for batch_size in (1, 5):
+    for batch_size, keep_candidates in ((1, False), (5, True)):
         out = folder / f"batch-{batch_size}"
-        render(make_job(str(manifest), str(out), str(tiny_model), batch_size=batch_size, quality=scorers),
-               progress=False)
+        render(make_job(str(manifest), str(out), str(tiny_model), batch_size=batch_size,
+                        quality={**quality, "keep_candidates": keep_candidates}), progress=False)
         outputs.append(out)
     return outputs[0], outputs[1]
 
 
+@pytest.fixture(scope="module")
+def scored(rendered) -> tuple[Path, Path]:
+    return rendered
+
+
 def test_each_image_gets_its_scores_as_columns_the_same_whatever_its_batch(scored, scorers):
     one, five = (_by_key(out) for out in scored)
-    assert one.keys() == five.keys() and len(one) == 5
+    assert one.keys() == five.keys() and len(one) == 12
     for key, row in one.items():
         assert row["clip_score"] is not None and row["aesthetic_score"] is not None, key
         assert (row["clip_score"], row["aesthetic_score"]) == (five[key]["clip_score"], five[key]["aesthetic_score"])
         assert row["sha256"] == five[key]["sha256"]
-    assert len({row["aesthetic_score"] for row in one.values()}) == 4  # the twins alike, the others not
+    # the same picture the same scores (the twins; a kept fox and its candidate's plain row), another picture others
+    assert len({row["aesthetic_score"] for row in one.values()}) == len({row["sha256"] for row in one.values()})
     assert len({round(row["clip_score"], 4) for row in one.values()}) > 1
     # What a user recomputes from a written PNG (the pixels scored, losslessly) is what the ledger says.
     again = Scorers(QualitySpec(**scorers), "cpu")
@@ -85,24 +98,23 @@ def test_byte_identical_images_are_reported_as_near_duplicates_and_kept(scored, 
     out = scored[0]
     rows = _by_key(out)
     twins = sorted(key for key, row in rows.items() if row["request_id"].startswith("twin-"))
+    # byte-identical images: the twins, and each kept fox image with its candidate's plain row
+    same = {}
+    for key, row in rows.items():
+        same.setdefault(row["sha256"], []).append(key)
+    expected = sorted(sorted(keys) for keys in same.values() if len(keys) > 1)
+    assert twins in expected and len(expected) == 3
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["near_duplicates"]["groups"] == 1
-    assert summary["near_duplicates"]["largest"][0]["keys"] == twins
+    assert (summary["near_duplicates"]["groups"], summary["near_duplicates"]["images"]) == (3, 6)
     assert_images_match_metadata(str(out))  # nothing deleted
-    groups = next((out / "runs").glob("*/near_duplicates.parquet"))
-    assert sorted(metadata_keys(groups)) == twins
+    found = pq.read_table(next((out / "runs").glob("*/near_duplicates.parquet"))).to_pylist()
+    assert sorted(sorted(r["key"] for r in found if r["group"] == g) for g in {r["group"] for r in found}) == expected
     report = (out / "report.html").read_text()
     assert "near-duplicates" in report and twins[0] in report
     assert "aesthetic_score distribution" in report and "highest clip_score" in report
     verified = call_cli(capsys, "verify", str(out))
     assert verified.returncode == 0, verified.stdout
-    assert "near-duplicate groups: 1 (2 images; none deleted)" in verified.stdout and twins[0] in verified.stdout
-
-
-def metadata_keys(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).column("key").to_pylist()
+    assert "near-duplicate groups: 3 (6 images; none deleted)" in verified.stdout and twins[0] in verified.stdout
 
 
 def test_a_one_pixel_change_to_a_rendered_image_keeps_its_hash_near(scored):
@@ -117,24 +129,9 @@ def test_a_one_pixel_change_to_a_rendered_image_keeps_its_hash_near(scored):
 
 # -- best-of-n -------------------------------------------------------------------------------------------------------
 
-BEST_OF = [{"id": "fox", "prompt": "a red fox in snow", "seed": 100, "num_images": 2, "candidates": 4, **SIDE},
-           {"id": "crane", "prompt": "a paper crane", "seed": 200, "candidates": 3, **SIDE}]
-# The fox row's candidates as plain rows: candidate c of a row renders as a plain row with seed + c.
-FOX_CANDIDATES = [{"id": f"fox-c{c}", "prompt": "a red fox in snow", "seed": 100 + c, **SIDE} for c in range(4)]
-
-
 @pytest.fixture(scope="module")
-def best(tmp_path_factory, tiny_model, scorers) -> tuple[Path, Path]:
-    """One best-of-n manifest rendered one image per batch, and three per batch keeping the candidates."""
-    folder = tmp_path_factory.mktemp("best")
-    manifest = write_manifest(folder / "m.parquet", BEST_OF + FOX_CANDIDATES)
-    quality = {**scorers, "keep_by": "aesthetic_score"}
-    one = folder / "batch-1"
-    render(make_job(str(manifest), str(one), str(tiny_model), batch_size=1, quality=quality), progress=False)
-    three = folder / "batch-3"
-    render(make_job(str(manifest), str(three), str(tiny_model), batch_size=3,
-                    quality={**quality, "keep_candidates": True}), progress=False)
-    return one, three
+def best(rendered) -> tuple[Path, Path]:
+    return rendered
 
 
 def test_best_of_n_keeps_the_k_best_the_same_across_runs_and_batch_sizes(best):
@@ -160,7 +157,7 @@ def test_best_of_n_keeps_the_k_best_the_same_across_runs_and_batch_sizes(best):
 
 
 def test_candidates_not_kept_are_written_only_when_asked(best):
-    one, three = best
+    one, three = best  # three: five images per batch, with --keep-candidates
     assert not (one / "candidates").exists()
     assert all(c["image_uri"] is None for row in _by_key(one).values() for c in row["candidate_scores"] or ())
     written = {c["image_uri"]: c["sha256"] for row in _by_key(three).values() if row["variant"] == 0
@@ -282,3 +279,18 @@ def test_a_scorer_failing_on_an_image_fails_that_image_alone():
         [Rendered(row, None, 0.1, now) for row in rows], rows))
     assert out[0].scores == {"clip_score": 1.0}
     assert out[1]["error"] == "score: RuntimeError: CUDA out of memory"
+
+
+def test_scorers_that_do_not_fit_beside_the_model_are_one_line_before_ray_starts(monkeypatch, tmp_path):
+    from pipeline.scorer_check import ScorerError, check_scorers_fit
+    from schemas import JobSpec
+
+    job = JobSpec.model_validate({"manifest": str(tmp_path / "m.parquet"), "output": {"uri": str(tmp_path / "o")},
+                                  "model": {"name": "flux.1-dev", "quantize": "fp8"}, "gpus_per_replica": 1,
+                                  "quality": {"clip": "clip-vit-large-patch14"}})
+    monkeypatch.setenv("FLUXBATCH_GPU_MEMORY", "13GiB")
+    with pytest.raises(ScorerError, match=r"^gpus_per_replica 1 on 13GiB cards: the scorers \(--clip, --aesthetic\) "
+                                          r"need 1\.6 GiB on GPU 0"):
+        check_scorers_fit(job)
+    monkeypatch.setenv("FLUXBATCH_GPU_MEMORY", "24GiB")
+    check_scorers_fit(job)  # fits: nothing said
