@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
 from flux_worker.model_build import _clip_tokenizer
 from flux_worker.scorer_memory import AESTHETIC_WIDTHS
@@ -52,7 +52,7 @@ def build_clip(path: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                        image_mean=OPENAI_MEAN, image_std=OPENAI_STD).save_pretrained(folder)
     return folder
 
