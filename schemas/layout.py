@@ -63,6 +63,9 @@ TMP_MARK = ".fluxbatch-tmp-"
 TMP_NAME = re.compile(r".+\.fluxbatch-tmp-[0-9]+-[0-9a-f]{8}")
 RUN_ID = r"[0-9]{8}T[0-9]{6}-[0-9a-f]{6}"  # a UTC time and 6 hex digits (pipeline/run.py)
 REPAIR_ID = r"[0-9]{8}T[0-9]{6}-repair-[0-9a-f]{6}"  # `fluxbatch verify --repair` (pipeline/store/verify.py)
+# A best-of-n candidate not kept: its owner is the image of the same <kk>/<key>[.<run id>] (candidate_path).
+CANDIDATE_NAME = re.compile(
+    rf"/{CANDIDATES}/([0-9a-f]{{2}}/[0-9a-f]{{32}}(?:\.{RUN_ID})?)\.c[0-9]{{1,2}}\.(?:png|jpg|webp)$")
 # Every image name `image_path` makes; only these count as images under images/.
 IMAGE_NAME = re.compile(rf"/{IMAGES}/([0-9a-f]{{2}})/(\1[0-9a-f]{{30}})(?:\.{RUN_ID})?\.(png|jpg|webp)$")
 

@@ -19,6 +19,7 @@ from flux_worker.perceptual_hash import distance, phash
 from flux_worker.scorer_build import build_scorer
 from flux_worker.scorers import Scorers
 from pipeline import render
+from pipeline.store.near_duplicates import near_duplicate_groups
 from schemas.quality import DEFAULT_DUPLICATE_DISTANCE, QualitySpec
 from tests.conftest import write_manifest
 from tests.helpers import assert_images_match_metadata, make_job, metadata
@@ -125,6 +126,9 @@ def test_a_one_pixel_change_to_a_rendered_image_keeps_its_hash_near(scored):
     changed.putpixel((10, 10), (255 - r, 255 - g, 255 - b))
     assert changed.tobytes() != image.tobytes()
     assert distance(phash(changed), row["phash"]) <= DEFAULT_DUPLICATE_DISTANCE
+    # ... so the grouping the run and verify use finds the two as near-duplicates
+    assert near_duplicate_groups([row["key"], "edited"], [row["phash"], phash(changed)]) == \
+        [sorted([row["key"], "edited"])]
 
 
 # -- best-of-n -------------------------------------------------------------------------------------------------------
@@ -294,3 +298,27 @@ def test_scorers_that_do_not_fit_beside_the_model_are_one_line_before_ray_starts
         check_scorers_fit(job)
     monkeypatch.setenv("FLUXBATCH_GPU_MEMORY", "24GiB")
     check_scorers_fit(job)  # fits: nothing said
+
+
+def test_candidate_files_go_with_their_image_and_verify_names_one_missing_until_a_run_restores_it(
+        best, tiny_model, scorers, tmp_path, capsys):
+    out = Path(shutil.copytree(best[1], tmp_path / "out"))  # five per batch, with --keep-candidates
+    old_files = sorted((out / "candidates").rglob("*.png"))
+    edited = [{**row, "candidates": 3} if row["id"] == "fox" else row
+              for row in PLAIN + TWINS + BEST_OF + FOX_CANDIDATES]
+    manifest = write_manifest(tmp_path / "edited.parquet", edited)
+    job = make_job(str(manifest), str(out), str(tiny_model), batch_size=5,
+                   quality={**scorers, "keep_by": "aesthetic_score", "keep_candidates": True})
+    assert render(job, progress=False, rerender_changed=True).images_rendered == 2  # the fox row's two images
+    files = sorted((out / "candidates").rglob("*.png"))
+    fox_old = [f for f in old_files if f not in files]
+    assert len(old_files) == 4 and len(fox_old) == 2  # the fox's 2 old files retired with its old image
+    assert len(files) == 3  # the crane's 2, and the fox's 1 left of 3 candidates keeping 2
+    assert call_cli(capsys, "verify", str(out)).returncode == 0
+
+    files[0].unlink()
+    found = call_cli(capsys, "verify", str(out))
+    assert found.returncode == 1 and "missing candidate image: 1" in found.stdout, found.stdout
+    assert call_cli(capsys, "verify", str(out), "--repair").returncode == 0
+    assert render(job, progress=False).images_rendered == 1  # the row naming it renders again, with its candidates
+    assert call_cli(capsys, "verify", str(out)).returncode == 0

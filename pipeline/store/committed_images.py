@@ -8,9 +8,10 @@ that promise with two listings of OUTPUT/images (one LIST request per 1,000 imag
   1. each key keeps one row, its latest (a changed or restored key's new row; the older rows are retired by
      `ledger.rewrite_part`, whole or not at all);
   2. an image no kept row names is retired: the image of a retired row, or one a killed run wrote but never
-     committed. Both are fluxbatch's by their name (schemas/layout.py IMAGE_NAME) in a folder only
-     fluxbatch writes. It is deleted, unless a retired row recorded it with another size (someone edited it
-     after fluxbatch wrote it): that one is moved aside into OUTPUT/_quarantine/<run id>/;
+     committed (and the best-of-n candidate files it owns: pipeline/store/candidate_files.py). Both are
+     fluxbatch's by their name (schemas/layout.py IMAGE_NAME) in a folder only fluxbatch writes. It is deleted,
+     unless a retired row recorded it with another size (someone edited it after fluxbatch wrote it): that one is
+     moved aside into OUTPUT/_quarantine/<run id>/;
   3. every kept row's image is looked for again: what is still missing is returned, and the run says so
      (exit 1, `_SUCCESS` with `complete: false`) instead of claiming it.
 Images first, rows second, so that a superseded row still tells an image's recorded size when it is retired: a
@@ -30,6 +31,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage
 from pipeline.store import ledger
+from pipeline.store.candidate_files import candidate_files, owners
 from schemas.layout import IMAGE_NAME, IMAGES, is_part_of_run, quarantine_folder
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,13 @@ def settle(fs: Storage, root: str, run_id: str) -> Settled:
         for name, size, was in sorted(zip(unnamed.column("name").to_pylist(), unnamed.column("size").to_pylist(),
                                           recorded.to_pylist())):
             _retire(fs, root, run_id, f"{root}/{IMAGES}/{name}", size, was, settled)
+    # Best-of-n candidate files go with the image they belong to (pipeline/store/candidate_files.py).
+    files = candidate_files(fs, root)
+    if files:
+        mine = owners(kept.column("name"))
+        for path in sorted(path for path, owner in files.items() if owner not in mine):
+            fs.rm_file(path)
+            settled.images_removed += 1
     if old is not None:
         by_part: dict[str, set[int]] = {}
         for part, index in zip(old.column("part").to_pylist(), old.column("index").to_pylist()):

@@ -33,7 +33,7 @@ from pipeline.store import compaction_journal
 from schemas import FAILURE_SCHEMA, IMAGE_RECORD_SCHEMA, FailureRecord, JobSpec
 from schemas.errors import FluxbatchError, first_line
 from schemas.layout import FAILURES, JOB_FILE, METADATA, VERSIONS, failure_part, is_part_of_run, metadata_part
-from schemas.records import ADDED_COLUMNS, signed_seeds
+from schemas.records import ADDED_COLUMNS, nullable_integers_for_pandas, signed_seeds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -477,7 +477,8 @@ class MetadataWriter:
                  before_commit: Callable[[], None] | None = None):
         self.fs, self.root, self.run_id = fs, root, run_id
         self.before_commit = before_commit  # e.g. Lease.check: a driver that lost OUTPUT's lease commits nothing
-        self.schema = pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields)
+        # Integer columns that hold nulls (candidates, candidate) read in pandas as Int32, not float64.
+        self.schema = nullable_integers_for_pandas(pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields))
         self.max_rows, self.max_seconds = rows, seconds
         self._pending: list[pa.Table] = []
         self._pending_rows = 0

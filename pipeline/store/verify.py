@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 
 from flux_worker.storage import Storage, filesystem
 from pipeline.store import compaction, ledger
+from pipeline.store.candidate_files import CandidateCheck, check_candidates
 from pipeline.store.committed_images import full_paths, image_listing, image_names, move_aside
 from pipeline.store.lease import hold
 from pipeline.store.provenance_check import check_folder_provenance
@@ -79,6 +80,7 @@ class FolderCheck:
     orphans: list[str] = field(default_factory=list)  # image paths no row names
     unmarked: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (image path, the mark it lacks)
     marks_checked: int | None = None  # images whose marks were read back (None: --provenance not asked)
+    candidates: CandidateCheck = field(default_factory=CandidateCheck)  # best-of-n candidate files (--keep-candidates)
     # Groups of images whose perceptual hashes are near (pipeline/store/quality_signals.py): reported, not problems.
     near_duplicates: list[list[str]] = field(default_factory=list)
     drop: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # part -> rows repair drops
@@ -86,7 +88,7 @@ class FolderCheck:
     @property
     def problems(self) -> int:
         return (len(self.unreadable) + len(self.duplicates) + len(self.missing) + len(self.altered)
-                + len(self.orphans) + len(self.unmarked))
+                + len(self.orphans) + len(self.unmarked) + self.candidates.problems)
 
 
 @dataclass
@@ -155,7 +157,7 @@ def _verify(url: str, storage_options: dict[str, Any] | None, repair: bool, prov
     folders = [root] + [folder for _, folder in ledger.versions(fs, root)]
     result = Verification(output=fs.uri(root), checks=[], fs=fs)
     if not repair:
-        result.checks = [check_folder(fs, folder) for folder in folders]
+        result.checks = [_with_candidates(fs, check_folder(fs, folder)) for folder in folders]
         if provenance:
             _check_marks(fs, result.checks)
         return result
@@ -164,12 +166,25 @@ def _verify(url: str, storage_options: dict[str, Any] | None, repair: bool, prov
     for folder in folders:
         with hold(fs, folder, repair_id):  # no driver commits or writes images here meanwhile
             compaction.recover(fs, folder)  # a killed compaction's dead parts go first: they hold no live row
-            check = check_folder(fs, folder)
+            check = _with_candidates(fs, check_folder(fs, folder))
             result.moved += repair_folder(fs, root, check, result.quarantine)
         result.checks.append(check)
     if provenance:  # of the images repair left in the ledger
         _check_marks(fs, result.checks)
     return result
+
+
+def _with_candidates(fs: Storage, check: FolderCheck) -> FolderCheck:
+    """`check` with its folder's best-of-n candidate files checked (pipeline/store/candidate_files.py): the rows
+    naming a missing or altered one are dropped by repair, like a row whose image is missing."""
+    if check.unreadable:
+        return check  # the ledger cannot be read whole: the parts are the problem to fix first
+    rows = ledger.read_metadata(fs, check.folder, ["key", "image_uri"])
+    names = image_names(ledger.latest_row_per_key(rows)) if rows is not None else pa.array([], pa.string())
+    check.candidates = check_candidates(fs, check.folder, names)
+    for part, index in check.candidates.drop:
+        check.drop[part].add(index)
+    return check
 
 
 def _check_marks(fs: Storage, checks: list[FolderCheck]) -> None:
@@ -326,6 +341,9 @@ def repair_folder(fs: Storage, root: str, check: FolderCheck, quarantine: str) -
     moved = list(check.unreadable)
     for part in moved:
         move_aside(fs, root, quarantine, part)
+    for path in [*check.candidates.orphans, *check.candidates.altered]:
+        move_aside(fs, root, quarantine, path)
+        moved.append(path)
     for part, rows in sorted(check.drop.items()):
         if not rows:
             continue
@@ -368,6 +386,10 @@ def _folder_report(fs: Storage, check: FolderCheck) -> list[str]:
         ("altered image", [f"{key}: {fs.uri(path)}: {how}" for key, (path, how) in check.altered.items()]),
         ("orphan image", [f"{fs.uri(path)}: no ledger row names it" for path in check.orphans]),
         ("image lacking provenance", [f"{key}: {fs.uri(path)}: {why}" for key, (path, why) in check.unmarked.items()]),
+        ("missing candidate image", [f"{key}: no {fs.uri(path)}" for path, key in check.candidates.missing.items()]),
+        ("altered candidate image", [f"{key}: {fs.uri(path)}: its sha256 differs from the ledger's"
+                                     for path, key in check.candidates.altered.items()]),
+        ("orphan candidate image", [f"{fs.uri(path)}: no kept image owns it" for path in check.candidates.orphans]),
     ]
     for kind, offenders in kinds:
         if offenders:
