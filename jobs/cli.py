@@ -284,9 +284,11 @@ def _output_uri(data: dict[str, Any]) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.manifest import VALIDATE_COLUMNS, read_manifest
     from pipeline.references import check_manifest
+    from pipeline.scorer_check import check_scorers
 
     job = job_from_args(args)
     preset = check_model_defaults(args, job)
+    check_scorers(job)  # as render checks them: a missing or mismatched scorer is one line here too
     # Each bad row is printed as the reader finds it, never collected: memory stays flat however many there are.
     manifest = read_manifest(job.manifest, job.storage_options, limits=job.row_limits(preset.limits),
                              model_name=job.model.name, adapter_names=set(job.model.adapters), sink=_print_failure,

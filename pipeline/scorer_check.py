@@ -16,7 +16,7 @@ from flux_worker.fleet_plan import memory_table
 from flux_worker.hub import check_hub_model
 from flux_worker.memory_plan import PlanError
 from flux_worker.model_folder import ModelFolder
-from flux_worker.presets import UnknownModelError
+from flux_worker.presets import UnknownModelError, did_you_mean
 from flux_worker.storage import probe_options
 from flux_worker.weights import safetensors_header
 from schemas import JobSpec
@@ -84,9 +84,11 @@ def _clip_width(name: str, storage_options: dict[str, Any] | None) -> int | None
         return None
     files = folder.files
     if not files:
-        raise ScorerError(f"{flag}: no such folder (a CLIP model is a transformers folder: config.json, "
-                          "model.safetensors, tokenizer and preprocessor_config.json; `fluxbatch model build PATH "
-                          "--scorer clip` makes a random-weight one)")
+        what = "an empty folder" if not folder.is_url and Path(str(folder)).is_dir() else "no such folder"
+        hint = did_you_mean(name, CLIP_PRESETS) if "/" not in name else ""
+        raise ScorerError(f"{flag}: {what}{hint or ''} (a CLIP model is a preset ({', '.join(CLIP_PRESETS)}) or a "
+                          "transformers folder: config.json, model.safetensors, tokenizer and preprocessor_config"
+                          ".json; `fluxbatch model build PATH --scorer clip` makes a random-weight one)")
     lacking = [rel for rel in CLIP_FILES if rel not in files]
     if not any(rel.endswith(".safetensors") for rel in files):
         lacking.append("*.safetensors weights")
@@ -111,12 +113,17 @@ def _aesthetic_width(name: str, storage_options: dict[str, Any] | None) -> int:
         folder, rel = ModelFolder(Path(name).expanduser().parent), Path(name).name
         files = folder.files
     if rel not in files:
-        what = "no such folder" if not files else f"no {AESTHETIC_WEIGHTS} in it"
+        exists = folder.is_url or Path(str(folder)).is_dir()
+        what = f"no {AESTHETIC_WEIGHTS} in it" if files or exists else "no such folder"
         raise ScorerError(f"{flag}: {what} (the LAION predictor's weights as safetensors, docs/quality.md; "
                           "`fluxbatch model build PATH --scorer aesthetic` makes a random-weight one)")
     try:
         with folder.open(rel) as handle:
-            return int(safetensors_header(handle)["layers.0.weight"]["shape"][1])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise ScorerError(f"{flag}: {rel} is not the LAION predictor's weights (no layers.0.weight): "
-                          f"{first_line(error)}") from None
+            header = safetensors_header(handle)
+    except (OSError, ValueError) as error:
+        raise ScorerError(f"{flag}: {rel} cannot be read as safetensors: {first_line(error)}") from None
+    try:
+        return int(header["layers.0.weight"]["shape"][1])
+    except (KeyError, IndexError, TypeError):
+        raise ScorerError(f"{flag}: {rel} is not the LAION aesthetic predictor's weights (it has no layers.0.weight; "
+                          "docs/quality.md converts LAION's checkpoint)") from None

@@ -107,5 +107,12 @@ class QualitySpec(BaseModel):
         duplicate distance: {} when nothing is kept by a score."""
         if self.keep_by is None:
             return {}
-        return {"keep_by": self.keep_by, "clip": self.clip,
-                **({"aesthetic": self.aesthetic} if self.keep_by == AESTHETIC_SCORE else {})}
+        return {"keep_by": self.keep_by, "clip": _as_recorded(self.clip),
+                **({"aesthetic": _as_recorded(self.aesthetic)} if self.keep_by == AESTHETIC_SCORE else {})}
+
+
+def _as_recorded(name: str | None) -> str | None:
+    """A scorer as `_job.json` records it: a local folder by its absolute path (`./clip` and `/abs/clip` are one)."""
+    if name is None or scorer_kind(name) != "folder":
+        return name
+    return str(Path(name).expanduser().resolve())

@@ -208,6 +208,7 @@ def test_a_missing_or_mismatched_scorer_and_candidates_without_a_score_are_one_l
         ("--clip", scorers["clip"], "--aesthetic", str(other)): "takes 64-value CLIP embeddings",
         ("--keep-by", "clip_score"): "quality.keep_by clip_score needs its scorer: set --clip",
         ("--candidates", "4"): "candidates needs a score to keep the best by",
+        ("--clip", "clip-vit-large-patch1"): "did you mean 'clip-vit-large-patch14'?",
     }
     for words, message in cases.items():
         result = call_cli(capsys, *base, *words)
@@ -222,6 +223,8 @@ def test_a_missing_or_mismatched_scorer_and_candidates_without_a_score_are_one_l
                        "--keep-by", "clip_score")
     assert checked.returncode == 1
     assert "candidates (2) must be at least num_images (4)" in checked.stdout + checked.stderr
+    missing = call_cli(capsys, "validate", str(rows), "--model", str(tiny_model), "--clip", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr  # validate checks the scorers as render
 
 
 def test_the_planner_counts_the_scorers_on_gpu_0(capsys):
