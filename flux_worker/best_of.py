@@ -15,11 +15,13 @@ this run: its images are failure rows, and the next run renders them again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flux_worker.image_writer import Rendered, describe, failure_row
-from flux_worker.scorers import Scorers
 from schemas.quality import QualitySpec
+
+if TYPE_CHECKING:  # the scorers import torch; what keeps (and the stand-in renderer of the tests) need not
+    from flux_worker.scorers import Scorers
 
 SEED_SPAN = 2**64  # seeds are 64 bits, stored signed (schemas/records.py SEED_TYPE)
 

@@ -97,15 +97,16 @@ class FailureRecord(BaseModel):
     at: datetime
 
 
-def nullable_integers_for_pandas(schema: pa.Schema) -> pa.Schema:
-    """`schema` with pandas metadata that reads its integer columns as pandas' nullable integers (Int32, Int64).
+def nullable_integers_for_pandas(schema: pa.Schema, names: tuple[str, ...] | None = None) -> pa.Schema:
+    """`schema` with pandas metadata that reads its integer columns (those in `names`, or all) as pandas' nullable
+    integers (Int32, Int64).
 
     Without it `pd.read_parquet` turns an integer column holding a null into float64 (`variant` 3 reads as 3.0);
     pyarrow's `to_pandas` follows the `pandas` schema metadata, and other readers ignore it.
     """
     columns = [{"name": f.name, "field_name": f.name, "pandas_type": str(f.type),
                 "numpy_type": str(f.type).capitalize(), "metadata": None}
-               for f in schema if pa.types.is_signed_integer(f.type)]
+               for f in schema if pa.types.is_signed_integer(f.type) and (names is None or f.name in names)]
     pandas = {"index_columns": [], "column_indexes": [], "columns": columns}
     return schema.with_metadata({**(schema.metadata or {}), b"pandas": json.dumps(pandas).encode()})
 

@@ -8,7 +8,6 @@ the ledger. No mocks.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -145,6 +144,11 @@ def test_best_of_n_keeps_the_k_best_the_same_across_runs_and_batch_sizes(best):
     assert sorted((row["request_id"], row["variant"]) for row in kept.values()) == [("crane", 0), ("fox", 0),
                                                                                    ("fox", 1)]
     plain = {row["seed"]: row for row in one.values() if row["request_id"].startswith("fox-c")}
+    import pandas as pd
+
+    read = pd.read_parquet(best[0] / "metadata")
+    assert (str(read["candidates"].dtype), str(read["candidate"].dtype), str(read["seed"].dtype)) == \
+        ("Int32", "Int32", "int64")  # best-of-n's nullable columns read as integers, the seed as ever
     for key, row in kept.items():
         assert (row["sha256"], row["candidate"]) == (three[key]["sha256"], three[key]["candidate"]), key
         recorded = row["candidate_scores"]
@@ -174,24 +178,26 @@ def test_candidates_not_kept_are_written_only_when_asked(best):
     assert_images_match_metadata(str(three))
 
 
-def test_resume_renders_and_scores_only_what_is_missing_and_keeps_the_same_candidate(best, tiny_model, scorers,
-                                                                                    tmp_path):
-    out = Path(shutil.copytree(best[0], tmp_path / "out"))
-    manifest = str(next(best[0].parent.glob("m.parquet")))
-    job = make_job(manifest, str(out), str(tiny_model), batch_size=1, quality={**scorers, "keep_by": "aesthetic_score"})
+@pytest.mark.usefixtures("stand_in_for_this_test")  # driver behaviour: the stand-in renderer, scorer from bytes
+def test_resume_renders_and_scores_only_what_is_missing_and_keeps_the_same_candidate(tiny_model, scorers, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", BEST_OF + PLAIN)
+    out = tmp_path / "out"
+    job = make_job(str(manifest), str(out), str(tiny_model), batch_size=2,
+                   quality={**scorers, "keep_by": "aesthetic_score"})
+    render(job, progress=False)
     before = _by_key(out)
     again = render(job, progress=False)
     assert (again.images_rendered, again.images_already_done) == (0, len(before))
     assert _by_key(out) == before  # not one row rescored or rewritten
     fox_1 = next(row for row in before.values() if (row["request_id"], row["variant"]) == ("fox", 1))
-    (out / "images" / fox_1["key"][:2] / fox_1["image_uri"].rsplit("/", 1)[-1]).unlink()  # the copy's image
+    Path(fox_1["image_uri"].removeprefix("file://")).unlink()
     restored = render(job, progress=False)
     assert restored.images_rendered == 1
     after = _by_key(out)
     assert (after[fox_1["key"]]["sha256"], after[fox_1["key"]]["candidate"]) == (fox_1["sha256"], fox_1["candidate"])
     assert {k: r["finished_at"] for k, r in after.items() if k != fox_1["key"]} == \
         {k: r["finished_at"] for k, r in before.items() if k != fox_1["key"]}
-    assert Path(after[fox_1["key"]]["image_uri"].removeprefix("file://")).parent.parent.parent == out
+    assert_images_match_metadata(str(out))
 
 
 # -- mistakes, each one line -----------------------------------------------------------------------------------------
@@ -303,15 +309,17 @@ def test_scorers_that_do_not_fit_beside_the_model_are_one_line_before_ray_starts
     check_scorers_fit(job)  # fits: nothing said
 
 
+@pytest.mark.usefixtures("stand_in_for_this_test")  # driver behaviour: the stand-in renderer, scorer from bytes
 def test_candidate_files_go_with_their_image_and_verify_names_one_missing_until_a_run_restores_it(
-        best, tiny_model, scorers, tmp_path, capsys):
-    out = Path(shutil.copytree(best[1], tmp_path / "out"))  # five per batch, with --keep-candidates
+        tiny_model, scorers, tmp_path, capsys):
+    quality = {**scorers, "keep_by": "aesthetic_score", "keep_candidates": True}
+    out = tmp_path / "out"
+    render(make_job(str(write_manifest(tmp_path / "m.parquet", BEST_OF)), str(out), str(tiny_model), batch_size=5,
+                    quality=quality), progress=False)
     old_files = sorted((out / "candidates").rglob("*.png"))
-    edited = [{**row, "candidates": 3} if row["id"] == "fox" else row
-              for row in PLAIN + TWINS + BEST_OF + FOX_CANDIDATES]
-    manifest = write_manifest(tmp_path / "edited.parquet", edited)
-    job = make_job(str(manifest), str(out), str(tiny_model), batch_size=5,
-                   quality={**scorers, "keep_by": "aesthetic_score", "keep_candidates": True})
+    edited = write_manifest(tmp_path / "edited.parquet", [{**row, "candidates": 3} if row["id"] == "fox" else row
+                                                          for row in BEST_OF])
+    job = make_job(str(edited), str(out), str(tiny_model), batch_size=5, quality=quality)
     assert render(job, progress=False, rerender_changed=True).images_rendered == 2  # the fox row's two images
     files = sorted((out / "candidates").rglob("*.png"))
     fox_old = [f for f in old_files if f not in files]

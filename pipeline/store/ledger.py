@@ -477,8 +477,10 @@ class MetadataWriter:
                  before_commit: Callable[[], None] | None = None):
         self.fs, self.root, self.run_id = fs, root, run_id
         self.before_commit = before_commit  # e.g. Lease.check: a driver that lost OUTPUT's lease commits nothing
-        # Integer columns that hold nulls (candidates, candidate) read in pandas as Int32, not float64.
-        self.schema = nullable_integers_for_pandas(pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields))
+        # The integer columns that hold nulls (best-of-n's) read in pandas as Int32, not float64; the others as
+        # they always have (seed int64, variant int32).
+        self.schema = nullable_integers_for_pandas(pa.schema(list(IMAGE_RECORD_SCHEMA) + extra_fields),
+                                                   ("candidates", "candidate"))
         self.max_rows, self.max_seconds = rows, seconds
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
