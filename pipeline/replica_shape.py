@@ -62,7 +62,7 @@ def planner_dtype(job: JobSpec) -> str:
     return "fp8" if job.model.quantize == "fp8" else "bf16" if job.model.dtype == "auto" else job.model.dtype
 
 
-def _plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
+def memory_plan_for(job: JobSpec, degree: int | None, memory: int | None = None):
     """The memory plan for `job` on this cluster's cards (or cards of `memory` bytes), or None when the cards' memory
     is unknown."""
     preset = resolve_preset(job.model.name, job.storage_options)
@@ -87,7 +87,7 @@ def resolve_gpus_per_replica(job: JobSpec) -> float:
     if not ray.cluster_resources().get("GPU"):
         return 0.0
     try:
-        plan = _plan_for(job, None)
+        plan = memory_plan_for(job, None)
     except PlanError as error:
         raise TensorParallelError(f"gpus_per_replica auto: {error}; give a number instead") from None
     if plan is None:
@@ -161,7 +161,7 @@ def group_options(job: JobSpec, degree: int, memory: int | None = None) -> dict[
     try:
         configs, _ = model_configs(job.model.name)
         check_divisible(configs["transformer"], degree)  # fail here, not in N actors
-        plan = _plan_for(job, degree, memory)
+        plan = memory_plan_for(job, degree, memory)
     except PlanError:
         plan = None  # a hub id the planner has no configs for: the default placement
     if plan is not None and plan.fits:

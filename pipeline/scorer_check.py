@@ -52,10 +52,10 @@ def check_scorers_fit(job: JobSpec) -> None:
     gpus = job.gpus_per_replica
     if not job.quality.clip or memory is None or isinstance(gpus, (str, dict)) or gpus < 1:
         return
-    from pipeline.replica_shape import _plan_for
+    from pipeline.replica_shape import memory_plan_for
 
     try:
-        plan = _plan_for(job, int(gpus), memory)
+        plan = memory_plan_for(job, int(gpus), memory)
     except PlanError:
         return  # a model the planner has no configs for: nothing to count against
     if plan is not None and not plan.fits and plan.scorer_bytes == 0 and "scorers" in plan.note:
