@@ -14,11 +14,14 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 RAY_VERSION := $(shell sed -n 's/.*"ray\[data,default\]==\([^"]*\)".*/\1/p' pyproject.toml)
 TORCH_VERSION := $(patsubst torch==%,%,$(TORCH_SPEC))
 
+# torch goes in with pip first (the CPU build from the machine's wheel folder, PIP_FIND_LINKS), then uv installs
+# the rest: same versions as pip resolves, in about 10 s where pip took about 60, and torch is already there, so
+# uv never reaches for a CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet uv
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m uv pip install --quiet --python $(PY) -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
