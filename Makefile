@@ -15,13 +15,14 @@ RAY_VERSION := $(shell sed -n 's/.*"ray\[data,default\]==\([^"]*\)".*/\1/p' pypr
 TORCH_VERSION := $(patsubst torch==%,%,$(TORCH_SPEC))
 
 # torch goes in with pip first (the CPU build from the machine's wheel folder, PIP_FIND_LINKS), then uv installs
-# the rest: same versions as pip resolves, in about 10 s where pip took about 60, and torch is already there, so
-# uv never reaches for a CUDA build.
+# the rest: the same versions as pip resolves, in seconds where pip took about 60, and torch is already there, so
+# uv never reaches for a CUDA build. --compile-bytecode as pip does: compiled at install, a library's invalid
+# escape sequences never warn inside the suite, where warnings are errors.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m uv pip install --quiet --python $(PY) -e ".[test]"
+	$(PY) -m uv pip install --quiet --compile-bytecode --python $(PY) -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
