@@ -29,6 +29,8 @@ def summary_lines(summary: Any) -> list[str]:
         lines.append(f"{count} image{'s' if count > 1 else ''} could not hold the watermark (flat colour, fine "
                      f"texture, a small image; JPEG and WebP lose more of it than PNG): written without it; "
                      f"`fluxbatch verify {out} --provenance` names them")
+    if summary.candidates_rendered:
+        lines.append(f"best-of-n: {summary.candidates_rendered} candidates rendered for the images kept")
     for name, score in summary.scores.items():
         lines.append(f"{name}: median {score['median']:.4g} (p10 {score['p10']:.4g}, p90 {score['p90']:.4g}) over "
                      f"{score['images']} images")

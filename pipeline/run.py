@@ -280,6 +280,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         rendered = writer.written  # _render_plan flushed the last rows, whatever happened
         if job.provenance.enabled and job.provenance.watermark is not None:
             summary.images_without_watermark = writer.marks[job.provenance.marks(watermark_held=False)]
+        summary.candidates_rendered = writer.candidates_rendered
         failures_by_reason.update(render_failures.by_reason)
     seconds["render"] = time.monotonic() - mark
     # Every run ends with the ledger and the images agreeing: one row per key, no image without a row, and every

@@ -71,6 +71,9 @@ class RunSummary(BaseModel):
     images_without_watermark: int = Field(
         default=0, description="images this run rendered whose picture could not hold the job's watermark: written "
         "and committed without it (their ledger rows say so; `fluxbatch verify --provenance` names them)")
+    candidates_rendered: int = Field(
+        default=0, description="best-of-n candidates rendered for the images this run kept (a row's n candidates "
+        "for its num_images kept)")
     near_duplicates: dict[str, Any] = Field(
         default_factory=dict, description="OUTPUT's near-duplicate groups (perceptual hashes within max_distance "
         "bits): how many, how many images, the largest; every group in runs/<run id>/near_duplicates.parquet; "

@@ -140,6 +140,8 @@ def best(rendered) -> tuple[Path, Path]:
 def test_best_of_n_keeps_the_k_best_the_same_across_runs_and_batch_sizes(best):
     one, three = (_by_key(out) for out in best)
     assert one.keys() == three.keys()
+    for out in best:  # the fox's 4 candidates and the crane's 3, each rendered once whatever the batch size
+        assert json.loads((out / "summary.json").read_text())["candidates_rendered"] == 4 + 3
     kept = {key: row for key, row in one.items() if row["candidates"]}
     assert sorted((row["request_id"], row["variant"]) for row in kept.values()) == [("crane", 0), ("fox", 0),
                                                                                    ("fox", 1)]
@@ -192,7 +194,7 @@ def test_resume_renders_and_scores_only_what_is_missing_and_keeps_the_same_candi
     fox_1 = next(row for row in before.values() if (row["request_id"], row["variant"]) == ("fox", 1))
     Path(fox_1["image_uri"].removeprefix("file://")).unlink()
     restored = render(job, progress=False)
-    assert restored.images_rendered == 1
+    assert (restored.images_rendered, restored.candidates_rendered) == (1, 4)  # its row's 4 candidates, again
     after = _by_key(out)
     assert (after[fox_1["key"]]["sha256"], after[fox_1["key"]]["candidate"]) == (fox_1["sha256"], fox_1["candidate"])
     assert {k: r["finished_at"] for k, r in after.items() if k != fox_1["key"]} == \

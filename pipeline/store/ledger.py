@@ -488,6 +488,9 @@ class MetadataWriter:
         self._seq = 0
         self.written = 0
         self.marks: Counter[str | None] = Counter()  # committed rows by their `provenance` value
+        # Best-of-n rows committed, by (request, first candidate's seed) -> their candidates: each row's candidates
+        # render once, in one batch (pipeline/plan.py split_best_of), however many of its images are committed.
+        self.best_of_rows: dict[tuple[str, int], int] = {}
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -509,4 +512,13 @@ class MetadataWriter:
         self.written += table.num_rows
         counts = pc.value_counts(table.column("provenance")).to_pylist()
         self.marks.update({count["values"]: count["counts"] for count in counts})
+        best = table.filter(pc.is_valid(table.column("candidates")))
+        for request, seed, candidate, candidates in zip(*(best.column(c).to_pylist() for c in (
+                "request_id", "seed", "candidate", "candidates"))):
+            self.best_of_rows[(request, seed - (candidate or 0))] = candidates
+
+    @property
+    def candidates_rendered(self) -> int:
+        """Best-of-n candidates this writer's runs rendered for the images it committed."""
+        return sum(self.best_of_rows.values())
         self._pending, self._pending_rows = [], 0

@@ -107,8 +107,9 @@ def render_report(summary: RunSummary, images: list[dict[str, Any]], failures: p
         ("done in total", f"{summary.images_total_done} / {summary.images_expected}"),
         ("committed images missing or altered", summary.images_missing),
         ("images per second", f"{summary.images_per_second:.3f}"),
-    ] + ([("rendered without the watermark (the picture could not hold it)", summary.images_without_watermark)]
-         if summary.images_without_watermark else [])
+    ] + ([("best-of-n candidates rendered", summary.candidates_rendered)] if summary.candidates_rendered else []) \
+        + ([("rendered without the watermark (the picture could not hold it)", summary.images_without_watermark)]
+           if summary.images_without_watermark else [])
     total = failure_total if failure_total is not None else failures.num_rows if failures is not None else 0
     shown = min(total, failure_rows)
     present = [c for c in FAILURE_COLUMNS if failures is not None and c in failures.column_names]
