@@ -516,9 +516,9 @@ class MetadataWriter:
         for request, seed, candidate, candidates in zip(*(best.column(c).to_pylist() for c in (
                 "request_id", "seed", "candidate", "candidates"))):
             self.best_of_rows[(request, seed - (candidate or 0))] = candidates
+        self._pending, self._pending_rows = [], 0
 
     @property
     def candidates_rendered(self) -> int:
         """Best-of-n candidates this writer's runs rendered for the images it committed."""
         return sum(self.best_of_rows.values())
-        self._pending, self._pending_rows = [], 0
