@@ -335,3 +335,25 @@ def test_candidate_files_go_with_their_image_and_verify_names_one_missing_until_
     assert call_cli(capsys, "verify", str(out), "--repair").returncode == 0
     assert render(job, progress=False).images_rendered == 1  # the row naming it renders again, with its candidates
     assert call_cli(capsys, "verify", str(out)).returncode == 0
+
+
+def test_the_metadata_writer_commits_each_row_once_and_counts_a_rows_candidates_once(tmp_path):
+    import pyarrow as pa
+
+    from flux_worker.storage import filesystem
+    from pipeline.store import ledger
+    from schemas import IMAGE_RECORD_SCHEMA
+
+    fs, root = filesystem(str(tmp_path))
+    writer = ledger.MetadataWriter(fs, root, "20261205T000000-abcdef", [], seconds=3600)
+    blank = {name: None for name in IMAGE_RECORD_SCHEMA.names}
+    fox = [{**blank, "key": f"fox-{v}", "request_id": "fox", "seed": 100 + c, "candidate": c, "candidates": 4,
+            "provenance": "xmp"} for v, c in ((0, 2), (1, 0))]
+    plain = [{**blank, "key": "plain", "request_id": "plain", "seed": 1, "provenance": "xmp"}]
+    for rows in (fox, plain):
+        writer.add(pa.Table.from_pylist(rows, schema=IMAGE_RECORD_SCHEMA))
+        writer.flush()
+    keys = [key for part in ledger.parts(fs, f"{root}/metadata")
+            for key in ledger.read_part(fs, root, part, ["key"]).column("key").to_pylist()]
+    assert sorted(keys) == ["fox-0", "fox-1", "plain"] and writer.written == 3
+    assert writer.candidates_rendered == 4  # the fox row's 4 candidates, once for its two kept images
