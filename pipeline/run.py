@@ -308,7 +308,9 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
         seconds["pack"] = time.monotonic() - mark
 
     mark = time.monotonic()
-    signals = quality_signals.read_signals(fs, root, job.quality.duplicate_distance)
+    # Only a run that rendered: a no-op run leaves summary.json and the report as they are, so it reads no more.
+    signals = quality_signals.read_signals(fs, root, job.quality.duplicate_distance) if plan.table.num_rows \
+        else quality_signals.QualitySignals()
     summary.near_duplicates, summary.scores = signals.near_duplicates, signals.scores
     quality_signals.write_groups(fs, root, run_id, signals.groups)
     if signals.groups:

@@ -50,17 +50,22 @@ class CandidateCheck:
         return len(self.missing) + len(self.altered) + len(self.orphans)
 
 
-def check_candidates(fs: Storage, root: str, kept_image_names: pa.ChunkedArray | pa.Array) -> CandidateCheck:
-    """Each candidate file a kept row names, read and hashed; and the files no kept row's image owns."""
+def check_candidates(fs: Storage, root: str) -> CandidateCheck:
+    """Each candidate file a kept row names, read and hashed; and the files no kept row's image owns. One read of
+    the ledger's key, image_uri and candidate_scores."""
+    from pipeline.store.committed_images import image_names  # it imports this module (settle retires files)
+
     check = CandidateCheck()
+    rows = ledger.read_metadata(fs, root, ["key", "image_uri", "candidate_scores"], locate=True)
+    if rows is not None:  # as fluxbatch writes them, whatever rewrote a part (polars: large_string)
+        rows = ledger.latest_row_per_key(rows.set_column(0, "key", rows.column("key").cast(pa.string())).set_column(
+            1, "image_uri", rows.column("image_uri").cast(pa.string())))
     on_disk = candidate_files(fs, root)
     if on_disk:
-        mine = owners(kept_image_names)
+        mine = owners(image_names(rows)) if rows is not None else set()
         check.orphans = sorted(path for path, owner in on_disk.items() if owner not in mine)
-    rows = ledger.read_metadata(fs, root, ["key", "candidate_scores"], locate=True)
     if rows is None:
         return check
-    rows = ledger.latest_row_per_key(rows)
     rows = rows.filter(pc.greater(pc.list_value_length(rows.column("candidate_scores")).fill_null(0), 0))
     for row in rows.to_pylist():
         for candidate in row["candidate_scores"]:

@@ -179,12 +179,7 @@ def _with_candidates(fs: Storage, check: FolderCheck) -> FolderCheck:
     naming a missing or altered one are dropped by repair, like a row whose image is missing."""
     if check.unreadable:
         return check  # the ledger cannot be read whole: the parts are the problem to fix first
-    rows = ledger.read_metadata(fs, check.folder, ["key", "image_uri"])
-    names = pa.array([], pa.string())
-    if rows is not None:  # as another tool may have written them (large_string): read as fluxbatch writes them
-        rows = rows.cast(pa.schema([("key", pa.string()), ("image_uri", pa.string())]))
-        names = image_names(ledger.latest_row_per_key(rows))
-    check.candidates = check_candidates(fs, check.folder, names)
+    check.candidates = check_candidates(fs, check.folder)
     for part, index in check.candidates.drop:
         check.drop[part].add(index)
     return check
