@@ -47,26 +47,28 @@ def read_signals(fs: Storage, root: str, max_distance: int, scores: bool = True)
     for score in SCORES if scores else ():
         values = table.column(score)
         if values.null_count < len(values):
-            signals.scores[score] = _distribution(fs, root, table.select(["key", score]).filter(pc.is_valid(values)),
-                                                  score)
+            signals.scores[score] = _distribution(table.select(["key", score]).filter(pc.is_valid(values)), score)
+    # The extremes' prompts and images, for every score at once: one more read, of those few keys only.
+    extremes = [row for score in signals.scores.values() for end in ("lowest", "highest") for row in score[end]]
+    about = _rows_of(fs, root, {row["key"] for row in extremes}) if extremes else {}
+    for row in extremes:
+        row.update(about.get(row["key"], {}))
     return signals
 
 
-def _distribution(fs: Storage, root: str, scored: pa.Table, score: str) -> dict[str, Any]:
-    """Count, quantiles, a histogram and the lowest and highest images (key, score, prompt, image) of one score."""
+def _distribution(scored: pa.Table, score: str) -> dict[str, Any]:
+    """Count, quantiles, a histogram and the lowest and highest images (key and score) of one score."""
     values = scored.column(score).to_numpy()
     counts, edges = np.histogram(values, bins=BINS)
     order = np.argsort(values, kind="stable")
     picked = {"lowest": order[:EXTREMES].tolist(), "highest": order[::-1][:EXTREMES].tolist()}
-    keys = {scored.column("key")[i].as_py() for rows in picked.values() for i in rows}
-    about = _rows_of(fs, root, keys)
     return {
         "images": int(values.size),
         "min": float(values.min()), "p10": float(np.quantile(values, 0.1)), "median": float(np.median(values)),
         "p90": float(np.quantile(values, 0.9)), "max": float(values.max()), "mean": float(values.mean()),
         "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
-        **{end: [{"key": scored.column("key")[i].as_py(), score: float(values[i]),
-                  **about.get(scored.column("key")[i].as_py(), {})} for i in rows] for end, rows in picked.items()},
+        **{end: [{"key": scored.column("key")[i].as_py(), score: float(values[i])} for i in rows]
+           for end, rows in picked.items()},
     }
 
 
