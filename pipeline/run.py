@@ -42,6 +42,7 @@ from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
 from pipeline.replica_shape import fleet_pools, resolve_gpus_per_replica
 from pipeline.store import (
+    candidate_files,
     changed_rows,
     committed_images,
     compaction,
@@ -228,6 +229,9 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     committed = changed_rows.read_committed(fs, root)
     # Committed images deleted or altered since (one listing): rendered again, each to a path of its own.
     stale = committed_images.stale_keys(fs, root, committed)
+    lacking = candidate_files.keys_missing_candidates(fs, root)  # a best-of-n row's candidate file gone: again
+    if len(lacking):
+        stale = pa.concat_arrays([stale, lacking.cast(stale.type)])
     committed = changed_rows.for_planning(committed)  # what the planner compares: the image columns go
     # Bad rows stream to this run's failure parts as they are found; the previous run's parts stay until the end.
     validate_failures = ledger.FailureWriter(fs, root, run_id, "validate")

@@ -357,3 +357,17 @@ def test_the_metadata_writer_commits_each_row_once_and_counts_a_rows_candidates_
             for key in ledger.read_part(fs, root, part, ["key"]).column("key").to_pylist()]
     assert sorted(keys) == ["fox-0", "fox-1", "plain"] and writer.written == 3
     assert writer.candidates_rendered == 4  # the fox row's 4 candidates, once for its two kept images
+
+
+@pytest.mark.usefixtures("stand_in_for_this_test")  # driver behaviour: the stand-in renderer, scorer from bytes
+def test_a_run_renders_again_the_row_whose_candidate_file_went_missing_so_its_exit_0_means_verify_is_clean(
+        tiny_model, scorers, tmp_path, capsys):
+    out = tmp_path / "out"
+    job = make_job(str(write_manifest(tmp_path / "m.parquet", BEST_OF)), str(out), str(tiny_model),
+                   quality={**scorers, "keep_by": "aesthetic_score", "keep_candidates": True})
+    render(job, progress=False)
+    sorted((out / "candidates").rglob("*.png"))[0].unlink()
+    assert call_cli(capsys, "verify", str(out)).returncode == 1
+    again = render(job, progress=False)
+    assert again.succeeded and again.images_rendered == 1  # the variant 0 naming the file, with its candidates
+    assert call_cli(capsys, "verify", str(out)).returncode == 0
