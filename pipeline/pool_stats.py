@@ -8,6 +8,7 @@ of its images over its replicas' time between its first image's start and its la
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +24,12 @@ class PoolStats:
         self.seconds: dict[str, float] = dict.fromkeys(self.shape, 0.0)
         self.first: dict[str, datetime] = {}
         self.last: dict[str, datetime] = {}
+
+    def join(self, pool: Any) -> None:
+        """A pool whose card type joined the cluster during the run (pipeline/fleet_stage.py)."""
+        self.shape[pool.card_type] = pool
+        self.images.setdefault(pool.card_type, 0)
+        self.seconds.setdefault(pool.card_type, 0.0)
 
     def add(self, batch: pa.Table) -> pa.Table:
         """Count `batch` (a result table with POOL_COLUMN) to its pool; the table without the column."""

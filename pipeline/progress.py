@@ -158,7 +158,7 @@ class RenderBar:
 
         if self.ready < self.actors:
             ready = sum(1 for a in ray_private.actors_of_this_job()
-                        if a.state == "ALIVE" and a.class_name.startswith("MapWorker("))
+                        if a.state == "ALIVE" and a.renders)
             if ready > self.ready:
                 self.ready = min(ready, self.actors)
                 waited = time.monotonic() - self.stage_started

@@ -11,14 +11,14 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
 
-from flux_worker.fleet_replica import slot_args
+from flux_worker.fleet_replica import FleetMember, pin
 from flux_worker.model_folder import is_model_url
 from flux_worker.storage import credential_options
 from pipeline.cluster.resources import ReplicaAsk
@@ -41,7 +41,7 @@ class RenderStage:
     batch_size: int | None  # None: each block is one batch (pipeline/plan.py split_best_of)
     max_renderer_deaths: int  # a batch whose member's process died is re-run at most this often (lost_batches.py)
     env_vars: dict[str, str]
-    remote_args_fn: Any = None  # a mixed fleet's: each member's resources as it starts (fleet_replica.slot_args)
+    resources: dict[str, float] = field(default_factory=dict)  # more per member: a fleet pool's card-type pin
 
     @property
     def fn_constructor_kwargs(self) -> dict[str, Any]:
@@ -58,22 +58,18 @@ class RenderStage:
             # Ray 2.60 names no parameter for max_restarts / max_task_retries yet, so they go in
             # `ray_remote_args`, which warns on every run that it will be replaced; nothing for a user to do.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")  # fleet_replica.py
             dataset = ray.data.from_arrow(blocks).map_batches(
                 self.member,
                 fn_constructor_kwargs=self.fn_constructor_kwargs,
                 batch_size=self.batch_size,
                 batch_format="pyarrow",
-                # A mixed fleet's members take one batch at a time: a slow pool queues none behind its own, so the
-                # pools' last images come within one batch of each other (benchmarks/README.md, mixed fleet).
-                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)), max_tasks_in_flight_per_actor=1
-                                                   if one_batch_per_member or self.remote_args_fn else None),
+                compute=ray.data.ActorPoolStrategy(size=min(self.replicas, len(blocks)),
+                                                   max_tasks_in_flight_per_actor=1 if one_batch_per_member else None),
                 num_gpus=self.num_gpus,
                 num_cpus=self.num_cpus,
                 max_restarts=-1,  # a lost member is replaced...
                 max_task_retries=self.max_renderer_deaths,  # ...and its batch re-run, this often at most
                 runtime_env={"env_vars": self.env_vars},
-                ray_remote_args_fn=self.remote_args_fn,
             )
         yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
 
@@ -101,25 +97,19 @@ def in_actor(target: str) -> type:
 
 RENDERER = "flux_worker.renderer:Renderer"
 TENSOR_PARALLEL_REPLICA = "flux_worker.tensor_parallel:TensorParallelReplica"
-FLEET_REPLICA = "flux_worker.fleet_replica:FleetReplica"
 
 
 def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,
                  renderer_class: type | None = None, image_counter: Any = None) -> RenderStage:
-    """The stage rendering `job` with replicas of `ask` ("auto" GPUs already resolved by the memory planner).
+    """The stage rendering `job` with replicas of `ask` ("auto" GPUs already resolved by the memory planner); a
+    mixed fleet's is pipeline/fleet_stage.py's, one `pool_stage` per card type.
 
     `run_id`: where each actor writes its cold-start record. `renderer_class`: a stand-in for `Renderer` taking
     its arguments (the fleet benchmark's; Python API only). `image_counter`: where renderers count each image
     they write, for the bar (pipeline/progress.py)."""
     threads = None if ask.gpus > 0 and not job.cpus_per_replica else ask.threads
     member, group, num_gpus, num_cpus = renderer_class or in_actor(RENDERER), {}, ask.gpus or None, ask.cpus
-    remote_args_fn = None
-    if ask.pools:
-        # A mixed fleet: each member started with its own card type's resources (flux_worker/fleet_replica.py).
-        slots = fleet_slots(job, ask.pools, stand_in=renderer_class is not None)
-        member, num_gpus, num_cpus, remote_args_fn = in_actor(FLEET_REPLICA), None, 0, slot_args(slots)
-        group = {"pools": {slot["card_type"]: slot for slot in slots}, "renderer": renderer_class}
-    elif ask.gpus > 1:
+    if ask.gpus > 1:
         # One pool member per group, holding nothing itself: its rank actors hold the GPUs and the CPUs, in
         # the group's placement group (flux_worker/tensor_parallel.py); each rank runs its share of the cores.
         member, num_gpus, num_cpus = in_actor(TENSOR_PARALLEL_REPLICA), None, 0
@@ -141,25 +131,23 @@ def render_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id
     )
     return RenderStage(member=member, model=model_for_workers(job.model), options=options, group=group,
                        num_gpus=num_gpus, num_cpus=num_cpus, replicas=job.replicas, batch_size=job.batch_size,
-                       max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars, remote_args_fn=remote_args_fn)
+                       max_renderer_deaths=job.max_renderer_deaths, env_vars=env_vars)
 
 
-def fleet_slots(job: JobSpec, pools: tuple, stand_in: bool) -> list[dict[str, Any]]:
-    """A mixed fleet's replica slots, one per replica of each pool, interleaved (flux_worker/fleet_replica.py); a
-    tensor-parallel slot carries its group's placement for that card type. A stand-in renderer holds a group's
-    GPUs itself (`holds`), as one actor."""
-    per_pool = []
-    for pool in pools:
-        group = group_options(job, pool.degree, pool.memory) if pool.degree > 1 and not stand_in else {}
-        slot = {"card_type": pool.card_type, "degree": pool.degree, "gpus": pool.gpus_per_replica,
-                "cpus": job.cpus_per_replica or 1, "placement": group.get("placement"),
-                "cpus_per_rank": group.get("cpus_per_rank", 1), "holds": pool.degree == 1 or stand_in}
-        per_pool.append([slot] * pool.replicas)
-    # Round the pools: a pool smaller than all the slots (a short plan) still has members of every type.
-    interleaved: list[dict[str, Any]] = []
-    for rank in range(max(map(len, per_pool))):
-        interleaved += [slots[rank] for slots in per_pool if rank < len(slots)]
-    return interleaved
+def pool_stage(job: JobSpec, pool: Any, base: RenderStage, renderer_class: type | None = None) -> RenderStage:
+    """One pool of a mixed fleet (a `fleet_plan.PoolPlan`), as pipeline/fleet_stage.py starts its members: `base`
+    (the job's one-GPU stage: model, options, environment) with members of the pool's card type and shape
+    (flux_worker/fleet_replica.py). A tensor-parallel member holds no GPU itself, its group's rank actors do, in
+    bundles pinned to the type; a stand-in renderer holds a group's GPUs itself, as one actor."""
+    holds = pool.degree == 1 or renderer_class is not None
+    group = group_options(job, pool.degree, pool.memory) if not holds else {}
+    return replace(
+        base, member=FleetMember, replicas=pool.replicas,
+        group={"card_type": pool.card_type, "degree": pool.degree if not holds else 1,
+               "placement": group.get("placement"), "cpus_per_rank": group.get("cpus_per_rank", 1),
+               "renderer": renderer_class},
+        num_gpus=pool.gpus_per_replica if holds else None, num_cpus=(job.cpus_per_replica or 1) if holds else 0,
+        resources=pin(pool.card_type))
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:

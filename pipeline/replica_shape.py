@@ -100,13 +100,14 @@ def resolve_gpus_per_replica(job: JobSpec) -> float:
     return float(plan.tp_degree)
 
 
-def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
+def fleet_pools(job: JobSpec, say: Any = log.warning, can_grow: bool = False) -> list[PoolPlan] | None:
     """The pools of a mixed fleet (flux_worker/fleet_plan.py), one per card type that holds the model; None when the
     job has one shape (a number, or `auto` on a cluster of one card type: `resolve_gpus_per_replica`).
 
     Card types come from Ray's `accelerator_type:<T>` resources of the alive nodes; a card's memory from the
     planner's table or FLUXBATCH_GPU_MEMORY (`L4=24GB,A100=80GB`). Each type left out is one line (`say`); none
-    left is an error, before anything is written."""
+    left is an error, before anything is written. On a cluster that `can_grow`, a type the mapping names that no
+    node has yet joins the run when its nodes join the cluster (pipeline/fleet_stage.py)."""
     mapping = job.gpus_per_replica if isinstance(job.gpus_per_replica, dict) else None
     if mapping is None and job.gpus_per_replica != "auto":
         return None
@@ -124,7 +125,7 @@ def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
         raise TensorParallelError(f"gpus_per_replica: {error}") from None
     for name in sorted(set(mapping or {}) - set(fleet)):
         say(f"gpus_per_replica: card type {name}: no node of the cluster has one ({', '.join(fleet) or 'no GPUs'}); "
-            "left out")
+            + ("it joins the run if one joins the cluster" if can_grow else "left out"))
     for pool in pools:
         if pool.card_type == UNTYPED:
             say(f"gpus_per_replica: {pool.gpus} GPU(s) of nodes without one accelerator_type resource are left out: "
@@ -142,6 +143,21 @@ def fleet_pools(job: JobSpec, say: Any = log.warning) -> list[PoolPlan] | None:
     if any(pool.degree > 1 for pool in usable):
         check_family(job)
     return usable
+
+
+def joined_pools(job: JobSpec, known: set[str]) -> list[PoolPlan]:
+    """The pools of card types that are not in `known` (the pools running, and the types already looked at): card
+    types whose nodes joined the cluster after the run planned its pools (an autoscaled node group). `known`
+    gains every type looked at, so a type left out is planned once, not at every look."""
+    fresh = set(fleet_types(ray.nodes())) - known
+    if not fresh:
+        return []
+    try:
+        pools = fleet_pools(job, say=lambda line: log.info("a joined card type: %s", line)) or []
+    except TensorParallelError:
+        pools = []
+    known |= fresh
+    return [pool for pool in pools if pool.card_type in fresh]
 
 
 def _typed(value: Any) -> str:

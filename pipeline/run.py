@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from typing import Any
@@ -34,13 +35,14 @@ from pipeline.cluster.metrics import DriverMetrics, FailureCounts
 from pipeline.cluster.ray_auth import keep_token_auth, starts_local_cluster
 from pipeline.cluster.ray_private import DroppedBatchErrors
 from pipeline.cluster.ray_session import RaySession, connect, job_name, quiet_ray_data, verbose
+from pipeline.fleet_stage import fleet_stage
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, has_best_of, plan_images, split_best_of, split_blocks
 from pipeline.pool_stats import PoolStats
 from pipeline.progress import RenderBar, RunProgress, image_counter
 from pipeline.render_stage import render_stage
-from pipeline.replica_shape import fleet_pools, resolve_gpus_per_replica
+from pipeline.replica_shape import fleet_pools, joined_pools, resolve_gpus_per_replica
 from pipeline.store import (
     candidate_files,
     changed_rows,
@@ -102,7 +104,8 @@ def _render(job: JobSpec, fs: Any, root: str, run_id: str, undo: _Undo, shown: R
         # grow could hold is refused here in one line (cluster/resources.py), OUTPUT untouched, no actor started.
         # The price: a re-run with nothing left to render starts Ray too.
         session = _ensure_ray(job, shown, named)
-        pools = fleet_pools(job, shown.say)  # a mixed fleet: a replica shape per card type (None: one shape)
+        # A mixed fleet: a replica shape per card type (None: one shape).
+        pools = fleet_pools(job, shown.say, can_grow=session.can_grow)
         if pools:
             job = job.model_copy(update={"replicas": sum(pool.replicas for pool in pools)})
             shown.say("pools: " + "; ".join(f"{p.card_type}: {p.replicas} x {p.gpus_per_replica:g} GPU"
@@ -386,15 +389,22 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     """Stream the plan through the actor pool (Ray already started); commit finished images, stream failed ones
     to the failure parts; returns their counts."""
     count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
-    stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
+    pool_stats = pool_stats or PoolStats(())
+    if ask.pools:  # a mixed fleet: a stage per card type over one queue; on a cluster that grows, new types join
+        stage: Any = fleet_stage(job, ask, worker_env(), run_id, renderer_class, count,
+                                 joining=_joining(job, shown, pool_stats) if can_grow else lambda known: [])
+    else:
+        stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
     failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
     if has_best_of(plan):  # a best-of-n row's images in one batch: blocks cut between rows, each block one batch
-        blocks, stage = split_best_of(plan, job.batch_size), dataclasses.replace(stage, batch_size=None)
+        blocks = split_best_of(plan, job.batch_size)
+        if not ask.pools:  # (a fleet's pools take each block as one batch already)
+            stage = dataclasses.replace(stage, batch_size=None)
     else:
         blocks = split_blocks(plan, job.replicas, job.batch_size, most=1 if ask.pools else 4)
     quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
     bar = quiet.enter_context(shown.rendering(plan.num_rows, min(job.replicas, len(blocks)), count))
-    results = _Results(plan, writer, failures, metrics, bar, pool_stats or PoolStats(()))
+    results = _Results(plan, writer, failures, metrics, bar, pool_stats)
     dropped = DroppedBatchErrors.install()
     quiet.enter_context(quiet_ray_data())
     notice = quiet.enter_context(resources.PendingNotice(ask)) if can_grow else None
@@ -418,10 +428,29 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             writer.flush()  # commits the images written so far, also when the run stops early
         finally:
             stop_leftover_renderers()
-    for failure in lost_image_failures(plan, results.seen, dropped.last, job.max_renderer_deaths):
+    last_error = stage.last_error if ask.pools else dropped.last  # a fleet's queue keeps its own (fleet_stage.py)
+    for failure in lost_image_failures(plan, results.seen, last_error, job.max_renderer_deaths):
         results.fail(failure)
     failures.flush()
     return results.counts
+
+
+def _joining(job: JobSpec, shown: RunProgress, pool_stats: PoolStats) -> Callable[[set[str]], list[Any]]:
+    """For a mixed fleet on a cluster that may grow: the pools of card types whose nodes joined since the start
+    (replica_shape.joined_pools), each said in one line and counted in the summary's pools."""
+
+    looked: set[str] = set()  # every card type planned (or left out) so far
+
+    def joining(running: set[str]) -> list[Any]:
+        looked.update(running)
+        pools = joined_pools(job, looked)
+        for pool in pools:
+            shown.say(f"card type {pool.card_type} joined the cluster: {pool.replicas} x {pool.gpus_per_replica:g} "
+                      "GPU, drawing from the same queue")
+            pool_stats.join(pool)
+        return pools
+
+    return joining
 
 
 class _Results:
@@ -478,7 +507,7 @@ def stop_leftover_renderers() -> None:
     Ray Data holds its pool's handles, so they are found and stopped by id (pipeline/cluster/ray_private.py).
     """
     for actor in ray_private.actors_of_this_job():
-        if actor.state != "DEAD" and actor.class_name.startswith("MapWorker("):
+        if actor.state != "DEAD" and actor.renders:
             log.info("stopping leftover renderer actor %s (%s)", actor.actor_id, actor.state)
             ray_private.kill_actor(actor.actor_id)
     # A tensor-parallel replica's placement group outlives the replica (groups belong to the job): remove it,

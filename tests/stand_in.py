@@ -102,6 +102,7 @@ class CardTypeStandIn(StandInRenderer):
     a mixed fleet's pools at their own speeds (benchmarks/bench_mixed_fleet.py, tests/test_fleet.py)."""
 
     seconds_by_type: dict[str, float] = {}
+    marks: str | None = None  # a folder: each batch rendered touches `<card type>-rendered` there
 
     def __init__(self, model: dict[str, Any], options: RenderOptions):
         import ray
@@ -110,10 +111,19 @@ class CardTypeStandIn(StandInRenderer):
         here = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == here)
         kinds = [name.split(":", 1)[1] for name in node["Resources"] if name.startswith("accelerator_type:")]
-        self.seconds_per_image = self.seconds_by_type.get(kinds[0] if kinds else "", 0.0)
+        self.card_type = kinds[0] if kinds else ""
+        self.seconds_per_image = self.seconds_by_type.get(self.card_type, 0.0)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        result = super().__call__(batch)
+        if self.marks:
+            from pathlib import Path
+
+            (Path(self.marks) / f"{self.card_type}-rendered").touch()
+        return result
 
 
-def stand_in_by_card_type(seconds: dict[str, float]) -> type:
-    """`stand_in`, with seconds per image per card type."""
+def stand_in_by_card_type(seconds: dict[str, float], marks: str | None = None) -> type:
+    """`stand_in`, with seconds per image per card type; `marks`: a folder where a batch leaves its card type."""
     stand_in()  # shipped by value, as stand_in's
-    return type("StandInRenderer", (CardTypeStandIn,), {"seconds_by_type": dict(seconds)})
+    return type("StandInRenderer", (CardTypeStandIn,), {"seconds_by_type": dict(seconds), "marks": marks})

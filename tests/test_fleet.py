@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from flux_worker.fleet_plan import described_fleet, fleet_types, memory_table, plan_fleet
@@ -99,34 +100,60 @@ def test_a_bad_mapping_is_one_line_naming_the_flag(typed, reason, tmp_path, caps
 
 
 FLEET_RUN = textwrap.dedent("""
-    import json, sys
+    import json, os, signal, subprocess, sys, threading, time
     import pyarrow as pa, pyarrow.parquet as pq
     import ray
     from ray.cluster_utils import Cluster
-    from pipeline import render
+    from pipeline import fleet_stage, render
     from schemas import JobSpec
     from tests.stand_in import stand_in_by_card_type
 
     folder, model = sys.argv[1], sys.argv[2]
+    fleet_stage.WATCH_SECONDS = 1.0  # look for joined card types each second, not each 5
     # Two nodes (the head is one): a node process costs seconds to start on this machine.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2,
                                                             "resources": {"accelerator_type:large": 1}})
-    cluster.add_node(num_cpus=4, num_gpus=4, resources={"accelerator_type:small": 1})
-    rows = 48
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"a lamp {i}" for i in range(rows)],
-                             "width": [64] * rows, "height": [64] * rows}), f"{folder}/m.parquet")
-    renderer = stand_in_by_card_type({"large": 0.05, "small": 0.2})
+    small = cluster.add_node(num_cpus=4, num_gpus=4, resources={"accelerator_type:small": 1})
 
-    def job(gpus, out):
-        return JobSpec.model_validate({"manifest": f"{folder}/m.parquet", "output": {"uri": f"{folder}/{out}"},
-                                       "model": {"name": model}, "gpus_per_replica": gpus, "batch_size": 2,
-                                       "ray_address": cluster.address})
+    def manifest(name, rows):
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"a lamp {i}" for i in range(rows)],
+                                 "width": [64] * rows, "height": [64] * rows}), f"{folder}/{name}")
+        return f"{folder}/{name}"
+
+    def job(gpus, out, rows=48):
+        return JobSpec.model_validate({"manifest": manifest(f"{rows}.parquet", rows),
+                                       "output": {"uri": f"{folder}/{out}"}, "model": {"name": model},
+                                       "gpus_per_replica": gpus, "batch_size": 2, "ray_address": cluster.address})
+
+    def small_node_joins_then_goes():
+        # The small type joins the running job (an autoscaled group), renders, and its node is then removed. A node
+        # process of its own (`ray start --block`): Cluster.add_node works only from the main thread.
+        time.sleep(1)
+        node = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block",
+                                 f"--address={cluster.address}", "--num-cpus=4", "--num-gpus=4",
+                                 '--resources={"accelerator_type:small": 1}'], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not os.path.exists(f"{folder}/marks/small-rendered"):
+            time.sleep(0.1)
+        os.killpg(node.pid, signal.SIGKILL)  # the node's raylet and its workers, at once: a spot node reclaimed
+        print(json.dumps({"removed": time.time()}), flush=True)
+
     try:
+        renderer = stand_in_by_card_type({"large": 0.05, "small": 0.2})
         try:
             render(job({"huge": 1}, "refused"), progress=False, renderer_class=renderer)
         except Exception as error:
             print(json.dumps({"refused": str(error)}))
         summary = render(job({"large": 1, "small": 2, "huge": 1}, "out"), progress=False, renderer_class=renderer)
+        print(json.dumps(summary.model_dump(mode="json")))
+
+        cluster.remove_node(small)
+        os.makedirs(f"{folder}/marks")
+        changes = threading.Thread(target=small_node_joins_then_goes, daemon=True)
+        changes.start()
+        summary = render(job({"large": 1, "small": 2}, "joined", rows=120), progress=False,
+                         renderer_class=stand_in_by_card_type({"large": 0.15, "small": 0.2}, f"{folder}/marks"))
+        changes.join(timeout=1)
         print(json.dumps(summary.model_dump(mode="json")))
     finally:
         ray.shutdown()
@@ -145,13 +172,13 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
                             capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    refused, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    refused, summary, removed, joined = (json.loads(line) for line in result.stdout.strip().splitlines()[-4:])
     assert refused == {"refused": "gpus_per_replica huge=1.0: no card type of the cluster (large, small) can hold a "
                                   "replica; see `fluxbatch plan --ray-address auto`"}
     assert not (tmp_path / "refused").exists()
 
-    assert "fluxbatch: gpus_per_replica: card type huge: no node of the cluster has one (large, small); left out" \
-        in result.stderr
+    assert ("fluxbatch: gpus_per_replica: card type huge: no node of the cluster has one (large, small); it joins the "
+            "run if one joins the cluster") in result.stderr
     assert "fluxbatch: pools: large: 2 x 1 GPU; small: 2 x 2 GPU" in result.stderr
     table = assert_images_match_metadata(str(tmp_path / "out"))  # each image once, with its file
     assert table.num_rows == summary["images_rendered"] == 48
@@ -165,3 +192,13 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     report = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>pools" in report and f"<td>large</td><td>2</td><td>1</td><td>{pools['large']['images']}</td>" \
         in report.replace("\n", "")
+
+    # A card type whose nodes join the cluster mid-run joins the run and takes from the same queue; when its node
+    # is removed mid-batch, its batches go back to the queue: every image once, none failed.
+    assert "card type small: no node of the cluster has one (large); it joins the run if one" in result.stderr
+    assert "fluxbatch: card type small joined the cluster: 2 x 2 GPU, drawing from the same queue" in result.stderr
+    table = assert_images_match_metadata(str(tmp_path / "joined"))
+    assert table.num_rows == joined["images_rendered"] == 120 and joined["images_failed"] == 0
+    pools = {pool["card_type"]: pool for pool in joined["pools"]}
+    assert pools["small"]["images"] > 0 and pools["large"]["images"] + pools["small"]["images"] == 120
+    assert removed["removed"] < pd.Timestamp(pools["large"]["last_finished_at"]).timestamp()  # removed mid-run

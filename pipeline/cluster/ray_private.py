@@ -39,6 +39,15 @@ class ActorInfo:
     state: str  # DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING or DEAD
     pid: int | None
 
+    @property
+    def renders(self) -> bool:
+        """One of this job's renderers: a member of Ray Data's pool, or of a mixed fleet's (pipeline/fleet_stage.py)."""
+        return is_renderer(self.class_name)
+
+
+def is_renderer(class_name: str) -> bool:
+    return class_name.startswith(("MapWorker(", "FleetMember"))
+
 
 def actors_of_this_job() -> list[ActorInfo]:
     """Every actor this driver's job started, dead ones included; asked of the GCS, so no dashboard is needed."""

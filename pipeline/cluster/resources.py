@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flux_worker.tensor_parallel import GROUP_NAME_PREFIX
+from pipeline.cluster import ray_private
 from pipeline.replica_shape import cpus_per_rank
 from schemas import JobSpec
 from schemas.errors import FluxbatchError
@@ -195,4 +196,4 @@ def pending_renderers() -> bool | None:
                              raise_on_missing_output=False)
     except Exception:  # no dashboard, or an older cluster: fall back to the cluster's totals
         return None
-    return any(a.class_name.startswith("MapWorker(") for a in actors)
+    return any(ray_private.is_renderer(a.class_name) for a in actors)
