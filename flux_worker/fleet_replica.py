@@ -6,7 +6,8 @@ for one replica of its type (one GPU, or a fraction) plus a sliver of Ray's `acc
 pins it to that type's nodes, and hands each batch to whichever member is free. A member builds its type's
 replica in its own process: a `Renderer` on its GPU (or the stand-in, in tests and benchmarks), or, for a
 tensor-parallel degree, a `TensorParallelReplica` whose group's bundles ask for the same type. A member whose
-process dies is restarted by Ray with the same resources, so on its own card type.
+process dies is restarted by Ray with the same resources, so on its own card type. (A job of one shape whose
+blocks must each stay one batch, best-of-n's, runs as a pool of no card type: fleet_stage.one_pool_stage.)
 """
 
 from __future__ import annotations
@@ -27,21 +28,14 @@ def pin(card_type: str) -> dict[str, float]:
 
 
 class FleetMember:
-    """One replica of a fleet's pool. `degree`, `placement`, `cpus_per_rank`: the card type's tensor-parallel
-    group, if any; `renderer`: a stand-in for `Renderer` (tests and benchmarks)."""
+    """One replica of a pool driven by pipeline/fleet_stage.py: `member(model=, options=, **member_kwargs)` built in
+    this actor's process (a `Renderer`, a `TensorParallelReplica` or a stand-in), and the card type it renders on
+    (empty for a pool of no particular type), which tags each result table."""
 
-    def __init__(self, model: dict[str, Any], options: RenderOptions, *, card_type: str, degree: int = 1,
-                 placement: dict[str, Any] | None = None, cpus_per_rank: int = 1, renderer: Any = None):
+    def __init__(self, model: dict[str, Any], options: RenderOptions, *, card_type: str, member: type,
+                 member_kwargs: dict[str, Any]):
         self.card_type = card_type
-        if degree > 1 and renderer is None:
-            from flux_worker.tensor_parallel import TensorParallelReplica
-
-            self.replica = TensorParallelReplica(model, options, tp_degree=degree, placement=placement,
-                                                 cpus_per_rank=cpus_per_rank, resources=pin(card_type))
-        else:
-            if renderer is None:
-                from flux_worker.renderer import Renderer as renderer
-            self.replica = renderer(model, options)
+        self.replica = member(model=model, options=options, **member_kwargs)
 
     def ready(self) -> str:
         """Answers once the replica is built (or rebuilt, after its process died)."""
@@ -49,4 +43,6 @@ class FleetMember:
 
     def render(self, batch: pa.Table) -> pa.Table:
         table = self.replica(batch)
+        if not self.card_type:
+            return table
         return table.append_column(POOL_COLUMN, pa.array([self.card_type] * table.num_rows, pa.string()))

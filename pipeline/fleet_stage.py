@@ -21,6 +21,7 @@ nodes joined the cluster since (an autoscaled node group), and their members sta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, deque
@@ -31,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from flux_worker.fleet_replica import FleetMember
 from pipeline.cluster.resources import ReplicaAsk
 from pipeline.render_stage import RenderStage, pool_stage, render_stage
 from schemas import JobSpec
@@ -145,6 +147,18 @@ class FleetStage:
             waiting.appendleft(index)
         else:
             log.warning("a batch's renderer died %d times; its images are rendered alone", deaths[index])
+
+
+def one_pool_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,
+                   renderer_class: type | None = None, image_counter: Any = None) -> FleetStage:
+    """The job's one shape (`render_stage`'s stage) run as a pool of no card type over the queue. For a plan whose
+    blocks must each render as one batch (best-of-n: pipeline/plan.py split_best_of): Ray Data takes whole
+    blocks only with `batch_size=None`, which it refuses for a pool that asks for GPUs."""
+    base = render_stage(job, ask, env_vars, run_id, renderer_class, image_counter)
+    return FleetStage(pools=[dataclasses.replace(base, member=FleetMember,
+                                                 group={"card_type": "", "member": base.member,
+                                                        "member_kwargs": base.group})],
+                      max_renderer_deaths=job.max_renderer_deaths)
 
 
 def fleet_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,

@@ -140,12 +140,14 @@ def pool_stage(job: JobSpec, pool: Any, base: RenderStage, renderer_class: type 
     (flux_worker/fleet_replica.py). A tensor-parallel member holds no GPU itself, its group's rank actors do, in
     bundles pinned to the type; a stand-in renderer holds a group's GPUs itself, as one actor."""
     holds = pool.degree == 1 or renderer_class is not None
-    group = group_options(job, pool.degree, pool.memory) if not holds else {}
+    if holds:
+        member, kwargs = renderer_class or base.member, {}
+    else:
+        member = in_actor(TENSOR_PARALLEL_REPLICA)
+        kwargs = {**group_options(job, pool.degree, pool.memory), "resources": pin(pool.card_type)}
     return replace(
         base, member=FleetMember, replicas=pool.replicas,
-        group={"card_type": pool.card_type, "degree": pool.degree if not holds else 1,
-               "placement": group.get("placement"), "cpus_per_rank": group.get("cpus_per_rank", 1),
-               "renderer": renderer_class},
+        group={"card_type": pool.card_type, "member": member, "member_kwargs": kwargs},
         num_gpus=pool.gpus_per_replica if holds else None, num_cpus=(job.cpus_per_replica or 1) if holds else 0,
         resources=pin(pool.card_type))
 

@@ -35,7 +35,7 @@ from pipeline.cluster.metrics import DriverMetrics, FailureCounts
 from pipeline.cluster.ray_auth import keep_token_auth, starts_local_cluster
 from pipeline.cluster.ray_private import DroppedBatchErrors
 from pipeline.cluster.ray_session import RaySession, connect, job_name, quiet_ray_data, verbose
-from pipeline.fleet_stage import fleet_stage
+from pipeline.fleet_stage import fleet_stage, one_pool_stage
 from pipeline.lost_batches import lost_image_failures
 from pipeline.manifest import read_manifest
 from pipeline.plan import expected_keys, has_best_of, plan_images, split_best_of, split_blocks
@@ -390,16 +390,17 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
     to the failure parts; returns their counts."""
     count = image_counter() if shown.show_bar else None  # the bar moves per image written (progress.py)
     pool_stats = pool_stats or PoolStats(())
-    if ask.pools:  # a mixed fleet: a stage per card type over one queue; on a cluster that grows, new types join
-        stage: Any = fleet_stage(job, ask, worker_env(), run_id, renderer_class, count,
-                                 joining=_joining(job, shown, pool_stats) if can_grow else lambda known: [])
+    stage: Any
+    if ask.pools:  # a mixed fleet: a pool per card type over one queue; on a cluster that grows, new types join
+        stage = fleet_stage(job, ask, worker_env(), run_id, renderer_class, count,
+                            joining=_joining(job, shown, pool_stats) if can_grow else lambda running: [])
+    elif has_best_of(plan):  # each block one batch (fleet_stage.one_pool_stage says why not Ray Data)
+        stage = one_pool_stage(job, ask, worker_env(), run_id, renderer_class, count)
     else:
         stage = render_stage(job, ask, worker_env(), run_id, renderer_class, image_counter=count)
     failures = ledger.FailureWriter(fs, root, run_id, "render")  # streamed to parts, never all held
     if has_best_of(plan):  # a best-of-n row's images in one batch: blocks cut between rows, each block one batch
         blocks = split_best_of(plan, job.batch_size)
-        if not ask.pools:  # (a fleet's pools take each block as one batch already)
-            stage = dataclasses.replace(stage, batch_size=None)
     else:
         blocks = split_blocks(plan, job.replicas, job.batch_size, most=1 if ask.pools else 4)
     quiet = ExitStack()  # Ray Data's console lines off (unless -v); on a cluster that may grow, say what waits
@@ -428,7 +429,7 @@ def _render_plan(job: JobSpec, plan: pa.Table, writer: ledger.MetadataWriter, fs
             writer.flush()  # commits the images written so far, also when the run stops early
         finally:
             stop_leftover_renderers()
-    last_error = stage.last_error if ask.pools else dropped.last  # a fleet's queue keeps its own (fleet_stage.py)
+    last_error = getattr(stage, "last_error", None) or dropped.last  # the queue's own (fleet_stage.py), or Ray Data's
     for failure in lost_image_failures(plan, results.seen, last_error, job.max_renderer_deaths):
         results.fail(failure)
     failures.flush()

@@ -45,7 +45,8 @@ class Echo:
 
 def pool(card_type: str, replicas: int, marks: Path, seconds: float = 0.02, **model: Any) -> RenderStage:
     return RenderStage(member=FleetMember, model={"seconds": seconds, "marks": str(marks), **model}, options=None,
-                       group={"card_type": card_type, "renderer": Echo}, num_gpus=None, num_cpus=0.25,
+                       group={"card_type": card_type, "member": Echo, "member_kwargs": {}}, num_gpus=None,
+                       num_cpus=0.25,
                        replicas=replicas, batch_size=None, max_renderer_deaths=1, env_vars={})
 
 

@@ -184,7 +184,9 @@ def test_candidates_not_kept_are_written_only_when_asked(best):
 def test_resume_renders_and_scores_only_what_is_missing_and_keeps_the_same_candidate(tiny_model, scorers, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", BEST_OF + PLAIN)
     out = tmp_path / "out"
-    job = make_job(str(manifest), str(out), str(tiny_model), batch_size=2,
+    # On a GPU (the session cluster's fake ones): Ray Data hands a GPU pool no whole blocks, which a best-of-n row's
+    # candidates need, so such a job runs on the driver's own queue (fleet_stage.one_pool_stage).
+    job = make_job(str(manifest), str(out), str(tiny_model), batch_size=2, gpus_per_replica=1,
                    quality={**scorers, "keep_by": "aesthetic_score"})
     render(job, progress=False)
     before = _by_key(out)
