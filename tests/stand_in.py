@@ -114,16 +114,27 @@ class CardTypeStandIn(StandInRenderer):
         self.card_type = kinds[0] if kinds else ""
         self.seconds_per_image = self.seconds_by_type.get(self.card_type, 0.0)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        result = super().__call__(batch)
-        if self.marks:
-            from pathlib import Path
+    wait_for: tuple[str, int] | None = None  # (card type, n): other types' members render n batches, then wait
+    batches = 0  # for that type to have rendered one (its mark in `marks`), up to two minutes
 
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pathlib import Path
+
+        if self.wait_for and self.card_type != self.wait_for[0] and self.batches >= self.wait_for[1]:
+            mark, waited = Path(self.marks) / f"{self.wait_for[0]}-rendered", time.monotonic()
+            while not mark.exists() and time.monotonic() - waited < 120:
+                time.sleep(0.1)
+        result = super().__call__(batch)
+        self.batches += 1
+        if self.marks:
             (Path(self.marks) / f"{self.card_type}-rendered").touch()
         return result
 
 
-def stand_in_by_card_type(seconds: dict[str, float], marks: str | None = None) -> type:
-    """`stand_in`, with seconds per image per card type; `marks`: a folder where a batch leaves its card type."""
+def stand_in_by_card_type(seconds: dict[str, float], marks: str | None = None,
+                          wait_for: tuple[str, int] | None = None) -> type:
+    """`stand_in`, with seconds per image per card type; `marks`: a folder where a batch leaves its card type;
+    `wait_for`: see CardTypeStandIn (a test's run lasts until a type that joins late has rendered)."""
     stand_in()  # shipped by value, as stand_in's
-    return type("StandInRenderer", (CardTypeStandIn,), {"seconds_by_type": dict(seconds), "marks": marks})
+    return type("StandInRenderer", (CardTypeStandIn,), {"seconds_by_type": dict(seconds), "marks": marks,
+                                                        "wait_for": wait_for})

@@ -152,9 +152,16 @@ FLEET_RUN = textwrap.dedent("""
         changes = threading.Thread(target=small_node_joins_then_goes, daemon=True)
         changes.start()
         summary = render(job({"large": 1, "small": 2}, "joined", rows=120), progress=False,
-                         renderer_class=stand_in_by_card_type({"large": 0.15, "small": 0.2}, f"{folder}/marks"))
+                         # The large members render 5 batches each, then wait for the small type's first.
+                         renderer_class=stand_in_by_card_type({"large": 0.15, "small": 0.2}, f"{folder}/marks",
+                                                              wait_for=("small", 5)))
         changes.join(timeout=1)
         print(json.dumps(summary.model_dump(mode="json")))
+
+        # `fluxbatch plan --ray-address`: a row per card type of the live cluster (the small node is gone).
+        from jobs.cli import main
+        ray.shutdown()
+        main(["plan", "--model", model, "--ray-address", cluster.address, "--gpu-memory", "large=80GB", "--json"])
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -172,7 +179,7 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
                             capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    refused, summary, removed, joined = (json.loads(line) for line in result.stdout.strip().splitlines()[-4:])
+    refused, summary, removed, joined, plan = (json.loads(line) for line in result.stdout.strip().splitlines()[-5:])
     assert refused == {"refused": "gpus_per_replica huge=1.0: no card type of the cluster (large, small) can hold a "
                                   "replica; see `fluxbatch plan --ray-address auto`"}
     assert not (tmp_path / "refused").exists()
@@ -202,3 +209,8 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     pools = {pool["card_type"]: pool for pool in joined["pools"]}
     assert pools["small"]["images"] > 0 and pools["large"]["images"] + pools["small"]["images"] == 120
     assert removed["removed"] < pd.Timestamp(pools["large"]["last_finished_at"]).timestamp()  # removed mid-run
+
+    # The live cluster planned per card type: the head's 2 "large" GPUs, each a replica of the tiny model (the
+    # small node may still be listed, for the seconds Ray takes to call it dead: its memory was not given).
+    rows = {row["card_type"]: (row["gpus"], row["degree"], row["replicas"]) for row in plan}
+    assert rows["large"] == (2, 1, 2) and rows.get("small", (4, None, 0)) == (4, None, 0)
