@@ -10,7 +10,8 @@ real 64x64 image. Measured, from the ledger (each image's started_at, finished_a
 - each pool's busy fraction until its own last image (render seconds over replicas x span);
 - the gap between the pools' last images, against one batch time of the slower pool;
 - images/s over the render (first start to last finish) against the sum of the pools' own rates
-  (replicas / seconds per image).
+  (replicas / seconds per image);
+- how long a member waits between two batches (the driver's queue: pipeline/fleet_stage.py).
 
     .venv/bin/python benchmarks/bench_mixed_fleet.py [--work 60] [--remove-node-after 20]
 """
@@ -18,6 +19,7 @@ real 64x64 image. Measured, from the ledger (each image's started_at, finished_a
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import threading
@@ -101,6 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pools' last images {gap:.2f} s apart (one small batch: {batch_time:.1f} s)")
     print(f"images/s over the render: {table.num_rows / span:.1f} = {table.num_rows / span / ideal:.3f} of the pools' "
           f"own rates together ({ideal:.1f})")
+    gaps = batch_gaps(table.select(["worker", "started_at", "finished_at"]).to_pylist())
+    print(f"a member's wait between two batches: median {statistics.median(gaps) * 1000:.0f} ms, mean "
+          f"{statistics.mean(gaps) * 1000:.0f} ms ({len(gaps)} waits)")
+
+
+def batch_gaps(rows: list[dict]) -> list[float]:
+    """Seconds each worker waited between one batch's last image and the next batch's first (the images of one
+    batch follow each other at once: waits under 3 ms are within a batch)."""
+    gaps = []
+    for worker in {row["worker"] for row in rows}:
+        mine = sorted((row for row in rows if row["worker"] == worker), key=lambda row: row["started_at"])
+        gaps += [wait for a, b in zip(mine, mine[1:]) if (wait := (b["started_at"] - a["finished_at"]).total_seconds())
+                 > 0.003]
+    return gaps or [0.0]
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class FleetStage:
                         continue
                     free.append(member)
                     yield table
-                if time.monotonic() - watched >= WATCH_SECONDS:
+                if waiting and time.monotonic() - watched >= WATCH_SECONDS:  # (none need start for the last few)
                     watched = time.monotonic()
                     for stage in self.joining({member.card_type for member in members}):
                         self.pools.append(stage)
