@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from flux_worker.memory_plan import KNOWN_MODELS, WEIGHT_BYTES, PlanError, markdown_table, parse_size, plan_memory
+from pipeline.cluster.ray_session import RayUnreachableError
 
 
 def plan_main(argv: list[str]) -> int:
@@ -28,8 +30,8 @@ def plan_main(argv: list[str]) -> int:
             parser.error("--gpu-memory is required (or give --table SIZES)")
         plan = plan_memory(args.model, parse_size(args.gpu_memory), dtype=args.dtype, width=args.resolution,
                            batch_size=args.batch_size, reserve=parse_size(args.reserve), scorers=_scorers(args))
-    except PlanError as error:
-        print(f"error: {error}")
+    except (PlanError, RayUnreachableError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"model": plan.model, "tp_degree": plan.tp_degree, "where": plan.where,
@@ -49,11 +51,13 @@ def _plan_fleet(args: argparse.Namespace) -> int:
     else:
         import ray
 
-        ray.init(address=args.ray_address, log_to_driver=False, logging_level="ERROR")
+        from pipeline.cluster.ray_session import init_joining
+
+        init_joining(args.ray_address, log_to_driver=False, logging_level="ERROR")  # a typo: one line
         fleet = fleet_types(ray.nodes())
         ray.shutdown()
         if not fleet:
-            print(f"error: the Ray cluster at {args.ray_address} has no GPUs")
+            print(f"error: the Ray cluster at {args.ray_address} has no GPUs", file=sys.stderr)
             return 2
     pools = plan_fleet(args.model, fleet, memory=memory_table(args.gpu_memory), dtype=args.dtype,
                        width=args.resolution, steps=args.steps, batch_size=args.batch_size)

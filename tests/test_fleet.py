@@ -214,3 +214,25 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     # small node may still be listed, for the seconds Ray takes to call it dead: its memory was not given).
     rows = {row["card_type"]: (row["gpus"], row["degree"], row["replicas"]) for row in plan}
     assert rows["large"] == (2, 1, 2) and rows.get("small", (4, None, 0)) == (4, None, 0)
+
+
+def test_a_ray_address_where_no_cluster_answers_is_one_line_in_seconds(tmp_path, tiny_model, capsys):
+    """A mistyped --ray-address: Ray's own connect waits minutes (3 min 25 s measured for a refused local port),
+    then prints a traceback. `plan` and `render` say it in one line, before anything is written."""
+    from jobs.cli import main
+    from tests.conftest import free_port, write_manifest
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["plan", "--model", "flux.1-dev", "--ray-address", address]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: ray address {address}: no Ray cluster answers there (") and "--ray-address" in line
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox"}])
+    # A process of its own: this one holds the session's Ray, which a render would use.
+    result = subprocess.run([sys.executable, "-c", "import sys; from jobs.cli import main; sys.exit(main())", "render",
+                             str(manifest), str(tmp_path / "out"), "--model", str(tiny_model), "--ray-address",
+                             address], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: ray address {address}: no Ray cluster answers")
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import FluxbatchError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,46 @@ def job_name(command: str, output: str) -> str:
     return f"fluxbatch {command} {output}"
 
 
+class RayUnreachableError(FluxbatchError):
+    """No Ray cluster answers at the address a job names (`--ray-address`, `ray_address`, RAY_ADDRESS)."""
+
+
+def check_reachable(address: str) -> None:
+    """The head of a cluster to join answers at `address`, checked in seconds: Ray's own connect waits minutes
+    before it gives up (3 min 25 s measured for a refused local port, 20 s for an unanswered one), then raises a
+    traceback. `auto` (the cluster `ray start` left on this machine) is Ray's to find."""
+    import socket
+
+    if address in ("auto", "local", ""):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachableError(f"ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by "
+                                  "default) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise unreachable(address, error) from None
+
+
+def unreachable(address: str, error: BaseException) -> RayUnreachableError:
+    return RayUnreachableError(
+        f"ray address {address}: no Ray cluster answers there ({first_line(error)}); give the head's address "
+        "(`ray status` on the head names it), or leave --ray-address out to start a local cluster")
+
+
+def init_joining(address: str, **settings: Any) -> Any:
+    """`ray.init(address, **settings)` for a cluster to join: an address where no Ray answers (nothing listens, or
+    something else does) is one line, `RayUnreachableError`."""
+    import ray
+
+    check_reachable(address)
+    try:
+        return ray.init(address=address, **settings)
+    except ConnectionError as error:  # something answered, not a Ray head (20 s of Ray's retries)
+        raise unreachable(address, error) from None
+
+
 def connect(address: str, runtime_env: dict, can_grow: bool, name: str | None = None) -> RaySession:
     """`ray.init(address)` with the quiet settings above, unless Ray is already initialized in this process; the
     job is called `name` on the dashboard (a submitted job keeps the name its submission gave it)."""
@@ -90,9 +133,10 @@ def connect(address: str, runtime_env: dict, can_grow: bool, name: str | None = 
         loud = verbose()
         own = local_cluster_settings() if started_here else {}
         with _backend_log_level(None if loud else "fatal"):
-            context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver(),
-                               configure_logging=True, logging_level=logging.INFO if loud else logging.ERROR,
-                               job_config=JobConfig(metadata={"job_name": name} if name else None), **own)
+            context = (ray.init if started_here else init_joining)(
+                address=address, runtime_env=runtime_env, log_to_driver=log_to_driver(), configure_logging=True,
+                logging_level=logging.INFO if loud else logging.ERROR,
+                job_config=JobConfig(metadata={"job_name": name} if name else None), **own)
         dashboard = context.dashboard_url or None
     return _describe(started_here, can_grow, dashboard)
 
