@@ -12,6 +12,7 @@ blocks must each stay one batch, best-of-n's, runs as a pool of no card type: fl
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -37,9 +38,9 @@ class FleetMember:
         self.card_type = card_type
         self.replica = member(model=model, options=options, **member_kwargs)
 
-    def ready(self) -> str:
-        """Answers once the replica is built (or rebuilt, after its process died)."""
-        return self.card_type
+    def ready(self) -> int:
+        """Answers once the replica is built (or rebuilt, after its process died): the process's id."""
+        return os.getpid()
 
     def render(self, batch: pa.Table) -> pa.Table:
         table = self.replica(batch)

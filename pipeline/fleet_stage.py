@@ -49,6 +49,8 @@ DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exc
 class _Member:
     handle: Any
     card_type: str
+    pid: int | None = None  # its process, once ready; a rebuilt member answers from another
+    replaced: int | None = None  # the process being replaced: an answer from it is not the rebuilt member's
 
 
 @dataclass
@@ -60,10 +62,6 @@ class FleetStage:
     joining: Callable[[set[str]], list[RenderStage]] = lambda running: []
     max_renderer_deaths: int = 3
     last_error: str | None = field(default=None, init=False)  # of a batch given up: for its rows' failure reason
-
-    @property
-    def replicas(self) -> int:
-        return sum(pool.replicas for pool in self.pools)
 
     def run(self, blocks: list[pa.Table], one_batch_per_member: bool = False) -> Iterator[pa.Table]:
         """Each rendered batch's result table (with the pool column), as the members return them. A member takes
@@ -79,20 +77,20 @@ class FleetStage:
         start_errors: list[BaseException] = []
         later: list[tuple[float, _Member]] = []  # members to ask `ready` again, and when
 
-        def start(stage: RenderStage) -> None:
+        def start(stage: RenderStage, most: int) -> None:
             member_class = ray.remote(stage.member).options(
                 num_gpus=stage.num_gpus or 0, num_cpus=stage.num_cpus, resources=stage.resources,
                 max_restarts=-1,  # a member whose process died is restarted with its resources: on its card type
                 max_task_retries=0,  # its batch goes back to the queue instead, for any member to take
                 runtime_env={"env_vars": stage.env_vars})
-            for _ in range(min(stage.replicas, len(blocks))):
+            for _ in range(min(stage.replicas, most)):
                 member = _Member(member_class.remote(**stage.fn_constructor_kwargs), stage.group["card_type"])
                 members.append(member)
                 starting[member.handle.ready.remote()] = member
 
         try:
             for stage in self.pools:
-                start(stage)
+                start(stage, len(blocks))
             watched = time.monotonic()
             while waiting or rendering:
                 while free and waiting:
@@ -101,14 +99,21 @@ class FleetStage:
                 for when, member in [item for item in later if item[0] <= time.monotonic()]:
                     later.remove((when, member))
                     starting[member.handle.ready.remote()] = member
-                if not rendering and not starting and not later:  # every member failed to start
-                    raise start_errors[0]
+                if not rendering and not starting:
+                    if not later:  # every member failed to start
+                        raise start_errors[0]
+                    time.sleep(max(0.0, min(when for when, _ in later) - time.monotonic()))
+                    continue
                 done, _ = ray.wait([*rendering, *starting], num_returns=1, timeout=1.0)
                 for call in done:
                     if call in starting:
                         member = starting.pop(call)
                         try:
-                            ray.get(call)
+                            pid = ray.get(call)
+                            if pid == member.replaced:  # asked before Ray stopped the old process: again
+                                later.append((time.monotonic() + 0.5, member))
+                                continue
+                            member.pid, member.replaced = pid, None
                             free.append(member)
                         except ray.exceptions.ActorUnavailableError:  # restarting: ask again in a second
                             later.append((time.monotonic() + 1.0, member))
@@ -120,24 +125,44 @@ class FleetStage:
                     try:
                         table = ray.get(call)
                     except DIED as error:
+                        # Its process died (or is unreachable: the batch may still be running there; the ledger
+                        # keeps each key once). Or its process lives but its replica is broken: a tensor-parallel
+                        # group whose rank died raises that death from the member, which would answer `ready` at
+                        # once and fail every batch it takes; Ray rebuilds it instead.
+                        if isinstance(error, ray.exceptions.RayTaskError):
+                            member.replaced = member.pid
+                            ray.kill(member.handle, no_restart=False)
                         self._give_back(index, deaths, waiting, error)
-                        starting[member.handle.ready.remote()] = member  # free again once Ray restarted it
+                        starting[member.handle.ready.remote()] = member  # free again once Ray rebuilt it
                         continue
                     except ray.exceptions.RayTaskError as error:  # the render raised: its rows come back missing
                         self.last_error = first_line(error.cause if error.cause else error, typed=True)[:400]
                         log.warning("a batch failed on a %s renderer: %s", member.card_type, self.last_error)
                         free.append(member)
                         continue
+                    except ray.exceptions.RayError as error:  # its result lost on the way (object or owner lost)
+                        self._give_back(index, deaths, waiting, error)
+                        free.append(member)
+                        continue
                     free.append(member)
                     yield table
                 if waiting and time.monotonic() - watched >= WATCH_SECONDS:  # (none need start for the last few)
                     watched = time.monotonic()
-                    for stage in self.joining({member.card_type for member in members}):
+                    for stage in self._joined({member.card_type for member in members}):
                         self.pools.append(stage)
-                        start(stage)
+                        start(stage, len(waiting))  # no more members than batches left
         finally:
             for member in members:
                 ray.kill(member.handle, no_restart=True)
+
+    def _joined(self, running: set[str]) -> list[RenderStage]:
+        """`joining`'s stages; a look that fails (the cluster's control store, the model's files) is tried again at
+        the next one, and the render goes on."""
+        try:
+            return self.joining(running)
+        except Exception as error:  # noqa: BLE001 - a look, not the render
+            log.warning("looking for card types that joined the cluster failed: %s", first_line(error, typed=True))
+            return []
 
     def _give_back(self, index: int, deaths: Counter, waiting: deque, error: BaseException) -> None:
         """A batch whose member died: to the front of the queue, or given up after `max_renderer_deaths`."""

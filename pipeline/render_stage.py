@@ -3,7 +3,9 @@
 One value, built by one function (`render_stage`) the same way for a replica of one GPU (or CPU) and for a
 tensor-parallel group, then handed whole to Ray Data's `map_batches` (as ray.data.llm's processor configs
 are). It lives in pipeline/ because it is the driver's Ray Data graph; what a member runs stays in
-flux_worker/ (`Renderer`, `TensorParallelReplica`).
+flux_worker/ (`Renderer`, `TensorParallelReplica`). The same value describes a pool that the driver's own queue
+feeds (pipeline/fleet_stage.py: a mixed fleet's pools, `pool_stage`, and a best-of-n job's one pool); there the
+member is `FleetMember` around the pool's class, and `FleetStage.run` starts it, not Ray Data.
 """
 
 from __future__ import annotations

@@ -30,10 +30,20 @@ class Echo:
 
     def __init__(self, model: dict[str, Any], options: Any):
         self.seconds, self.marks = model["seconds"], Path(model["marks"])
+        self.name, self.wait_for, self.batches = model.get("name"), model.get("wait_for"), 0
         if model.get("fail_to_start"):
             raise RuntimeError("no such model")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # `wait_for`: after its first batch, wait (up to a minute) for that pool's first, so both pools are running
+        # whatever order their members started in on a loaded machine.
+        waited = time.monotonic()
+        while self.wait_for and self.batches and not (self.marks / self.wait_for).exists() \
+                and time.monotonic() - waited < 60:
+            time.sleep(0.05)
+        self.batches += 1
+        if self.name:
+            (self.marks / self.name).touch()
         for key in batch.column("key").to_pylist():
             mark = self.marks / key
             if key.startswith("die") or (key.startswith("once") and not mark.exists()):
@@ -43,9 +53,32 @@ class Echo:
         return pa.table({"key": batch.column("key"), "pid": [os.getpid()] * batch.num_rows})
 
 
-def pool(card_type: str, replicas: int, marks: Path, seconds: float = 0.02, **model: Any) -> RenderStage:
+class Rank:
+    """An actor a member drives, as a tensor-parallel replica drives its ranks (not restarted when it dies)."""
+
+    def echo(self, keys: list[str], marks: str) -> list[str]:
+        if "rank-dies" in keys and not (Path(marks) / "rank-dies").exists():
+            (Path(marks) / "rank-dies").touch()
+            os._exit(1)
+        return keys
+
+
+class WithRank(Echo):
+    """A member whose batches go through a `Rank` actor of its own, started with the member."""
+
+    def __init__(self, model: dict[str, Any], options: Any):
+        super().__init__(model, options)
+        self.rank = ray.remote(Rank).options(num_cpus=0, max_restarts=0).remote()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = ray.get(self.rank.echo.remote(batch.column("key").to_pylist(), str(self.marks)))
+        return pa.table({"key": keys, "pid": [os.getpid()] * len(keys)})
+
+
+def pool(card_type: str, replicas: int, marks: Path, seconds: float = 0.02, member: type = Echo,
+         **model: Any) -> RenderStage:
     return RenderStage(member=FleetMember, model={"seconds": seconds, "marks": str(marks), **model}, options=None,
-                       group={"card_type": card_type, "member": Echo, "member_kwargs": {}}, num_gpus=None,
+                       group={"card_type": card_type, "member": member, "member_kwargs": {}}, num_gpus=None,
                        num_cpus=0.25,
                        replicas=replicas, batch_size=None, max_renderer_deaths=1, env_vars={})
 
@@ -67,7 +100,8 @@ def echo_by_value():
 
 def test_every_batch_once_and_the_faster_pool_takes_more(tmp_path):
     keys = [f"k{i:03d}" for i in range(60)]
-    table = rendered(FleetStage([pool("fast", 2, tmp_path, 0.01), pool("slow", 1, tmp_path, 0.1)]), keys)
+    table = rendered(FleetStage([pool("fast", 2, tmp_path, 0.01, name="fast", wait_for="slow"),
+                                 pool("slow", 1, tmp_path, 0.1, name="slow")]), keys)
     assert sorted(table.column("key").to_pylist()) == keys  # each once
     took = {name: table.column(POOL_COLUMN).to_pylist().count(name) for name in ("fast", "slow")}
     assert took["fast"] > 2 * took["slow"] > 0, took  # no static split: 2 members at 10x the speed of 1
@@ -95,3 +129,12 @@ def test_a_pool_whose_members_cannot_start_is_left_and_none_starting_is_an_error
     assert set(table.column(POOL_COLUMN).to_pylist()) == {"ok"}
     with pytest.raises(ray.exceptions.RayActorError, match="no such model"):
         rendered(FleetStage([pool("broken", 1, tmp_path, fail_to_start=True)]), keys)
+
+
+def test_a_member_whose_rank_died_is_rebuilt_not_left_failing_every_batch(tmp_path):
+    """The member's process lives on, but the actor it drives (a tensor-parallel rank) is gone: each call would
+    raise that death at once. The queue has Ray rebuild the member (and so its rank), and gives the batch back."""
+    keys = [f"k{i:02d}" for i in range(4)] + ["rank-dies", "k-beside"] + [f"m{i:02d}" for i in range(10)]
+    table = rendered(FleetStage([pool("a", 1, tmp_path, member=WithRank)], max_renderer_deaths=1), keys)
+    assert sorted(table.column("key").to_pylist()) == sorted(keys)  # the batch after the death too, and the rest
+    assert len(set(table.column("pid").to_pylist())) == 2  # the member was rebuilt once: a new process

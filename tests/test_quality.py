@@ -248,7 +248,7 @@ def test_the_planner_counts_the_scorers_on_gpu_0(capsys):
     assert "tensor-parallel degree: 2 GPUs per replica" in out
     assert "scorers               0.428B     1.6 GiB  GPU 0 (fp32)" in out
     assert plan_main(["--gpu-memory", "80GiB", "--aesthetic", "/models/aesthetic"]) == 2
-    assert "--aesthetic scores CLIP image embeddings" in capsys.readouterr().out
+    assert "--aesthetic scores CLIP image embeddings" in capsys.readouterr().err  # errors on stderr, as every command's
 
 
 def test_a_best_of_n_rows_images_share_one_batch_and_a_call_holds_no_more_than_the_batch():
