@@ -151,9 +151,9 @@ FLEET_RUN = textwrap.dedent("""
         os.makedirs(f"{folder}/marks")
         changes = threading.Thread(target=small_node_joins_then_goes, daemon=True)
         changes.start()
-        summary = render(job({"large": 1, "small": 2}, "joined", rows=120), progress=False,
+        summary = render(job({"large": 1, "small": 2}, "joined", rows=64), progress=False,
                          # The large members render 5 batches each, then wait for the small type's first.
-                         renderer_class=stand_in_by_card_type({"large": 0.15, "small": 0.2}, f"{folder}/marks",
+                         renderer_class=stand_in_by_card_type({"large": 0.1, "small": 0.2}, f"{folder}/marks",
                                                               wait_for=("small", 5)))
         changes.join(timeout=1)
         print(json.dumps(summary.model_dump(mode="json")))
@@ -205,9 +205,9 @@ def test_one_job_renders_on_two_card_types_each_with_its_own_shape_every_image_o
     assert "card type small: no node of the cluster has one (large); it joins the run if one" in result.stderr
     assert "fluxbatch: card type small joined the cluster: 2 x 2 GPU, drawing from the same queue" in result.stderr
     table = assert_images_match_metadata(str(tmp_path / "joined"))
-    assert table.num_rows == joined["images_rendered"] == 120 and joined["images_failed"] == 0
+    assert table.num_rows == joined["images_rendered"] == 64 and joined["images_failed"] == 0
     pools = {pool["card_type"]: pool for pool in joined["pools"]}
-    assert pools["small"]["images"] > 0 and pools["large"]["images"] + pools["small"]["images"] == 120
+    assert pools["small"]["images"] > 0 and pools["large"]["images"] + pools["small"]["images"] == 64
     assert removed["removed"] < pd.Timestamp(pools["large"]["last_finished_at"]).timestamp()  # removed mid-run
 
     # The live cluster planned per card type: the head's 2 "large" GPUs, each a replica of the tiny model (the
