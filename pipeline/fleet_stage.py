@@ -21,7 +21,6 @@ nodes joined the cluster since (an autoscaled node group), and their members sta
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter, deque
@@ -32,9 +31,8 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from flux_worker.fleet_replica import FleetMember
 from pipeline.cluster.resources import ReplicaAsk
-from pipeline.render_stage import RenderStage, pool_stage, render_stage
+from pipeline.render_stage import RenderStage, pool_stage, queued, render_stage
 from schemas import JobSpec
 from schemas.errors import first_line
 
@@ -180,10 +178,7 @@ def one_pool_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_
     blocks must each render as one batch (best-of-n: pipeline/plan.py split_best_of): Ray Data takes whole
     blocks only with `batch_size=None`, which it refuses for a pool that asks for GPUs."""
     base = render_stage(job, ask, env_vars, run_id, renderer_class, image_counter)
-    return FleetStage(pools=[dataclasses.replace(base, member=FleetMember,
-                                                 group={"card_type": "", "member": base.member,
-                                                        "member_kwargs": base.group})],
-                      max_renderer_deaths=job.max_renderer_deaths)
+    return FleetStage(pools=[queued(base, "", base.member, base.group)], max_renderer_deaths=job.max_renderer_deaths)
 
 
 def fleet_stage(job: JobSpec, ask: ReplicaAsk, env_vars: dict[str, str], run_id: str | None = None,

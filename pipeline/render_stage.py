@@ -148,10 +148,16 @@ def pool_stage(job: JobSpec, pool: Any, base: RenderStage, renderer_class: type 
         member = in_actor(TENSOR_PARALLEL_REPLICA)
         kwargs = {**group_options(job, pool.degree, pool.memory), "resources": pin(pool.card_type)}
     return replace(
-        base, member=FleetMember, replicas=pool.replicas,
-        group={"card_type": pool.card_type, "member": member, "member_kwargs": kwargs},
+        queued(base, pool.card_type, member, kwargs), replicas=pool.replicas,
         num_gpus=pool.gpus_per_replica if holds else None, num_cpus=(job.cpus_per_replica or 1) if holds else 0,
         resources=pin(pool.card_type))
+
+
+def queued(stage: RenderStage, card_type: str, member: type, member_kwargs: dict[str, Any]) -> RenderStage:
+    """`stage` as a pool the driver's queue feeds (pipeline/fleet_stage.py): each member a `FleetMember` building
+    `member(model=, options=, **member_kwargs)`, its results tagged with `card_type` (none when empty)."""
+    return replace(stage, member=FleetMember,
+                   group={"card_type": card_type, "member": member, "member_kwargs": member_kwargs})
 
 
 def compile_cache_options(job: JobSpec) -> dict[str, Any] | None:
