@@ -39,6 +39,7 @@ from schemas.errors import first_line
 log = logging.getLogger(__name__)
 
 WATCH_SECONDS = 5.0  # how often the cluster is looked at for card types that joined it
+STALL_SECONDS = 120.0  # batches waiting this long with no member rendering or ready are said, once per stall
 DIED = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
         ray.exceptions.NodeDiedError)
 
@@ -89,8 +90,17 @@ class FleetStage:
         try:
             for stage in self.pools:
                 start(stage, len(blocks))
-            watched = time.monotonic()
+            watched = moved = time.monotonic()  # moved: the last result or member ready
+            stall_said = False
             while waiting or rendering:
+                if rendering or free:
+                    moved, stall_said = time.monotonic(), False
+                elif not stall_said and time.monotonic() - moved >= STALL_SECONDS:
+                    stall_said = True
+                    log.warning("%d batches wait and none of the %d renderers can take one for %.0f s: each is "
+                                "starting or restarting (a node removed, with no other of its card type to hold "
+                                "it?); the render goes on when one is ready", len(waiting), len(members),
+                                time.monotonic() - moved)
                 while free and waiting:
                     member, index = free.popleft(), waiting.popleft()
                     rendering[member.handle.render.remote(blocks[index])] = (member, index)

@@ -33,6 +33,8 @@ class Echo:
         self.name, self.wait_for, self.batches = model.get("name"), model.get("wait_for"), 0
         if model.get("fail_to_start"):
             raise RuntimeError("no such model")
+        if model.get("slow_restart") and (self.marks / "once-slow").exists():
+            time.sleep(model["slow_restart"])  # rebuilt after the death: seconds in which no member is ready
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # `wait_for`: after its first batch, wait (up to a minute) for that pool's first, so both pools are running
@@ -138,3 +140,16 @@ def test_a_member_whose_rank_died_is_rebuilt_not_left_failing_every_batch(tmp_pa
     table = rendered(FleetStage([pool("a", 1, tmp_path, member=WithRank)], max_renderer_deaths=1), keys)
     assert sorted(table.column("key").to_pylist()) == sorted(keys)  # the batch after the death too, and the rest
     assert len(set(table.column("pid").to_pylist())) == 2  # the member was rebuilt once: a new process
+
+
+def test_batches_waiting_with_no_renderer_ready_are_said_once(tmp_path, caplog, monkeypatch):
+    """The only member died and its rebuild takes seconds (on a cluster, its node is gone with no other of its card
+    type): the driver says so in one warning, instead of waiting in silence, and the render goes on after."""
+    from pipeline import fleet_stage
+
+    monkeypatch.setattr(fleet_stage, "STALL_SECONDS", 1.0)
+    keys = ["once-slow", "k-a", "k-b", "k-c"]
+    table = rendered(FleetStage([pool("a", 1, tmp_path, slow_restart=4)], max_renderer_deaths=1), keys)
+    assert sorted(table.column("key").to_pylist()) == sorted(keys)
+    said = [r.getMessage() for r in caplog.records if "none of the 1 renderers can take one" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("2 batches wait"), said
