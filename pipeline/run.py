@@ -232,7 +232,7 @@ def _render_held(job: JobSpec, preset: ModelPreset, fs: Any, root: str, summary:
     committed = changed_rows.read_committed(fs, root)
     # Committed images deleted or altered since (one listing): rendered again, each to a path of its own.
     stale = committed_images.stale_keys(fs, root, committed)
-    lacking = candidate_files.keys_missing_candidates(fs, root)  # a best-of-n row's candidate file gone: again
+    lacking = candidate_files.keys_missing_candidates(fs, root, committed)  # a candidate file gone: again
     if len(lacking):
         stale = pa.concat_arrays([stale, lacking.cast(stale.type)])
     committed = changed_rows.for_planning(committed)  # what the planner compares: the image columns go

@@ -35,18 +35,18 @@ def owners(image_names: pa.ChunkedArray | pa.Array) -> set[str]:
     return set(pc.replace_substring_regex(image_names, pattern=r"\.[a-z]+$", replacement="").to_pylist())
 
 
-def keys_missing_candidates(fs: Storage, root: str) -> pa.Array:
+def keys_missing_candidates(fs: Storage, root: str, committed: pa.Table | None) -> pa.Array:
     """The keys whose row names a candidate file that is not there (one listing of candidates/, no file read): a
-    run plans them again, as it does a key whose image is missing, so its exit 0 means verify finds them all."""
-    rows = ledger.read_metadata(fs, root, ["key", "candidate_scores"])
-    if rows is None:
+    run plans them again, as it does a key whose image is missing, so its exit 0 means verify finds them all.
+    `committed`: each key's latest row with its candidate_scores (changed_rows.read_committed: no second read)."""
+    if committed is None:
         return pa.array([], pa.string())
-    rows = ledger.latest_row_per_key(rows.set_column(0, "key", rows.column("key").cast(pa.string())))
-    rows = rows.filter(pc.greater(pc.list_value_length(rows.column("candidate_scores")).fill_null(0), 0))
+    rows = committed.filter(pc.greater(pc.list_value_length(committed.column("candidate_scores")).fill_null(0), 0))
     if not rows.num_rows:
         return pa.array([], pa.string())
     there = {path.rsplit("/", 1)[-1] for path in candidate_files(fs, root)}
-    return pa.array(sorted({row["key"] for row in rows.to_pylist() for candidate in row["candidate_scores"]
+    rows = rows.select(["key", "candidate_scores"]).to_pylist()
+    return pa.array(sorted({str(row["key"]) for row in rows for candidate in row["candidate_scores"]
                             if candidate["image_uri"] and candidate["image_uri"].rsplit("/", 1)[-1] not in there}),
                     pa.string())
 

@@ -39,12 +39,13 @@ class ChangedRowsError(FluxbatchError, ValueError):
 
 
 def read_committed(fs: Storage, root: str) -> pa.Table | None:
-    """key, RENDER_FIELDS, image_uri (its file name) and bytes of every committed image: a key's row of the last
+    """key, RENDER_FIELDS, image_uri (its file name), bytes and candidate_scores (the files of a best-of-n row,
+    candidate_files.keys_missing_candidates) of every committed image: a key's row of the last
     part, in name order (part names start with the run id, a UTC time, so name order is commit order); None when none.
 
     Only these columns are read (Parquet column projection), about a third of a part's bytes in memory.
     """
-    columns = ["key", *RENDER_FIELDS, "candidate", "image_uri", "bytes"]
+    columns = ["key", *RENDER_FIELDS, "candidate", "image_uri", "bytes", "candidate_scores"]
     table = ledger.read_metadata(fs, root, columns, each=_file_names)
     return ledger.latest_row_per_key(table) if table is not None else None
 

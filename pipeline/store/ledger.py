@@ -513,9 +513,12 @@ class MetadataWriter:
         counts = pc.value_counts(table.column("provenance")).to_pylist()
         self.marks.update({count["values"]: count["counts"] for count in counts})
         best = table.filter(pc.is_valid(table.column("candidates")))
-        for request, seed, candidate, candidates in zip(*(best.column(c).to_pylist() for c in (
-                "request_id", "seed", "candidate", "candidates"))):
-            self.best_of_rows[(request, seed - (candidate or 0))] = candidates
+        # A row's images by its first candidate's seed: each image's own less its `candidate`, wrapping as the
+        # renderer's addition does (as changed_rows.for_planning takes it).
+        first = pc.subtract(best.column("seed"), best.column("candidate").fill_null(0).cast(best.column("seed").type))
+        for request, seed, candidates in zip(best.column("request_id").to_pylist(), first.to_pylist(),
+                                             best.column("candidates").to_pylist()):
+            self.best_of_rows[(request, seed)] = candidates
         self._pending, self._pending_rows = [], 0
 
     @property
